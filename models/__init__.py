@@ -1,0 +1,1 @@
+"""StableDub networks and the inpainting models the pipeline can run."""

@@ -1,0 +1,43 @@
+"""Inpainting models by name or URL.
+
+An inpainting model takes one track's aligned crops with their masks, occlusion and the segment's
+audio features, and returns new crops of the same shape. Built-in names:
+
+- `identity`: returns the crops unchanged (paste-back must then be lossless; tests rely on it);
+- `grey`: paints the whole mask region mid-grey (tests prove occluder pixels survive paste-back).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from stages.schema import Segment, Track
+
+
+class InpaintModel(Protocol):
+    def __call__(self, track: Track, segment: Segment) -> np.ndarray: ...
+
+
+class IdentityModel:
+    def __call__(self, track: Track, segment: Segment) -> np.ndarray:
+        return track.crops.copy()
+
+
+class GreyModel:
+    def __call__(self, track: Track, segment: Segment) -> np.ndarray:
+        out = track.crops.copy()
+        out[track.mask > 0] = 128
+        return out
+
+
+BUILTIN = {"identity": IdentityModel, "grey": GreyModel}
+
+
+def load_model(name_or_url: str, device: str = "cpu") -> InpaintModel:
+    if name_or_url in BUILTIN:
+        return BUILTIN[name_or_url]()
+    raise ValueError(
+        f"unknown model {name_or_url!r}: use one of {sorted(BUILTIN)} or a StableDub checkpoint path/URL"
+    )

@@ -1,0 +1,1 @@
+"""Orchestration: config, the Ray Data plan, run bookkeeping, CLI, reports."""

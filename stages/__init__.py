@@ -1,0 +1,1 @@
+"""Pipeline stages: plain callable classes over batches of segments (no Ray imports)."""

@@ -1,0 +1,99 @@
+"""Decode stage: a segment's frames at working resolution (with their PTS) and its dub audio slice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.base import SegmentStage, StageError
+from stages.media import decode_audio, open_member, open_reader, working_size
+from stages.schema import Segment
+
+AUDIO_RATE = 16000
+AUDIO_MARGIN_S = 1.0  # audio decoded either side of the segment, for feature windows
+
+
+@dataclass
+class DecodeConfig:
+    backend: str = "pyav"  # pyav (sequential, fastest here: bench/decode.py) or decord
+    max_side: int = 1920  # working resolution: longer side at most this many pixels
+    threads: int = 0  # decoder threads per actor (0: the codec's default)
+
+
+class Decode(SegmentStage):
+    name = "decode"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.settings: DecodeConfig = config.decode
+
+    def process(self, segment: Segment) -> Segment:
+        film = segment.film
+        if film.video is None:
+            raise StageError("film has no video member")
+        size = working_size(segment.width, segment.height, self.settings.max_side)
+        segment.working_scale = size[0] / segment.width
+        segment.frames = decode_frames(segment, self.settings.backend, size, self.settings.threads)
+        segment.audio, segment.audio_start = decode_dub_slice(segment)
+        segment.counts["frames_decoded"] = len(segment.frames)
+        return segment
+
+
+def decode_frames(segment: Segment, backend: str, size: tuple[int, int], threads: int = 0) -> np.ndarray:
+    """Frames of pts[context_start:stop], exactly one per planned PTS (missing ones repeat a neighbour)."""
+    assert segment.film.video is not None
+    wanted = segment.pts
+    out = np.empty((len(wanted), size[1], size[0], 3), dtype=np.uint8)
+    filled = np.zeros(len(wanted), dtype=bool)
+    tolerance = 0.5 * float(segment.time_base[0]) / float(segment.time_base[1]) + 1e-6
+    with open_member(segment.film.video) as member:
+        try:
+            reader = open_reader(member, backend, threads)
+        except Exception as error:  # noqa: BLE001 - any container error is the film's failure
+            raise StageError(f"cannot open video {segment.film.video.name}: {error}") from None
+        try:
+            for t, image in reader.frames(segment.seek_pts, float(wanted[0]), float(wanted[-1]), size):
+                i = int(np.searchsorted(wanted, t - tolerance))
+                if i < len(wanted) and abs(wanted[i] - t) <= tolerance:
+                    out[i] = image
+                    filled[i] = True
+        except StageError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            if not filled.any():
+                raise StageError(f"cannot decode video {segment.film.video.name}: {error}") from None
+        finally:
+            reader.close()
+    missing = int((~filled).sum())
+    if missing == len(wanted):
+        raise StageError(f"no frames decoded for {segment.film.video.name} in {wanted[0]:.3f}-{wanted[-1]:.3f}s")
+    if missing > max(2, len(wanted) // 4):
+        raise StageError(f"{missing} of {len(wanted)} frames undecodable in {segment.film.video.name} (corrupt stream)")
+    if missing:
+        segment.notes.append(f"decode: {missing} undecodable frames replaced by their neighbour")
+        good = np.nonzero(filled)[0]
+        for i in np.nonzero(~filled)[0]:
+            out[i] = out[good[np.argmin(np.abs(good - i))]]
+    return out
+
+
+def decode_dub_slice(segment: Segment) -> tuple[np.ndarray, float]:
+    """Mono 16 kHz dub audio covering the segment's frames plus a margin each side."""
+    start = max(0.0, float(segment.pts[0]) - AUDIO_MARGIN_S)
+    stop = float(segment.pts[-1]) + AUDIO_MARGIN_S
+    dub = segment.film.dub
+    if dub is None:
+        raise StageError("film has no dub audio member (<key>.dub.wav/.flac/.mp3/.m4a)")
+    offset = float(segment.film.metadata.get("dub_offset", 0.0) or 0.0)
+    with open_member(dub) as member:
+        try:
+            audio = decode_audio(member, AUDIO_RATE, "mono", max(0.0, start - offset), stop - offset)
+        except Exception as error:  # noqa: BLE001
+            raise StageError(f"cannot decode dub audio {dub.name}: {error}") from None
+    if start - offset < 0:
+        audio = np.concatenate([np.zeros(int(round((offset - start) * AUDIO_RATE)), np.float32), audio])
+    want = int(round((stop - start) * AUDIO_RATE))
+    if len(audio) < want:  # dub shorter than the film: silence
+        audio = np.concatenate([audio, np.zeros(want - len(audio), np.float32)])
+    return audio[:want], start

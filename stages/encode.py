@@ -1,0 +1,160 @@
+"""Encode stage: re-read full-resolution source frames, paste the new crops back, write the segment.
+
+Every segment of a film is encoded with the same settings (H.264, no B-frames so decode order is
+presentation order) and keeps the source's timestamps, so the film assembler can concatenate
+segments by copying packets.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from stages.base import SegmentStage, StageError
+from stages.media import open_member, open_reader
+from stages.paste import paste_back
+from stages.schema import Segment
+from stages.storage import join, put_file, write_json
+
+
+@dataclass
+class EncodeConfig:
+    codec: str = "libx264"
+    crf: int = 16  # visually lossless for the untouched parts
+    preset: str = "veryfast"
+    feather: float = 2.0  # paste-back feather (crop pixels)
+    threads: int = 0
+
+
+def segment_url(run_dir: str, segment: Segment) -> str:
+    return join(run_dir, "segments", segment.film.shard_name, segment.film.key, f"{segment.index:05d}")
+
+
+def encoder_options(settings: EncodeConfig) -> dict[str, str]:
+    return {"crf": str(settings.crf), "preset": settings.preset, "bf": "0", "x264-params": "scenecut=0"}
+
+
+def pixel_format(width: int, height: int) -> str:
+    # 4:2:0 needs even dimensions; odd-sized films keep their size in 4:4:4.
+    return "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+
+
+class Encode(SegmentStage):
+    name = "encode"
+
+    def __init__(self, config, run_dir: str) -> None:
+        super().__init__(config)
+        self.settings: EncodeConfig = config.encode
+        self.run_dir = run_dir
+
+    def process(self, segment: Segment) -> Segment:
+        target = segment_url(self.run_dir, segment)
+        with tempfile.TemporaryDirectory(prefix="stabledub-encode-") as tmp:
+            local = os.path.join(tmp, "segment.mp4")
+            changed = encode_segment(segment, local, self.settings)
+            put_file(local, target + ".mp4")
+        segment.output_path = target + ".mp4"
+        segment.counts["frames_changed"] = changed
+        segment.tracks = []
+        write_json(target + ".json", segment_record(segment))  # the completion marker, written last
+        return segment
+
+
+def segment_record(segment: Segment) -> dict:
+    return {
+        "segment_id": segment.id,
+        "index": segment.index,
+        "start": segment.start,
+        "stop": segment.stop,
+        "output": segment.output_path,
+        "timings": segment.timings,
+        "counts": segment.counts,
+        "notes": segment.notes,
+    }
+
+
+def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
+    """Write frames [start, stop) with tracks pasted; returns how many frames were changed."""
+    assert segment.film.video is not None
+    core = segment.pts[segment.context :]
+    pastes: dict[int, list[tuple]] = {}
+    for track in segment.tracks:
+        if track.generated is None:
+            continue
+        occlusion = track.occlusion
+        for i, frame_index in enumerate(track.frame_index):
+            if frame_index >= segment.context:
+                pastes.setdefault(int(frame_index) - segment.context, []).append(
+                    (track.generated[i], track.affine[i], track.mask[i], None if occlusion is None else occlusion[i])
+                )
+    time_base = Fraction(*segment.time_base)
+    tolerance = 0.5 * float(time_base) + 1e-6
+    written = 0
+    with av.open(path, mode="w", format="mp4") as output:
+        stream = output.add_stream(settings.codec, rate=_nominal_rate(core), options=encoder_options(settings))
+        stream.width, stream.height = segment.width, segment.height
+        stream.pix_fmt = pixel_format(segment.width, segment.height)
+        stream.time_base = time_base
+        stream.codec_context.time_base = time_base
+        if settings.threads:
+            stream.codec_context.thread_count = settings.threads
+        with open_member(segment.film.video) as member:
+            reader = open_reader(member, "pyav")
+            try:
+                cursor = FrameCursor(reader.frames(segment.seek_pts, float(core[0]), float(core[-1]), None), tolerance)
+                for i, want in enumerate(core):
+                    image = cursor.at(want)
+                    if image is None:
+                        raise StageError(f"source frame at {want:.3f}s could not be decoded again")
+                    image = image.copy() if i in pastes else image
+                    for generated, affine, mask, occlusion in pastes.get(i, ()):
+                        paste_back(image, generated, affine, mask, occlusion, settings.feather)
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                    frame.pts = int(round(want / float(time_base)))
+                    frame.time_base = time_base
+                    for packet in stream.encode(frame):
+                        output.mux(packet)
+                    written += 1
+            finally:
+                reader.close()
+        for packet in stream.encode(None):
+            output.mux(packet)
+    return sum(1 for i in pastes if i < written)
+
+
+class FrameCursor:
+    """Walks a decoder's frames in step with the planned PTS; a missing frame repeats the last."""
+
+    def __init__(self, frames, tolerance: float) -> None:
+        self._frames = iter(frames)
+        self._pending: tuple[float, np.ndarray] | None = None
+        self._tolerance = tolerance
+        self.last: np.ndarray | None = None
+
+    def at(self, want: float) -> np.ndarray | None:
+        while True:
+            if self._pending is None:
+                self._pending = next(self._frames, None)
+                if self._pending is None:
+                    return self.last
+            t, image = self._pending
+            if t < want - self._tolerance:
+                self._pending = None
+                continue
+            if t > want + self._tolerance:
+                return self.last  # the decoder skipped this frame (corrupt packet): keep the cadence
+            self._pending = None
+            self.last = image
+            return image
+
+
+def _nominal_rate(pts: np.ndarray) -> Fraction:
+    if len(pts) < 2:
+        return Fraction(25)
+    step = float(np.median(np.diff(pts)))
+    return Fraction(1 / step).limit_denominator(1001) if step > 0 else Fraction(25)

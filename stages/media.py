@@ -1,0 +1,267 @@
+"""Reading and writing media: tar members read in place, and the video decoders behind one interface.
+
+`open_member` gives a seekable file-like window over a member of a tar shard on any fsspec URL, so
+a decoder can seek inside a film without the film ever being loaded whole. `VideoReader` has two
+backends: PyAV (sequential streaming, the default: see bench/decode.py) and decord (frame-indexed
+random access, for training-time clip sampling).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+import av
+import fsspec
+import numpy as np
+
+from stages.schema import MemberRef
+
+READ_BLOCK = 4 * 1024 * 1024
+
+
+class MemberFile(io.RawIOBase):
+    """A read-only, seekable window [offset, offset + size) over an open shard file."""
+
+    def __init__(self, raw: IO[bytes], offset: int, size: int) -> None:
+        self._raw = raw
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            new = pos
+        elif whence == os.SEEK_CUR:
+            new = self._pos + pos
+        elif whence == os.SEEK_END:
+            new = self._size + pos
+        else:
+            raise ValueError(f"bad whence {whence}")
+        self._pos = max(0, min(new, self._size))
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        remaining = self._size - self._pos
+        if remaining <= 0:
+            return 0
+        want = min(len(buffer), remaining)
+        self._raw.seek(self._offset + self._pos)
+        data = self._raw.read(want)
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._size - self._pos
+        buffer = bytearray(min(size, max(0, self._size - self._pos)))
+        n = self.readinto(buffer)
+        return bytes(buffer[:n])
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+@contextmanager
+def open_member(ref: MemberRef) -> Iterator[MemberFile]:
+    """Open one tar member for reading in place, through fsspec (local path, s3://, ...)."""
+    with fsspec.open(ref.shard_url, "rb", block_size=READ_BLOCK, cache_type="readahead") as raw:
+        window = MemberFile(raw, ref.offset, ref.size)
+        yield window
+
+
+def read_member(ref: MemberRef) -> bytes:
+    with open_member(ref) as member:
+        return member.read()
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    time_base: tuple[int, int]
+    pts: np.ndarray  # (N,) float64 presentation times of every frame, sorted
+    keyframe: np.ndarray  # (N,) bool: frame is a keyframe (a cheap seek target)
+    codec: str
+    has_audio: bool
+
+
+def probe_video(file: IO[bytes]) -> VideoInfo:
+    """Demux (no decoding) to get every frame's PTS and keyframe flag: exact for VFR films."""
+    with av.open(file, mode="r", metadata_errors="ignore") as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        width, height = stream.codec_context.width, stream.codec_context.height
+        tb = stream.time_base
+        has_audio = bool(container.streams.audio)
+        times: list[int] = []
+        keys: list[bool] = []
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None:
+                continue
+            times.append(stamp)
+            keys.append(bool(packet.is_keyframe))
+    if not times:
+        raise ValueError("video stream has no frames")
+    order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
+    pts = np.asarray(times, dtype=np.float64)[order] * float(tb)
+    keyframe = np.asarray(keys, dtype=bool)[order]
+    if width <= 0 or height <= 0:
+        raise ValueError(f"video stream has no usable size ({width}x{height})")
+    return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio)
+
+
+def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Frame size at working resolution: longer side at most max_side, even dimensions."""
+    scale = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
+    w = max(2, int(round(width * scale / 2)) * 2)
+    h = max(2, int(round(height * scale / 2)) * 2)
+    return w, h
+
+
+class VideoReader(Protocol):
+    """Decodes frames whose presentation time lies in [start, stop], as RGB uint8."""
+
+    def frames(
+        self, seek_pts: float, start_pts: float, stop_pts: float, size: tuple[int, int] | None
+    ) -> Iterator[tuple[float, np.ndarray]]: ...
+
+
+class PyAVReader:
+    """Sequential decoding with PyAV: seek to a keyframe, decode forward, scale in swscale."""
+
+    def __init__(self, file: IO[bytes], threads: int = 0) -> None:
+        self._container = av.open(file, mode="r", metadata_errors="ignore")
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "AUTO"
+        if threads:
+            self._stream.codec_context.thread_count = threads
+
+    def frames(
+        self, seek_pts: float, start_pts: float, stop_pts: float, size: tuple[int, int] | None
+    ) -> Iterator[tuple[float, np.ndarray]]:
+        tb = float(self._stream.time_base)
+        eps = 0.5 * tb
+        if seek_pts > 0:
+            self._container.seek(int(round(seek_pts / tb)), stream=self._stream, backward=True)
+        for frame in self._container.decode(self._stream):
+            if frame.pts is None:
+                continue
+            t = frame.pts * tb
+            if t < start_pts - eps:
+                continue
+            if t > stop_pts + eps:
+                break
+            if size is not None and (frame.width, frame.height) != size:
+                frame = frame.reformat(width=size[0], height=size[1], format="rgb24")
+            yield t, frame.to_ndarray(format="rgb24")
+
+    def close(self) -> None:
+        self._container.close()
+
+
+class DecordReader:
+    """Frame-indexed decoding with decord: random access by frame number."""
+
+    def __init__(self, file: IO[bytes], threads: int = 0) -> None:
+        import decord
+
+        self._data = io.BytesIO(file.read())  # decord needs the whole container in memory
+        self._reader = decord.VideoReader(self._data, num_threads=threads)
+        self._times = np.asarray(self._reader.get_frame_timestamp(range(len(self._reader))))[:, 0]
+
+    def frames(
+        self, seek_pts: float, start_pts: float, stop_pts: float, size: tuple[int, int] | None
+    ) -> Iterator[tuple[float, np.ndarray]]:
+        import cv2
+
+        eps = 1e-4
+        wanted = np.nonzero((self._times >= start_pts - eps) & (self._times <= stop_pts + eps))[0]
+        for chunk in np.array_split(wanted, max(1, len(wanted) // 16)):
+            if len(chunk) == 0:
+                continue
+            batch = self._reader.get_batch(chunk.tolist()).asnumpy()
+            for i, image in zip(chunk, batch):
+                if size is not None and (image.shape[1], image.shape[0]) != size:
+                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                yield float(self._times[i]), image
+
+    def close(self) -> None:
+        self._data.close()
+
+
+BACKENDS = {"pyav": PyAVReader, "decord": DecordReader}
+
+
+def open_reader(file: IO[bytes], backend: str = "pyav", threads: int = 0) -> PyAVReader | DecordReader:
+    try:
+        cls = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown decode backend {backend!r}; choose from {sorted(BACKENDS)}") from None
+    return cls(file, threads=threads)
+
+
+def decode_audio(
+    file: IO[bytes], sample_rate: int = 16000, layout: str = "mono", start: float = 0.0, stop: float | None = None
+) -> np.ndarray:
+    """Decode the first audio stream to float32 at `sample_rate`, trimmed to [start, stop) by time.
+
+    Samples are placed by their timestamps, not counted, so encoder padding (AAC priming) does
+    not shift the signal.
+    """
+    with av.open(file, mode="r", metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout=layout, rate=sample_rate)
+        channels = 1 if layout == "mono" else len(av.AudioLayout(layout).channels)
+        pieces: list[np.ndarray] = []
+        if start > 0:
+            container.seek(int(start / float(stream.time_base)), stream=stream, backward=True)
+        origin: float | None = None
+        for frame in container.decode(stream):
+            if origin is None:
+                origin = frame.time if frame.time is not None else 0.0
+            pieces.extend(_samples(out, channels) for out in resampler.resample(frame))
+            if stop is not None and frame.time is not None and frame.time > stop + 0.1:
+                break
+        pieces.extend(_samples(out, channels) for out in resampler.resample(None))
+    if not pieces:
+        return np.zeros((0,) if channels == 1 else (0, channels), dtype=np.float32)
+    signal = np.concatenate(pieces).astype(np.float32)
+    origin = origin or 0.0
+    begin = max(0, int(round((start - origin) * sample_rate)))
+    if origin > start:
+        pad = int(round((origin - start) * sample_rate))
+        signal = np.concatenate([np.zeros((pad,) + signal.shape[1:], np.float32), signal])
+        begin = 0
+    signal = signal[begin:]
+    if stop is not None:
+        signal = signal[: max(0, int(round((stop - start) * sample_rate)))]
+    return signal
+
+
+def _samples(frame: av.AudioFrame, channels: int) -> np.ndarray:
+    data = frame.to_ndarray()
+    return data.reshape(-1, channels) if channels > 1 else data.reshape(-1)

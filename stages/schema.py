@@ -1,0 +1,167 @@
+"""The row schema: what one segment of one film carries between stages.
+
+A Ray Data row is a segment. It travels as four columns (see `to_row`): the film key, the segment
+id, its status and a pickled `Segment` payload. Only crops, transforms, masks and features travel;
+the decode stage's working-resolution frames are dropped by the face track stage, and the encode
+stage reads full-resolution frames from the source again.
+"""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+_NAMESPACE = uuid.UUID("5f1d9a7e-2b8c-4c3e-9a51-7d0f3e2c8b14")
+
+
+class Status(str, Enum):
+    OK = "ok"  # still flowing; stages process it
+    DONE = "done"  # completed by an earlier run; stages pass it through untouched
+    FAILED = "failed"  # a stage or the planner gave up on it; stages pass it through
+
+
+@dataclass(frozen=True)
+class MemberRef:
+    """A file inside a tar shard, read in place through a byte window (never loaded whole)."""
+
+    shard_url: str
+    name: str
+    offset: int  # byte offset of the member's data inside the shard
+    size: int
+
+
+@dataclass
+class FilmRef:
+    """One film of an input shard: its video, its dub track and its metadata."""
+
+    key: str
+    shard_url: str
+    video: MemberRef | None
+    dub: MemberRef | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shard_name(self) -> str:
+        return self.shard_url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def uid(self) -> str:
+        """Unique across shards of a run: two shards may hold films with the same key."""
+        return f"{self.shard_name}/{self.key}"
+
+
+@dataclass
+class Track:
+    """One person's face over the frames of a segment, in the canonical aligned crop.
+
+    Arrays are indexed by position in `frame_index` (frame numbers relative to the segment's
+    decoded range, context frames included). `affine[i]` maps full-resolution source pixel
+    coordinates to crop coordinates (2x3, float64); paste-back inverts it.
+    """
+
+    track_id: int
+    frame_index: np.ndarray  # (N,) int, into Segment.pts
+    affine: np.ndarray  # (N, 2, 3) float64, source(full-res) -> crop
+    crops: np.ndarray  # (N, S, S, 3) uint8 aligned face crops
+    mask: np.ndarray  # (N, S, S) uint8 0..255, region to regenerate (union mask)
+    landmarks: np.ndarray | None = None  # (N, K, 2) float32 in crop coordinates
+    fine_mask: np.ndarray | None = None  # (N, S, S) uint8 per-frame lower-face mask
+    coarse_mask: np.ndarray | None = None  # (N, S, S) uint8 blob around the mouth
+    occlusion: np.ndarray | None = None  # (N, S, S) uint8 0..255, occluder in front of mouth
+    generated: np.ndarray | None = None  # (N, S, S, 3) uint8, set by the inpaint stage
+    speaking: bool = True  # chosen for dubbing (active speaker)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Segment:
+    """A contiguous range of one film's frames: the unit of work of every stage."""
+
+    film: FilmRef
+    index: int  # position of this segment in the film
+    count: int  # number of segments in the film
+    start: int  # first frame (film frame number) written by this segment
+    stop: int  # one past the last frame written by this segment
+    context_start: int  # first frame decoded (start minus overlap, at most)
+    pts: np.ndarray  # (stop - context_start,) float64 presentation times in seconds
+    seek_pts: float  # presentation time of the keyframe at or before context_start
+    width: int  # full-resolution size of the source video
+    height: int
+    time_base: tuple[int, int]  # video stream time base (numerator, denominator)
+    status: Status = Status.OK
+    reason: str = ""
+    frames: np.ndarray | None = None  # (T, h, w, 3) uint8 at working resolution (decode -> face)
+    working_scale: float = 1.0  # working-resolution pixels per full-resolution pixel
+    audio: np.ndarray | None = None  # mono float32 16 kHz dub audio covering pts (+ margins)
+    audio_start: float = 0.0  # presentation time of audio[0], seconds
+    audio_features: np.ndarray | None = None  # (T, ...) float32, one window per frame
+    voice_activity: np.ndarray | None = None  # (T,) float32 speech probability per frame
+    tracks: list[Track] = field(default_factory=list)
+    output_path: str = ""  # encoded segment file in the run directory (set by encode)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        """Deterministic: the same film and range give the same id on every run."""
+        return str(uuid.uuid5(_NAMESPACE, f"{self.film.uid}:{self.start}:{self.stop}"))
+
+    @property
+    def frame_count(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def context(self) -> int:
+        """Number of decoded frames before `start` (overlap with the previous segment)."""
+        return self.start - self.context_start
+
+    def fail(self, reason: str) -> "Segment":
+        self.status = Status.FAILED
+        self.reason = reason
+        self.frames = None
+        self.tracks = []
+        return self
+
+
+ROW_COLUMNS = ("film_uid", "segment_id", "status", "payload")
+
+
+def to_row(segment: Segment) -> dict[str, Any]:
+    return {
+        "film_uid": segment.film.uid,
+        "segment_id": segment.id,
+        "status": segment.status.value,
+        "payload": pickle.dumps(segment, protocol=5),
+    }
+
+
+def from_row(row: dict[str, Any]) -> Segment:
+    return pickle.loads(row["payload"])
+
+
+def rows_to_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    batch: dict[str, np.ndarray] = {}
+    for column in ROW_COLUMNS:
+        values = np.empty(len(rows), dtype=object)
+        values[:] = [row[column] for row in rows]
+        batch[column] = values
+    return batch
+
+
+def batch_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    n = len(batch["payload"])
+    return [{column: batch[column][i] for column in ROW_COLUMNS} for i in range(n)]
+
+
+def segments_from_batch(batch: dict[str, Any]) -> list[Segment]:
+    return [from_row(row) for row in batch_to_rows(batch)]
+
+
+def segments_to_batch(segments: list[Segment]) -> dict[str, np.ndarray]:
+    return rows_to_batch([to_row(s) for s in segments])

@@ -1,0 +1,93 @@
+"""Storage on any fsspec URL with atomic commits.
+
+Local files are written to a temporary name in the same directory and renamed into place; object
+stores (s3://, gs://) make a PUT visible whole or not at all, so the final name is written once.
+Either way a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = filesystem(url)
+    if is_local(fs):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Copy a finished local file to `url` atomically (then the local file may be deleted)."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        fs.put_file(local_path, tmp)
+        os.replace(tmp, path)
+    else:
+        fs.put_file(local_path, path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def read_json(url: str) -> Any:
+    import json
+
+    return json.loads(read_bytes(url))
+
+
+def write_json(url: str, data: Any) -> None:
+    import json
+
+    write_bytes(url, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+
+def remove_temporaries(url: str) -> int:
+    """Delete `.tmp-*` leftovers of a killed run under a local directory; returns how many."""
+    fs, path = filesystem(url)
+    if not is_local(fs) or not os.path.isdir(path):
+        return 0
+    removed = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(root, name))
+                removed += 1
+    return removed
