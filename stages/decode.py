@@ -36,6 +36,7 @@ class Decode(SegmentStage):
         segment.working_scale = size[0] / segment.width
         segment.frames = decode_frames(segment, self.settings.backend, size, self.settings.threads)
         segment.audio, segment.audio_start = decode_dub_slice(segment)
+        segment.source_audio = decode_source_audio_slice(segment, segment.audio_start, len(segment.audio))
         segment.counts["frames_decoded"] = len(segment.frames)
         return segment
 
@@ -97,3 +98,16 @@ def decode_dub_slice(segment: Segment) -> tuple[np.ndarray, float]:
     if len(audio) < want:  # dub shorter than the film: silence
         audio = np.concatenate([audio, np.zeros(want - len(audio), np.float32)])
     return audio[:want], start
+
+
+def decode_source_audio_slice(segment: Segment, start: float, samples: int) -> np.ndarray | None:
+    """The film's original audio over the same span as the dub slice (for active-speaker choice)."""
+    assert segment.film.video is not None
+    with open_member(segment.film.video) as member:
+        try:
+            audio = decode_audio(member, AUDIO_RATE, "mono", start, start + samples / AUDIO_RATE)
+        except Exception:  # noqa: BLE001 - a film without its own audio is normal
+            return None
+    if len(audio) < samples:
+        audio = np.concatenate([audio, np.zeros(samples - len(audio), np.float32)])
+    return audio[:samples]

@@ -99,6 +99,7 @@ class Segment:
     working_scale: float = 1.0  # working-resolution pixels per full-resolution pixel
     audio: np.ndarray | None = None  # mono float32 16 kHz dub audio covering pts (+ margins)
     audio_start: float = 0.0  # presentation time of audio[0], seconds
+    source_audio: np.ndarray | None = None  # the film's own audio, same span and rate as `audio`
     audio_features: np.ndarray | None = None  # (T, ...) float32, one window per frame
     voice_activity: np.ndarray | None = None  # (T,) float32 speech probability per frame
     tracks: list[Track] = field(default_factory=list)
