@@ -8,10 +8,8 @@ import numpy as np
 
 from stages.base import SegmentStage, StageError
 from stages.media import decode_audio, open_member, open_reader, working_size
+from stages.audio_io import AUDIO_RATE, decode_dub_slice
 from stages.schema import Segment
-
-AUDIO_RATE = 16000
-AUDIO_MARGIN_S = 1.0  # audio decoded either side of the segment, for feature windows
 
 
 @dataclass
@@ -27,6 +25,7 @@ class Decode(SegmentStage):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.settings: DecodeConfig = config.decode
+        self.downmix: str = getattr(getattr(config, "audio", None), "downmix", "centre")  # the audio stage owns it
 
     def process(self, segment: Segment) -> Segment:
         film = segment.film
@@ -35,7 +34,7 @@ class Decode(SegmentStage):
         size = working_size(segment.width, segment.height, self.settings.max_side)
         segment.working_scale = size[0] / segment.width
         segment.frames = decode_frames(segment, self.settings.backend, size, self.settings.threads)
-        segment.audio, segment.audio_start = decode_dub_slice(segment)
+        segment.audio, segment.audio_start = decode_dub_slice(segment, self.downmix)
         segment.source_audio = decode_source_audio_slice(segment, segment.audio_start, len(segment.audio))
         segment.counts["frames_decoded"] = len(segment.frames)
         return segment
@@ -77,27 +76,6 @@ def decode_frames(segment: Segment, backend: str, size: tuple[int, int], threads
         for i in np.nonzero(~filled)[0]:
             out[i] = out[good[np.argmin(np.abs(good - i))]]
     return out
-
-
-def decode_dub_slice(segment: Segment) -> tuple[np.ndarray, float]:
-    """Mono 16 kHz dub audio covering the segment's frames plus a margin each side."""
-    start = max(0.0, float(segment.pts[0]) - AUDIO_MARGIN_S)
-    stop = float(segment.pts[-1]) + AUDIO_MARGIN_S
-    dub = segment.film.dub
-    if dub is None:
-        raise StageError("film has no dub audio member (<key>.dub.wav/.flac/.mp3/.m4a)")
-    offset = float(segment.film.metadata.get("dub_offset", 0.0) or 0.0)
-    with open_member(dub) as member:
-        try:
-            audio = decode_audio(member, AUDIO_RATE, "mono", max(0.0, start - offset), stop - offset)
-        except Exception as error:  # noqa: BLE001
-            raise StageError(f"cannot decode dub audio {dub.name}: {error}") from None
-    if start - offset < 0:
-        audio = np.concatenate([np.zeros(int(round((offset - start) * AUDIO_RATE)), np.float32), audio])
-    want = int(round((stop - start) * AUDIO_RATE))
-    if len(audio) < want:  # dub shorter than the film: silence
-        audio = np.concatenate([audio, np.zeros(want - len(audio), np.float32)])
-    return audio[:want], start
 
 
 def decode_source_audio_slice(segment: Segment, start: float, samples: int) -> np.ndarray | None:

@@ -227,41 +227,9 @@ def decode_audio(
 ) -> np.ndarray:
     """Decode the first audio stream to float32 at `sample_rate`, trimmed to [start, stop) by time.
 
-    Samples are placed by their timestamps, not counted, so encoder padding (AAC priming) does
-    not shift the signal.
+    Samples are placed by their timestamps (`stages.audio_io`), not counted, so encoder padding
+    (AAC priming) does not shift the signal; mono prefers the centre channel of a surround mix.
     """
-    with av.open(file, mode="r", metadata_errors="ignore") as container:
-        if not container.streams.audio:
-            raise ValueError("no audio stream")
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout=layout, rate=sample_rate)
-        channels = 1 if layout == "mono" else len(av.AudioLayout(layout).channels)
-        pieces: list[np.ndarray] = []
-        if start > 0:
-            container.seek(int(start / float(stream.time_base)), stream=stream, backward=True)
-        origin: float | None = None
-        for frame in container.decode(stream):
-            if origin is None:
-                origin = frame.time if frame.time is not None else 0.0
-            pieces.extend(_samples(out, channels) for out in resampler.resample(frame))
-            if stop is not None and frame.time is not None and frame.time > stop + 0.1:
-                break
-        pieces.extend(_samples(out, channels) for out in resampler.resample(None))
-    if not pieces:
-        return np.zeros((0,) if channels == 1 else (0, channels), dtype=np.float32)
-    signal = np.concatenate(pieces).astype(np.float32)
-    origin = origin or 0.0
-    begin = max(0, int(round((start - origin) * sample_rate)))
-    if origin > start:
-        pad = int(round((origin - start) * sample_rate))
-        signal = np.concatenate([np.zeros((pad,) + signal.shape[1:], np.float32), signal])
-        begin = 0
-    signal = signal[begin:]
-    if stop is not None:
-        signal = signal[: max(0, int(round((stop - start) * sample_rate)))]
-    return signal
+    from stages.audio_io import decode_audio as decode  # audio_io imports this module (open_member)
 
-
-def _samples(frame: av.AudioFrame, channels: int) -> np.ndarray:
-    data = frame.to_ndarray()
-    return data.reshape(-1, channels) if channels > 1 else data.reshape(-1)
+    return decode(file, sample_rate, layout, start, stop)
