@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[s3,test,demo]'
+	# the last mediapipe wheel that bundles its face models; --no-deps: see pyproject.toml
+	$(PY) -m pip install -q --no-deps 'mediapipe==0.10.21'
 	touch $(STAMP)
 
 demo: setup
