@@ -1,69 +1,190 @@
-"""Audio featurize stage: dub audio to one feature window per video frame, centred on its PTS.
+"""Audio featurize stage: the dub slice to one feature window per video frame, centred on its PTS,
+plus silero-vad speech probability per frame and a mask of frames inside long silences.
 
-First version: log-mel (80 bands, 10 ms hop) windows; voice activity from frame energy.
+Frames are placed by their presentation times, so 23.976, 25, 29.97 fps and variable frame rate
+films all get windows centred on the instant each frame is shown.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
-from stages.base import SegmentStage
-from stages.decode import AUDIO_RATE
+from models.audio_encoder import (
+    ENCODERS,
+    AudioEncoder,
+    LogMelEncoder,
+    SileroVAD,
+    WhisperEncoderFeatures,
+    load_audio_encoder,
+    whisper_config,
+    whisper_feature_dim,
+)
+from stages.audio_io import AUDIO_RATE
+from stages.base import SegmentStage, StageError
 from stages.schema import Segment
+
+TARGET_LEVEL_DB = -20.0  # loud parts (95th percentile of 20 ms RMS) of a slice are brought here
+GAIN_RANGE_DB = (-12.0, 24.0)  # the sample cartoon/game dialogue sits 10-20 dB under the interviews
+NOISE_FLOOR_DB = -60.0  # 20 ms blocks quieter than this do not count towards the level
 
 
 @dataclass
 class AudioConfig:
-    encoder: str = "logmel"
-    n_mels: int = 80
-    window_frames: int = 16  # mel frames (10 ms each) per video frame window, centred on its PTS
+    encoder: str = "logmel"  # logmel (no weights) | whisper (needs whisper_path)
+    whisper_path: str = ""  # Whisper tiny/base checkpoint directory: local path or fsspec URL
+    whisper_layers: str = "all"  # all: every encoder layer concatenated (MuseTalk, LatentSync) | last
+    n_mels: int = 80  # log-mel bands
+    window_s: float = 0.2  # audio span of one frame's feature window, centred on the frame's PTS
+    downmix: str = "centre"  # centre (FC of a surround mix, else the mean) | mean | a channel name (FL, ...)
+    normalize: bool = True  # bring each slice's speech to TARGET_LEVEL_DB before features and VAD
+    silence_threshold: float = 0.35  # speech probability below this is non-speech (silero's exit level)
+    silence_min_s: float = 0.5  # non-speech at least this long is a long silence: keep the mouth closed
+    silence_pad_s: float = 0.1  # frames this close to speech are never marked silent (lips lead the sound)
+    device: str = "cpu"  # torch device for the Whisper encoder
 
 
-@lru_cache(maxsize=4)
-def mel_filterbank(n_fft: int, n_mels: int, rate: int) -> np.ndarray:
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
-
-    def mel_to_hz(m):
-        return 700.0 * (10 ** (np.asarray(m) / 2595.0) - 1.0)
-
-    edges = mel_to_hz(np.linspace(hz_to_mel(0), hz_to_mel(rate / 2), n_mels + 2))
-    bins = np.fft.rfftfreq(n_fft, 1 / rate)
-    fb = np.zeros((n_mels, len(bins)), np.float32)
-    for m in range(n_mels):
-        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
-        fb[m] = np.clip(np.minimum((bins - lo) / (mid - lo), (hi - bins) / (hi - mid)), 0, None)
-    return fb
-
-
-def log_mel(audio: np.ndarray, n_mels: int = 80, rate: int = AUDIO_RATE) -> np.ndarray:
-    """(frames, n_mels) log-mel spectrogram, 25 ms window, 10 ms hop; frame i centred at i*10 ms."""
-    n_fft, hop = 400, rate // 100
-    padded = np.pad(audio, (n_fft // 2, n_fft // 2))
-    count = 1 + (len(padded) - n_fft) // hop
-    idx = np.arange(n_fft)[None, :] + hop * np.arange(count)[:, None]
-    spectrum = np.abs(np.fft.rfft(padded[idx] * np.hanning(n_fft).astype(np.float32), axis=1)) ** 2
-    return np.log(spectrum @ mel_filterbank(n_fft, n_mels, rate).T + 1e-6).astype(np.float32)
+class AudioMismatchError(ValueError):
+    """The inpainting model was trained on other audio features than this run computes."""
 
 
 class AudioFeaturize(SegmentStage):
     name = "audio"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.settings: AudioConfig = config.audio
+        s = self.settings
+        self.encoder: AudioEncoder = load_audio_encoder(s.encoder, s.n_mels, s.whisper_path, s.whisper_layers, s.device)
+        self.window = window_frames(s.window_s, self.encoder.frame_rate)
+        self.vad = SileroVAD()
 
     def process(self, segment: Segment) -> Segment:
-        assert segment.audio is not None, "decode must run before audio featurize"
-        mel = log_mel(segment.audio, self.settings.n_mels)
-        w = self.settings.window_frames
-        centres = np.round((segment.pts - segment.audio_start) * 100).astype(int)
-        idx = np.clip(centres[:, None] + np.arange(-(w // 2), w - w // 2)[None, :], 0, len(mel) - 1)
-        segment.audio_features = mel[idx]
-        energy = mel.mean(axis=1)
-        segment.voice_activity = (energy[np.clip(centres, 0, len(mel) - 1)] > energy.min() + 6.0).astype(np.float32)
+        if segment.audio is None:
+            raise StageError("segment has no dub audio slice (the decode stage must run first)")
+        s = self.settings
+        audio = np.asarray(segment.audio, np.float32)
+        if s.normalize:
+            audio = audio * np.float32(10.0 ** (loudness_gain_db(audio) / 20.0))
+        times = segment.pts - segment.audio_start
+        segment.audio_features = feature_windows(self.encoder, audio, segment.audio_start, segment.pts, self.window)
+        probs = self.vad.probabilities(audio)
+        if len(probs):
+            step = self.vad.chunk / AUDIO_RATE
+            centres = (np.arange(len(probs)) + 0.5) * step
+            segment.voice_activity = np.interp(times, centres, probs, left=0.0, right=0.0).astype(np.float32)
+            silent = long_silence(probs, step, s.silence_threshold, s.silence_min_s, s.silence_pad_s)
+            segment.silence = silent[np.clip((times / step).astype(int), 0, len(probs) - 1)]
+        else:  # no audio at all: nothing is said
+            segment.voice_activity = np.zeros(len(times), np.float32)
+            segment.silence = np.ones(len(times), bool)
+        _note_silence(segment)
         segment.audio = None
         return segment
+
+
+def window_frames(window_s: float, frame_rate: float) -> int:
+    """Feature frames in one video frame's window (at least one)."""
+    return max(1, int(round(window_s * frame_rate)))
+
+
+def feature_windows(
+    encoder: AudioEncoder, audio: np.ndarray, audio_start: float, pts: np.ndarray, window: int
+) -> np.ndarray:
+    """(T, window, dim): for each PTS, the `window` encoder frames centred on it.
+
+    Frame centres are rounded on the absolute timeline (`pts * frame_rate`), so a slice starting
+    on the encoder's grid gives every segment the same features for the same frame. The slice is
+    padded with silence first, so a window reaching before the film's first sound sees silence
+    rather than a repeated edge.
+    """
+    hop = AUDIO_RATE / encoder.frame_rate
+    pad_frames = window // 2 + 2
+    features = encoder.encode(np.pad(audio, int(round(pad_frames * hop))))
+    first = int(round(audio_start * encoder.frame_rate))
+    centre = np.round((pts - encoder.offset_s) * encoder.frame_rate).astype(np.int64) - first + pad_frames
+    index = centre[:, None] + np.arange(-(window // 2), window - window // 2)[None, :]
+    return features[np.clip(index, 0, len(features) - 1)]
+
+
+def loudness_gain_db(audio: np.ndarray, block: int = AUDIO_RATE // 50) -> float:
+    """Gain (dB) that brings the slice's loud parts to TARGET_LEVEL_DB, within GAIN_RANGE_DB."""
+    usable = len(audio) // block * block
+    if usable == 0:
+        return 0.0
+    rms = np.sqrt(np.mean(np.square(audio[:usable].reshape(-1, block), dtype=np.float64), axis=1))
+    active = rms[rms > 10.0 ** (NOISE_FLOOR_DB / 20.0)]
+    if len(active) == 0:
+        return 0.0
+    level = 20.0 * np.log10(np.percentile(active, 95))
+    return float(np.clip(TARGET_LEVEL_DB - level, *GAIN_RANGE_DB))
+
+
+def long_silence(probs: np.ndarray, step: float, threshold: float, min_s: float, pad_s: float) -> np.ndarray:
+    """(n,) bool: chunks inside a run of non-speech lasting at least `min_s`, shrunk by `pad_s` each side.
+
+    A run touching either end of the slice counts from the slice edge (nothing beyond is known).
+    """
+    quiet = np.concatenate([[False], probs < threshold, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
+    out = np.zeros(len(probs), bool)
+    shrink = int(round(pad_s / step))
+    for begin, end in zip(edges[::2], edges[1::2]):
+        if (end - begin) * step >= min_s:
+            a = begin if begin == 0 else begin + shrink
+            b = end if end == len(probs) else end - shrink
+            out[a:max(a, b)] = True
+    return out
+
+
+def audio_signature(config: AudioConfig) -> dict[str, Any]:
+    """What an inpainting model must have been trained on to use this run's features.
+
+    `audio_window` counts encoder frames per video frame (100 per second for logmel, 50 for
+    whisper); `audio_dim` is the size of one encoder frame.
+    """
+    if config.encoder == "logmel":
+        dim, rate = config.n_mels, LogMelEncoder.frame_rate
+    elif config.encoder == "whisper":
+        try:
+            whisper = whisper_config(config.whisper_path)
+        except (OSError, ValueError) as error:
+            raise AudioMismatchError(f"cannot read Whisper config at {config.whisper_path!r}: {error}") from None
+        dim = whisper_feature_dim(whisper["d_model"], whisper["encoder_layers"], config.whisper_layers)
+        rate = WhisperEncoderFeatures.frame_rate
+    else:
+        raise AudioMismatchError(f"unknown audio encoder {config.encoder!r}: choose from {ENCODERS}")
+    return {"audio_encoder": config.encoder, "audio_window": window_frames(config.window_s, rate), "audio_dim": dim}
+
+
+def check_model_audio(expected: dict[str, Any], config: AudioConfig) -> None:
+    """Refuse to run a model on features it was not trained on.
+
+    `expected` is the model config's record (`audio_encoder`, `audio_window`, `audio_dim`); keys
+    it lacks are not checked.
+    """
+    actual = audio_signature(config)
+    wrong = [
+        f"{key}: model expects {expected[key]!r}, audio config gives {value!r}"
+        for key, value in actual.items()
+        if key in expected and expected[key] != value
+    ]
+    if wrong:
+        raise AudioMismatchError(
+            "the inpainting model was trained on other audio features: " + "; ".join(wrong)
+            + " (set audio.encoder, audio.whisper_path/whisper_layers, audio.n_mels or audio.window_s to match)"
+        )
+
+
+def _note_silence(segment: Segment) -> None:
+    assert segment.silence is not None and segment.voice_activity is not None
+    written = slice(segment.context, None)
+    silent = int(segment.silence[written].sum())
+    frames = len(segment.silence[written])
+    segment.counts["frames_silent"] = silent
+    if frames and silent == frames:
+        segment.notes.append(f"audio: no speech in this segment; all {frames} frames keep the mouth closed")
+    elif silent:
+        segment.notes.append(f"audio: {silent} of {frames} frames in long silences (mouth kept closed)")

@@ -102,6 +102,7 @@ class Segment:
     source_audio: np.ndarray | None = None  # the film's own audio, same span and rate as `audio`
     audio_features: np.ndarray | None = None  # (T, ...) float32, one window per frame
     voice_activity: np.ndarray | None = None  # (T,) float32 speech probability per frame
+    silence: np.ndarray | None = None  # (T,) bool: frame inside a long silence, keep the mouth closed
     tracks: list[Track] = field(default_factory=list)
     output_path: str = ""  # encoded segment file in the run directory (set by encode)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds

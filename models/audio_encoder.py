@@ -1,0 +1,254 @@
+"""Audio models: encoders (16 kHz mono audio -> feature frames, one interface) and voice activity.
+
+`logmel` needs no weights: Whisper's log-mel front end (25 ms Hann window, 10 ms hop, Slaney mel
+filters, log10, scaled by (x + 4) / 4) with a fixed floor instead of Whisper's "max minus 8", so a
+frame's features do not depend on which segment's slice it was computed in. `whisper` runs a
+user-supplied Whisper encoder (tiny/base; local path or fsspec URL, loaded with transformers) and
+returns its hidden states at 50 frames per second: the features LatentSync and MuseTalk condition on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from typing import Protocol
+
+import fsspec
+import numpy as np
+
+SAMPLE_RATE = 16000
+ENCODERS = ("logmel", "whisper")
+WHISPER_LAYERS = ("all", "last")
+LOG_FLOOR = -8.0  # log10 mel power floor (Whisper clamps at its window's max - 8; this is fixed)
+_WHISPER_CHUNK_S = 30  # the encoder takes exactly 30 s of mel frames
+
+
+class AudioEncoder(Protocol):
+    """Feature frame k of `encode(audio)` is centred `offset_s + k / frame_rate` seconds after audio[0]."""
+
+    name: str
+    frame_rate: float
+    offset_s: float
+    dim: int
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """(n,) float32 16 kHz -> (frames, dim) float32."""
+        ...
+
+
+@lru_cache(maxsize=4)
+def slaney_mel_filters(n_fft: int, n_mels: int, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) triangular filters on the Slaney mel scale, area-normalised (as Whisper)."""
+
+    def hz_to_mel(f: np.ndarray) -> np.ndarray:
+        f = np.asarray(f, np.float64)
+        return np.where(f < 1000.0, 3.0 * f / 200.0, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) * 27.0 / np.log(6.4))
+
+    def mel_to_hz(m: np.ndarray) -> np.ndarray:
+        m = np.asarray(m, np.float64)
+        return np.where(m < 15.0, 200.0 * m / 3.0, 1000.0 * np.exp((m - 15.0) * np.log(6.4) / 27.0))
+
+    edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(rate / 2), n_mels + 2))
+    bins = np.fft.rfftfreq(n_fft, 1.0 / rate)
+    lower = (bins[None, :] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
+    upper = (edges[2:, None] - bins[None, :]) / (edges[2:] - edges[1:-1])[:, None]
+    filters = np.maximum(0.0, np.minimum(lower, upper))
+    filters *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return filters.astype(np.float32)
+
+
+class LogMelEncoder:
+    """Whisper-style log-mel frames, 100 per second, frame k centred at k * 10 ms."""
+
+    name = "logmel"
+    frame_rate = 100.0
+    offset_s = 0.0
+    n_fft = 400
+    hop = 160
+
+    def __init__(self, n_mels: int = 80) -> None:
+        self.dim = n_mels
+        self._filters_t = np.ascontiguousarray(slaney_mel_filters(self.n_fft, n_mels).T)
+        self._window = np.hanning(self.n_fft + 1)[:-1].astype(np.float32)  # periodic Hann, as torch.stft
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        padded = np.pad(np.asarray(audio, np.float32), self.n_fft // 2, mode="reflect" if len(audio) > self.n_fft // 2 else "constant")
+        count = 1 + (len(padded) - self.n_fft) // self.hop
+        frames = np.lib.stride_tricks.sliding_window_view(padded, self.n_fft)[:: self.hop][:count]
+        spectrum = np.fft.rfft(frames * self._window, axis=1)
+        power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+        mel = np.log10(np.maximum(power @ self._filters_t, 1e-10))
+        return ((np.maximum(mel, LOG_FLOOR) + 4.0) / 4.0).astype(np.float32)
+
+
+class WhisperEncoderFeatures:
+    """Hidden states of a Whisper encoder, 50 frames per second, frame k centred at k * 20 ms.
+
+    `layers="all"` concatenates the embedding output and every layer's output on the feature axis
+    (dim = (encoder_layers + 1) * d_model; reshape to (layers, d_model) for per-layer tokens, as
+    MuseTalk and LatentSync do); `"last"` keeps the final layer (dim = d_model).
+    """
+
+    name = "whisper"
+    frame_rate = 50.0
+    offset_s = 0.0  # conv2 (kernel 3, stride 2, padding 1) centres output k on mel frame 2k
+
+    def __init__(self, path: str, layers: str = "all", device: str = "cpu") -> None:
+        import torch
+        from transformers import WhisperFeatureExtractor
+
+        if layers not in WHISPER_LAYERS:
+            raise ValueError(f"whisper_layers {layers!r}: choose from {WHISPER_LAYERS}")
+        local = localize(path)
+        self._torch = torch
+        self._device = device
+        self._layers = layers
+        self._encoder = _load_whisper_encoder(local).to(device).eval()
+        config = self._encoder.config
+        self.dim = whisper_feature_dim(config.d_model, config.encoder_layers, layers)
+        try:
+            self._extractor = WhisperFeatureExtractor.from_pretrained(local)
+        except OSError:  # checkpoint without preprocessor_config.json: Whisper's defaults
+            self._extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+        if self._extractor.feature_size != config.num_mel_bins:
+            raise ValueError(
+                f"Whisper at {path}: feature extractor gives {self._extractor.feature_size} mel bins, "
+                f"encoder expects {config.num_mel_bins}"
+            )
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        audio = np.asarray(audio, np.float32)
+        chunk = _WHISPER_CHUNK_S * SAMPLE_RATE
+        pieces = [audio[i : i + chunk] for i in range(0, max(len(audio), 1), chunk)]
+        mel = self._extractor(pieces, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+        with torch.inference_mode():
+            out = self._encoder(torch.from_numpy(mel).to(self._device), output_hidden_states=self._layers == "all")
+            states = torch.cat(out.hidden_states, dim=-1) if self._layers == "all" else out.last_hidden_state
+        states = states.float().cpu().numpy()
+        valid = [math.ceil(len(p) / (2 * self._extractor.hop_length)) for p in pieces]
+        return np.concatenate([s[:n] for s, n in zip(states, valid)]).astype(np.float32)
+
+
+def whisper_feature_dim(d_model: int, encoder_layers: int, layers: str) -> int:
+    return d_model * (encoder_layers + 1) if layers == "all" else d_model
+
+
+def whisper_config(path: str) -> dict:
+    """The checkpoint's config.json (no weights read): for checking a model's expectations cheaply."""
+    with fsspec.open(path.rstrip("/") + "/config.json", "r") as f:
+        return json.load(f)
+
+
+def localize(path: str) -> str:
+    """A local directory holding the checkpoint at `path` (copied once from a remote fsspec URL)."""
+    if not path:
+        raise ValueError("encoder 'whisper' needs audio.whisper_path (a local directory or fsspec URL)")
+    protocol, _, rest = path.partition("://")
+    if not rest or protocol == "file":
+        local = rest if rest else path
+        if not os.path.isdir(local):
+            raise ValueError(f"Whisper checkpoint {path}: not a directory")
+        return local
+    parent = os.path.join(tempfile.gettempdir(), "stabledub-whisper")
+    cache = os.path.join(parent, hashlib.sha1(path.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(cache, "config.json")):
+        fs, root = fsspec.core.url_to_fs(path)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=parent)
+        fs.get(root.rstrip("/") + "/", staging + "/", recursive=True)
+        try:
+            os.replace(staging, cache)  # atomic: concurrent actors never see a half-copied checkpoint
+        except OSError:  # another actor finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
+def _load_whisper_encoder(local: str):
+    """The encoder of a Whisper checkpoint (full model or encoder-only), refusing missing weights."""
+    from transformers import WhisperConfig, WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = WhisperConfig.from_pretrained(local)
+    encoder_only = any("Encoder" in name for name in (config.architectures or []))
+    cls = WhisperEncoder if encoder_only else WhisperModel
+    model, info = cls.from_pretrained(local, output_loading_info=True)
+    prefix = "" if encoder_only else "encoder."
+    missing = [k for k in info.get("missing_keys", []) if k.startswith(prefix)]
+    if missing:
+        raise ValueError(f"Whisper checkpoint {local} lacks encoder weights: {sorted(missing)[:5]}")
+    return model if encoder_only else model.get_encoder()
+
+
+def load_audio_encoder(encoder: str, n_mels: int = 80, whisper_path: str = "", whisper_layers: str = "all", device: str = "cpu") -> AudioEncoder:
+    if encoder == "logmel":
+        return LogMelEncoder(n_mels)
+    if encoder == "whisper":
+        return WhisperEncoderFeatures(whisper_path, whisper_layers, device)
+    raise ValueError(f"unknown audio encoder {encoder!r}: choose from {ENCODERS}")
+
+
+def _silero_jit_path() -> str:
+    # find_spec does not execute silero_vad/__init__.py, whose import calls torch.set_num_threads(1)
+    # for the whole process.
+    from importlib.util import find_spec
+
+    spec = find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("silero-vad is not installed (pip install silero-vad)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "silero_vad.jit")
+    if not os.path.exists(path):
+        raise ImportError(f"silero-vad's model file is missing: {path}")
+    return path
+
+
+class SileroVAD:
+    """silero-vad's 16 kHz model (it ships in the wheel): one speech probability per 32 ms chunk.
+
+    Chunk k covers samples [512k, 512k + 512) and is centred `(512k + 256) / 16000` s after audio[0].
+    The convolutional front end runs on all chunks at once and the LSTM runs as one `nn.LSTM` call,
+    which gives silero's own `audio_forward` numbers about 10x faster; if a silero release changes
+    the scripted model's layout, it falls back to `audio_forward`.
+    """
+
+    chunk = 512
+    context = 64
+
+    def __init__(self) -> None:
+        import torch
+
+        self._torch = torch
+        self._model = torch.jit.load(_silero_jit_path(), map_location="cpu").eval()
+        try:
+            inner = self._model._model
+            self._front = (inner.stft, inner.encoder)
+            self._head = inner.decoder.decoder
+            cell = inner.decoder.rnn
+            self._lstm = torch.nn.LSTM(cell.weight_ih.shape[1], cell.weight_hh.shape[1]).eval()
+            with torch.no_grad():
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(self._lstm, f"{name}_l0").copy_(getattr(cell, name))
+        except (AttributeError, RuntimeError):
+            self._lstm = None
+
+    def probabilities(self, audio: np.ndarray) -> np.ndarray:
+        """(n,) float32 16 kHz -> (ceil(n / 512),) float32 speech probabilities."""
+        torch = self._torch
+        x = torch.from_numpy(np.ascontiguousarray(audio, np.float32))
+        if len(x) == 0:
+            return np.zeros(0, np.float32)
+        x = torch.nn.functional.pad(x, (self.context, (-len(x)) % self.chunk))
+        with torch.inference_mode():
+            if self._lstm is None:
+                return self._model.audio_forward(x[None, self.context :], SAMPLE_RATE)[0].numpy().astype(np.float32)
+            windows = x.unfold(0, self.chunk + self.context, self.chunk)
+            stft, encoder = self._front
+            features = encoder(stft(windows)).squeeze(-1)
+            hidden, _ = self._lstm(features)
+            out = self._head(hidden.unsqueeze(-1)).squeeze(1).mean(-1)
+        return out.numpy().astype(np.float32)
