@@ -23,6 +23,10 @@ from stages.schema import Segment
 
 AUDIO_RATE = 16000
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a segment: feature windows and VAD warm-up
+# Slices start on a grid of 2560 samples (a whole number of log-mel hops, Whisper frames and VAD
+# chunks), so every segment computes a frame's features on the same absolute grid: overlapping
+# context frames get identical features in both segments.
+SLICE_GRID_S = 0.16
 PREROLL_S = 0.3  # decoded before a seek target: AAC/MP3 frames after a seek need their predecessors
 EDGE_S = 0.05  # extra native-rate audio either side so resampling has no edge transient in the slice
 ALIGN_TOLERANCE_S = 0.05  # dub/film length differences below this are not worth a note
@@ -131,7 +135,7 @@ def decode_dub_slice(
     dub = segment.film.dub
     if dub is None:
         raise StageError("film has no dub audio member (<key>.dub.wav/.flac/.mp3/.m4a)")
-    start = max(0.0, float(segment.pts[0]) - margin)
+    start = max(0.0, round(math.floor((float(segment.pts[0]) - margin) / SLICE_GRID_S) * SLICE_GRID_S, 9))
     stop = float(segment.pts[-1]) + margin
     try:
         offset = float(segment.film.metadata.get("dub_offset", 0.0) or 0.0)
