@@ -34,7 +34,7 @@ class SegmentConfig:
 @dataclass
 class StageResources:
     num_cpus: float = 0.25
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # inpaint: -1 = one GPU per actor when the cluster has GPUs, else CPU
     min_actors: int = 1
     max_actors: int = 1
     batch_size: int = 1
@@ -42,13 +42,15 @@ class StageResources:
 
 
 def _default_resources() -> dict[str, StageResources]:
+    # Laptop defaults: fractional CPU reservations so all six pools fit on two cores (a pool that
+    # cannot place its first actor starves the operators after it). Clusters set real numbers.
     return {
-        "decode": StageResources(num_cpus=0.5, max_actors=2),
-        "face_track": StageResources(num_cpus=0.5, max_actors=2),
-        "occlusion": StageResources(num_cpus=0.25),
-        "audio": StageResources(num_cpus=0.25),
-        "inpaint": StageResources(num_cpus=0.5, max_actors=1),
-        "encode": StageResources(num_cpus=0.5, max_actors=2),
+        "decode": StageResources(num_cpus=0.25, max_actors=2),
+        "face_track": StageResources(num_cpus=0.25, max_actors=2),
+        "occlusion": StageResources(num_cpus=0.125),
+        "audio": StageResources(num_cpus=0.125),
+        "inpaint": StageResources(num_cpus=0.25, num_gpus=-1.0),
+        "encode": StageResources(num_cpus=0.25, max_actors=2),
     }
 
 

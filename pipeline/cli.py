@@ -1,0 +1,135 @@
+"""The `stabledub` command line: pack, run, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_USAGE = 2
+EXIT_SOME_FAILED = 3  # the run finished, but some films or shards failed (see dead_letters.jsonl)
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().rstrip("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from pipeline.shards import PackItem, pack, read_manifest
+
+    items: list[PackItem] = []
+    if args.manifest:
+        items += read_manifest(args.manifest)
+    dubs = args.dub or []
+    keys = args.key or []
+    if dubs and len(dubs) != len(args.videos):
+        print(f"error: {len(args.videos)} video(s) but {len(dubs)} --dub track(s); give one --dub per video", file=sys.stderr)
+        return EXIT_USAGE
+    if keys and len(keys) != len(args.videos):
+        print(f"error: {len(args.videos)} video(s) but {len(keys)} --key(s); give one --key per video", file=sys.stderr)
+        return EXIT_USAGE
+    for i, video in enumerate(args.videos):
+        items.append(PackItem(video, dubs[i] if dubs else None, keys[i] if keys else None))
+    if not items:
+        print("error: nothing to pack: give VIDEO files or --manifest", file=sys.stderr)
+        return EXIT_USAGE
+    missing = [i.video for i in items if not i.dub]
+    if missing and not args.allow_missing_dub:
+        print(f"error: no --dub for {missing[0]} (and {len(missing) - 1} more); every film needs a dub track", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        written = pack(items, args.output, _parse_size(args.shard_size))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    for url in written:
+        print(url)
+    print(f"packed {len(items)} film(s) into {len(written)} shard(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.rundir import RunDirError
+    from pipeline.run import RunOptions, run
+
+    overrides = list(args.set or [])
+    if args.model:
+        overrides.append(f"inpaint.model={args.model}")
+    if args.debug:
+        overrides.append("encode.debug=true")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    options = RunOptions(
+        input=args.input, output=args.output, config=config, workdir=args.workdir,
+        retry_failed=args.retry_failed, keep_intermediate=args.keep_intermediate, progress=not args.quiet,
+    )
+    try:
+        summary = run(options)
+    except (FileNotFoundError, RunDirError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"output: {args.output}  (run directory: {options.run_dir})")
+    return EXIT_SOME_FAILED if summary.films_failed or summary.shards_failed else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stabledub", description="Visual dubbing of film catalogs (StableDub on Ray Data).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every film as it completes")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="pack films and dub tracks into webdataset shards")
+    p.add_argument("videos", nargs="*", help="film files (local paths or fsspec URLs)")
+    p.add_argument("--dub", action="append", help="dub audio for the film at the same position (repeat)")
+    p.add_argument("--key", action="append", help="film key for the film at the same position (default: file name)")
+    p.add_argument("--manifest", help="CSV (video,dub,key,metadata) or JSONL manifest of films")
+    p.add_argument("-o", "--output", required=True, help="shard pattern, e.g. shards/films-{0000..0099}.tar or films-%%04d.tar")
+    p.add_argument("--shard-size", default="1G", help="start a new shard before one passes this size (default 1G)")
+    p.add_argument("--allow-missing-dub", action="store_true", help="pack films without a dub track anyway")
+    p.set_defaults(func=cmd_pack)
+
+    r = sub.add_parser("run", help="dub every film of INPUT shards into OUTPUT")
+    r.add_argument("input", help="shard URL or brace pattern, e.g. s3://bucket/films-{0000..0099}.tar")
+    r.add_argument("output", help="output directory URL (local path, s3://...)")
+    r.add_argument("--model", help="inpaint model: built-in name (identity, grey) or checkpoint path/URL")
+    r.add_argument("--workdir", help="run directory URL (default: OUTPUT/_stabledub_run)")
+    r.add_argument("--config", help="YAML or JSON config file")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. encode.crf=18")
+    r.add_argument("--debug", action="store_true", help="also write <key>.debug.mp4 overlays")
+    r.add_argument("--retry-failed", action="store_true", help="retry films that failed in an earlier run")
+    r.add_argument("--keep-intermediate", action="store_true", help="keep encoded segments and films in the run directory")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="build a demo film from packaged material and dub it")
+    d.add_argument("--output", default="demo-output")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("stabledub").setLevel(logging.INFO)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

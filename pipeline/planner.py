@@ -1,0 +1,112 @@
+"""Planning: shards -> films -> segments (the rows every stage works on).
+
+Two Ray Data `flat_map` steps run these functions: `index_shard_rows` reads a shard's tar headers
+and emits one film marker per film (or a shard marker when the whole shard is unusable or already
+finished); `plan_film_rows` probes a film's video (demux only) and cuts it into segments at
+keyframes. Work finished by an earlier run comes out with status DONE and flows through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.rundir import RunDir
+from pipeline.shards import ShardError, index_shard
+from stages.media import open_member, probe_video
+from stages.schema import FilmRef, Segment, Status, from_row, marker, to_row
+
+
+def shard_marker(url: str, status: Status, reason: str = "") -> Segment:
+    return marker(FilmRef(key="", shard_url=url, video=None, dub=None), status, reason)
+
+
+def index_shard_rows(item: dict[str, Any], run_dir: str, retry_failed: bool = False) -> list[dict[str, Any]]:
+    url = item["shard_url"]
+    run = RunDir(run_dir)
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    if run.shard_done(name):
+        return [to_row(shard_marker(url, Status.DONE, "output shard already written by an earlier run"))]
+    try:
+        index = index_shard(url)
+    except ShardError as error:
+        return [to_row(shard_marker(url, Status.FAILED, str(error)))]
+    except Exception as error:  # noqa: BLE001 - storage errors fail the shard, not the run
+        return [to_row(shard_marker(url, Status.FAILED, f"cannot read shard {url}: {type(error).__name__}: {error}"))]
+    rows = []
+    for entry in index.films:
+        film = entry.film
+        film.shard_films = len(index.films)
+        if entry.problem:
+            rows.append(to_row(marker(film, Status.FAILED, entry.problem)))
+            continue
+        report = run.film_report(film)
+        if report is not None and (report.get("status") == "ok" or not retry_failed):
+            rows.append(to_row(marker(film, Status.DONE, "film finished by an earlier run")))
+            continue
+        rows.append(to_row(marker(film, Status.OK)))
+    if index.problem:
+        for row in rows:
+            seg = from_row(row)
+            seg.notes.append(f"shard: {index.problem}")
+            row.update(to_row(seg))
+    return rows
+
+
+def cut_points(pts: np.ndarray, keyframe: np.ndarray, target: float, longest: float) -> list[int]:
+    """Frame indices where segments start: at keyframes near `target` seconds apart where possible."""
+    starts = [0]
+    n = len(pts)
+    while True:
+        s = starts[-1]
+        t0 = pts[s]
+        if pts[-1] - t0 < target * 1.5:
+            break
+        ahead = np.arange(s + 1, n)
+        span = pts[ahead] - t0
+        usable = ahead[(span >= 0.5 * target) & (span <= longest) & keyframe[ahead]]
+        if len(usable):
+            cut = int(usable[np.argmin(np.abs(pts[usable] - t0 - target))])
+        else:
+            cut = int(ahead[np.argmax(span >= target)])
+        if pts[-1] - pts[cut] < 0.5 * target:
+            break
+        starts.append(cut)
+    return starts
+
+
+def plan_film_rows(row: dict[str, Any], run_dir: str, target_seconds: float, max_seconds: float, overlap: int) -> list[dict[str, Any]]:
+    seg = from_row(row)
+    if seg.status is not Status.OK or not seg.film.key:
+        return [row]
+    film = seg.film
+    assert film.video is not None
+    try:
+        with open_member(film.video) as member:
+            info = probe_video(member)
+    except Exception as error:  # noqa: BLE001 - any container problem is this film's failure
+        return [to_row(marker(film, Status.FAILED, f"cannot read video {film.video.name}: {error}"))]
+    pts, keyframe = info.pts, info.keyframe
+    step = float(np.median(np.diff(pts))) if len(pts) > 1 else 1 / 25
+    film.frames = len(pts)
+    film.duration = float(pts[-1] - pts[0] + step)
+    starts = cut_points(pts, keyframe, target_seconds, max_seconds)
+    stops = starts[1:] + [len(pts)]
+    done = RunDir(run_dir).done_segments(film)
+    keyframes = np.nonzero(keyframe)[0]
+    rows = []
+    for index, (start, stop) in enumerate(zip(starts, stops)):
+        context_start = max(0, start - overlap)
+        before = keyframes[keyframes <= context_start]
+        seek = float(pts[before[-1]]) if len(before) else 0.0
+        segment = Segment(
+            film=film, index=index, count=len(starts), start=start, stop=stop, context_start=context_start,
+            pts=pts[context_start:stop].copy(), seek_pts=seek if before.size and before[-1] > 0 else 0.0,
+            width=info.width, height=info.height, time_base=info.time_base,
+        )
+        if index in done:
+            segment.status = Status.DONE
+        segment.counts["film_has_audio"] = int(info.has_audio)
+        rows.append(to_row(segment))
+    return rows

@@ -1,0 +1,94 @@
+"""The run directory: config, completion markers, dead letters and reports of one run.
+
+Layout (any fsspec URL):
+    config.json                        the output-affecting config; a rerun must match it
+    segments/<shard>/<key>/<n>.mp4     encoded segment; <n>.json beside it is written last (done)
+    films/<shard>/<key>.mp4            assembled film; <key>.json (its report) is written last
+    shards/<shard>.json                the output shard was committed (written last)
+    dead_letters.jsonl                 every film or shard that failed, with its reason
+    summary.json                       the last run's summary
+Markers are written after the data they vouch for, so a killed run never leaves a marker without
+its data; reruns skip what has a marker and redo the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from stages.schema import FilmRef
+from stages.storage import exists, filesystem, join, read_bytes, read_json, write_bytes, write_json
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunDir:
+    url: str
+
+    def path(self, *parts: str) -> str:
+        return join(self.url, *parts)
+
+    # ---------------------------------------------------------------- config
+    def check_config(self, fingerprint: dict[str, Any]) -> None:
+        """Record the config on the first run; refuse to mix outputs of different configs."""
+        url = self.path("config.json")
+        if exists(url):
+            previous = read_json(url)
+            if previous != json.loads(json.dumps(fingerprint, default=str)):
+                changed = sorted(_diff_keys(previous, fingerprint))
+                raise RunDirError(
+                    f"run directory {self.url} was started with a different config (changed: {', '.join(changed)}); "
+                    "use a new --workdir/output, or rerun with the same config"
+                )
+        else:
+            write_json(url, fingerprint)
+
+    # ---------------------------------------------------------------- films and shards
+    def film_url(self, film: FilmRef, suffix: str) -> str:
+        return self.path("films", film.shard_name, f"{film.key}{suffix}")
+
+    def film_report(self, film: FilmRef) -> dict[str, Any] | None:
+        url = self.film_url(film, ".json")
+        return read_json(url) if exists(url) else None
+
+    def segment_dir(self, film: FilmRef) -> str:
+        return self.path("segments", film.shard_name, film.key)
+
+    def done_segments(self, film: FilmRef) -> set[int]:
+        fs, path = filesystem(self.segment_dir(film))
+        if not fs.exists(path):
+            return set()
+        names = [entry.rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+        return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
+
+    def shard_marker(self, shard_name: str) -> str:
+        return self.path("shards", f"{shard_name}.json")
+
+    def shard_done(self, shard_name: str) -> bool:
+        return exists(self.shard_marker(shard_name))
+
+    # ---------------------------------------------------------------- dead letters
+    def dead_letters(self) -> list[dict[str, Any]]:
+        url = self.path("dead_letters.jsonl")
+        if not exists(url):
+            return []
+        return [json.loads(line) for line in read_bytes(url).decode().splitlines() if line.strip()]
+
+    def write_dead_letters(self, entries: list[dict[str, Any]]) -> None:
+        # Rewritten whole (object stores cannot append); only the driver writes it.
+        body = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
+        write_bytes(self.path("dead_letters.jsonl"), body.encode())
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        out: list[str] = []
+        for k in keys:
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if json.dumps(a, default=str) == json.dumps(b, default=str) else [prefix.rstrip(".")]

@@ -1,0 +1,284 @@
+"""Film shards: expanding shard patterns, indexing tar members in place, and packing films.
+
+Input shards follow webdataset's layout (one sample per film, key = film id): `<key>.mp4` (or
+.mkv/.mov/.webm), `<key>.dub.wav` (or .flac/.mp3/.m4a/...), optional `<key>.json`. A shard is
+indexed by reading only its tar headers; members are then read in place by byte range.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import re
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+
+from stages.media import READ_BLOCK, read_member
+from stages.schema import FilmRef, MemberRef
+from stages.storage import filesystem
+
+VIDEO_EXTENSIONS = ("mp4", "mkv", "mov", "webm", "avi", "m4v")
+DUB_EXTENSIONS = tuple(f"dub.{ext}" for ext in ("wav", "flac", "mp3", "m4a", "aac", "ogg", "opus", "mka"))
+MAX_METADATA_BYTES = 1 << 20
+
+
+class ShardError(Exception):
+    """The shard itself is unusable (missing, not a tar, empty): all of it fails with this reason."""
+
+
+@dataclass
+class FilmEntry:
+    """A film found while indexing, possibly with a reason it cannot be processed."""
+
+    film: FilmRef
+    problem: str = ""
+
+
+@dataclass
+class ShardIndex:
+    url: str
+    films: list[FilmEntry] = field(default_factory=list)
+    problem: str = ""  # set when the tar is truncated or has unreadable parts
+
+
+def expand_urls(patterns: str | Iterable[str]) -> list[str]:
+    """Brace patterns (`films-{0000..0009}.tar`) and local globs expand to a sorted URL list."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand.braceexpand(pattern):
+            if any(ch in url for ch in "*?["):
+                fs, path = filesystem(url)
+                protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+                matches = sorted(fs.glob(path))
+                urls.extend(m if protocol in ("file", "local") else f"{protocol}://{m}" for m in matches)
+            else:
+                urls.append(url)
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset convention: the key is the path up to the first dot of the basename."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, ext.lower()
+
+
+def unsafe_key(key: str) -> str:
+    """Why a key may not be used as an output name ('' when it is safe)."""
+    if not key:
+        return "empty key"
+    if key.startswith("/") or re.match(r"^[A-Za-z]:", key):
+        return "absolute member path"
+    if any(part in ("..", ".") for part in key.split("/")):
+        return "member path escapes the shard (contains '..')"
+    if "\\" in key or "\x00" in key:
+        return "member path contains a backslash or NUL"
+    return ""
+
+
+def index_shard(url: str) -> ShardIndex:
+    """Read a shard's tar headers (no member data) and group members into films."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        raise ShardError(f"shard {url} does not exist")
+    index = ShardIndex(url)
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    order: list[str] = []
+    with fs.open(path, "rb", block_size=READ_BLOCK) as raw:
+        size = fs.size(path)
+        if size == 0:
+            raise ShardError(f"shard {url} is empty (0 bytes)")
+        try:
+            archive = tarfile.open(fileobj=raw, mode="r:")
+        except tarfile.TarError as error:
+            raise ShardError(f"shard {url} is not a tar archive ({error})") from None
+        while True:
+            try:
+                info = archive.next()
+            except (tarfile.TarError, EOFError, OSError) as error:
+                index.problem = f"tar is damaged after {len(order)} film(s): {error}"
+                break
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            key, ext = split_member_name(info.name)
+            if key not in groups:
+                groups[key] = {}
+                order.append(key)
+            groups[key][ext] = info
+    for key in order:
+        index.films.append(_film_entry(url, key, groups[key], size))
+    if not index.films and not index.problem:
+        raise ShardError(f"shard {url} holds no films")
+    return index
+
+
+def _film_entry(url: str, key: str, members: dict[str, tarfile.TarInfo], shard_size: int) -> FilmEntry:
+    def ref(info: tarfile.TarInfo) -> MemberRef:
+        return MemberRef(url, info.name, info.offset_data, info.size)
+
+    video = next((ref(members[e]) for e in VIDEO_EXTENSIONS if e in members), None)
+    dub = next((ref(members[e]) for e in DUB_EXTENSIONS if e in members), None)
+    film = FilmRef(key=key, shard_url=url, video=video, dub=dub)
+    problem = unsafe_key(key)
+    if not problem:
+        truncated = [i.name for i in members.values() if i.offset_data + i.size > shard_size]
+        if truncated:
+            problem = f"member {truncated[0]} is truncated (the tar ends inside it)"
+    if not problem and video is None:
+        found = ", ".join(sorted(members)) or "nothing"
+        problem = f"no video member (<key>.mp4/.mkv/.mov/.webm); found {found}"
+    if not problem and video is not None and video.size == 0:
+        problem = f"video member {video.name} is empty (0 bytes)"
+    if not problem and dub is None:
+        problem = "no dub audio member (<key>.dub.wav/.flac/.mp3/.m4a)"
+    if not problem and "json" in members:
+        meta = members["json"]
+        if meta.size > MAX_METADATA_BYTES:
+            problem = f"metadata {meta.name} is larger than 1 MiB"
+        else:
+            try:
+                data = json.loads(read_member(ref(meta)))
+                if not isinstance(data, dict):
+                    raise ValueError("top level is not an object")
+                film.metadata = data
+            except (ValueError, UnicodeDecodeError) as error:
+                problem = f"metadata {meta.name} is not valid JSON ({error})"
+    return FilmEntry(film, problem)
+
+
+# ----------------------------------------------------------------------------------- packing
+
+
+@dataclass
+class PackItem:
+    video: str
+    dub: str | None = None
+    key: str | None = None
+    metadata: dict | None = None
+
+
+def read_manifest(path: str) -> list[PackItem]:
+    """CSV (header: video,dub,key[,metadata]) or JSONL ({"video":..., "dub":..., "key":..., ...})."""
+    text = Path(path).read_text()
+    base = Path(path).parent
+    items: list[PackItem] = []
+    if path.endswith((".jsonl", ".json")):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    for n, row in enumerate(rows, 1):
+        if not row.get("video"):
+            raise ValueError(f"{path}: row {n} has no 'video'")
+        metadata = row.get("metadata")
+        if isinstance(metadata, str) and metadata:
+            metadata = json.loads(metadata)
+
+        def resolve(p: str | None) -> str | None:
+            return None if not p else (p if "://" in p or os.path.isabs(p) else str(base / p))
+
+        items.append(PackItem(resolve(row["video"]) or "", resolve(row.get("dub")), row.get("key") or None, metadata or None))
+    return items
+
+
+def default_key(video: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", posixpath.basename(video).split(".")[0])
+
+
+def shard_names(pattern: str) -> Iterator[str]:
+    """`films-%04d.tar` or `films-{0000..9999}.tar` -> films-0000.tar, films-0001.tar, ..."""
+    brace = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if brace:
+        width, first, last = len(brace.group(1)), int(brace.group(1)), int(brace.group(2))
+        for n in range(first, last + 1):
+            yield pattern[: brace.start()] + str(n).zfill(width) + pattern[brace.end() :]
+        raise ValueError(f"output pattern {pattern} has room for only {last - first + 1} shard(s)")
+    if "%" in pattern:
+        n = 0
+        while True:
+            yield pattern % n
+            n += 1
+    yield pattern
+    raise ValueError(f"output {pattern} names one shard; use a pattern (films-{{0000..0099}}.tar) for more")
+
+
+def _add(tar: tarfile.TarFile, name: str, source: str | bytes, mtime: float) -> int:
+    info = tarfile.TarInfo(name)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    if isinstance(source, bytes):
+        info.size = len(source)
+        tar.addfile(info, io.BytesIO(source))
+    else:
+        fs, path = filesystem(source)
+        info.size = fs.size(path)
+        with fs.open(path, "rb") as f:
+            tar.addfile(info, f)
+    return info.size
+
+
+def pack(items: list[PackItem], output_pattern: str, max_shard_bytes: int = 1 << 30) -> list[str]:
+    """Write films into webdataset shards, starting a new shard before one would pass the cap."""
+    names = shard_names(output_pattern)
+    written: list[str] = []
+    tar: tarfile.TarFile | None = None
+    handle = None
+    current = 0
+    keys: set[str] = set()
+    now = time.time()
+
+    def close() -> None:
+        nonlocal tar, handle
+        if tar is not None:
+            tar.close()
+            handle.close()
+            tar = handle = None
+
+    try:
+        for item in items:
+            key = item.key or default_key(item.video)
+            problem = unsafe_key(key) or ("duplicate key" if key in keys else "")
+            if "." in key.rsplit("/", 1)[-1]:
+                problem = "keys may not contain '.' (webdataset splits the extension at the first dot)"
+            if problem:
+                raise ValueError(f"key {key!r} for {item.video}: {problem}")
+            keys.add(key)
+            for path in (item.video, item.dub):
+                if path and not filesystem(path)[0].exists(filesystem(path)[1]):
+                    raise FileNotFoundError(f"{path} does not exist")
+            size = sum(filesystem(p)[0].size(filesystem(p)[1]) for p in (item.video, item.dub) if p)
+            if tar is None or (current and current + size > max_shard_bytes):
+                close()
+                name = next(names)
+                fs, path = filesystem(name)
+                parent = posixpath.dirname(path)
+                if parent:
+                    fs.makedirs(parent, exist_ok=True)
+                handle = fs.open(path, "wb")
+                tar = tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT)
+                written.append(name)
+                current = 0
+            video_ext = posixpath.basename(item.video).rsplit(".", 1)[-1].lower()
+            if video_ext not in VIDEO_EXTENSIONS:
+                video_ext = "mp4"
+            current += _add(tar, f"{key}.{video_ext}", item.video, now)
+            if item.dub:
+                dub_ext = posixpath.basename(item.dub).rsplit(".", 1)[-1].lower()
+                current += _add(tar, f"{key}.dub.{dub_ext}", item.dub, now)
+            if item.metadata:
+                current += _add(tar, f"{key}.json", json.dumps(item.metadata).encode(), now)
+    finally:
+        close()
+    return written
