@@ -77,7 +77,8 @@ class LogMelEncoder:
         self._window = np.hanning(self.n_fft + 1)[:-1].astype(np.float32)  # periodic Hann, as torch.stft
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
-        padded = np.pad(np.asarray(audio, np.float32), self.n_fft // 2, mode="reflect" if len(audio) > self.n_fft // 2 else "constant")
+        half = self.n_fft // 2
+        padded = np.pad(np.asarray(audio, np.float32), half, mode="reflect" if len(audio) > half else "constant")
         count = 1 + (len(padded) - self.n_fft) // self.hop
         frames = np.lib.stride_tricks.sliding_window_view(padded, self.n_fft)[:: self.hop][:count]
         spectrum = np.fft.rfft(frames * self._window, axis=1)
@@ -185,7 +186,9 @@ def _load_whisper_encoder(local: str):
     return model if encoder_only else model.get_encoder()
 
 
-def load_audio_encoder(encoder: str, n_mels: int = 80, whisper_path: str = "", whisper_layers: str = "all", device: str = "cpu") -> AudioEncoder:
+def load_audio_encoder(
+    encoder: str, n_mels: int = 80, whisper_path: str = "", whisper_layers: str = "all", device: str = "cpu"
+) -> AudioEncoder:
     if encoder == "logmel":
         return LogMelEncoder(n_mels)
     if encoder == "whisper":

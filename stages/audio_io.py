@@ -15,6 +15,8 @@ from typing import IO
 
 import av
 import numpy as np
+from av.audio.stream import AudioStream
+from av.container import InputContainer
 from scipy.signal import resample_poly
 
 from stages.base import StageError
@@ -31,6 +33,8 @@ PREROLL_S = 0.3  # decoded before a seek target: AAC/MP3 frames after a seek nee
 EDGE_S = 0.05  # extra native-rate audio either side so resampling has no edge transient in the slice
 ALIGN_TOLERANCE_S = 0.05  # dub/film length differences below this are not worth a note
 DOWNMIX_MODES = ("centre", "mean")  # or the name of one channel, e.g. "FL"
+
+Piece = tuple[float, np.ndarray]  # (start time in seconds, samples) of one decoded audio frame
 
 
 @dataclass(frozen=True)
@@ -149,14 +153,20 @@ def decode_dub_slice(
     first, last = float(segment.pts[0]), float(segment.pts[-1])
     if span.content_stop + offset < last:
         silent_from = max(first, span.content_stop + offset)
-        segment.notes.append(f"audio: dub ends at {span.content_stop + offset:.3f} s; frames from {silent_from:.3f} s get silence")
+        segment.notes.append(
+            f"audio: dub ends at {span.content_stop + offset:.3f} s; frames from {silent_from:.3f} s get silence"
+        )
     if span.content_start + offset > first + 1e-3:
         segment.notes.append(f"audio: dub starts at {span.content_start + offset:.3f} s; earlier frames get silence")
     return span.samples, start
 
 
 def decode_audio(
-    file: IO[bytes] | str, sample_rate: int = AUDIO_RATE, layout: str = "mono", start: float = 0.0, stop: float | None = None
+    file: IO[bytes] | str,
+    sample_rate: int = AUDIO_RATE,
+    layout: str = "mono",
+    start: float = 0.0,
+    stop: float | None = None,
 ) -> np.ndarray:
     """The stream's raw-timestamp slice [start, stop) as float32: (n,) for mono, else (n, channels).
 
@@ -215,10 +225,19 @@ def _decode(
     return _place(pieces, native, rate, start, stop, lo)
 
 
-def _decoded_pieces(container, stream, native, zero, lo, hi, downmix, layout) -> tuple[list[tuple[float, np.ndarray]], int]:
+def _decoded_pieces(
+    container: InputContainer,
+    stream: AudioStream,
+    native: int,
+    zero: float,
+    lo: float,
+    hi: float | None,
+    downmix: str,
+    layout: str | None,
+) -> tuple[list[Piece], int]:
     """(time, samples) for every decoded frame that overlaps [lo, hi), and how many frames were decoded."""
     converter = av.AudioResampler(format="fltp", layout=layout) if layout else av.AudioResampler(format="fltp")
-    pieces: list[tuple[float, np.ndarray]] = []
+    pieces: list[Piece] = []
     running: float | None = None
     frames = 0
     for frame in container.decode(stream):
@@ -242,7 +261,7 @@ def _decoded_pieces(container, stream, native, zero, lo, hi, downmix, layout) ->
     return pieces, frames
 
 
-def _place(pieces: list[tuple[float, np.ndarray]], native: int, rate: int, start: float, stop: float | None, lo: float) -> AudioSpan:
+def _place(pieces: list[Piece], native: int, rate: int, start: float, stop: float | None, lo: float) -> AudioSpan:
     """Write decoded pieces onto a silent native-rate timeline by timestamp, then resample and trim."""
     if stop is None:
         stop = max((t + len(s) / native for t, s in pieces), default=start)
@@ -270,17 +289,17 @@ def _place(pieces: list[tuple[float, np.ndarray]], native: int, rate: int, start
     return AudioSpan(out, rate, start, max(start, content_start), min(stop, content_stop))
 
 
-def _audio_stream(container: av.container.InputContainer) -> av.audio.stream.AudioStream:
+def _audio_stream(container: InputContainer) -> AudioStream:
     if not container.streams.audio:
         raise ValueError("no audio stream")
     return container.streams.audio[0]
 
 
-def _container_start(container: av.container.InputContainer) -> float:
+def _container_start(container: InputContainer) -> float:
     return container.start_time / av.time_base if container.start_time is not None else 0.0
 
 
-def _declared_end(container: av.container.InputContainer, stream: av.audio.stream.AudioStream, zero: float) -> float | None:
+def _declared_end(container: InputContainer, stream: AudioStream, zero: float) -> float | None:
     """End of the stream (seconds after `zero`) as its headers declare it; None when they do not."""
     if stream.duration is not None and stream.time_base is not None:
         first = float(stream.start_time * stream.time_base) if stream.start_time is not None else zero
@@ -290,7 +309,7 @@ def _declared_end(container: av.container.InputContainer, stream: av.audio.strea
     return None
 
 
-def _demuxed_end(container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> float:
+def _demuxed_end(container: InputContainer, stream: AudioStream) -> float:
     end = 0.0
     for packet in container.demux(stream):
         if packet.pts is not None and packet.time_base is not None:

@@ -3,9 +3,6 @@ voice activity where there is speech and long-silence marks where there is none.
 
 from __future__ import annotations
 
-import io
-import os
-import tarfile
 import types
 from fractions import Fraction
 from pathlib import Path
@@ -13,7 +10,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from scipy.io import wavfile
 
 from models.audio_encoder import LogMelEncoder, SileroVAD
 from stages.audio import (
@@ -27,33 +23,9 @@ from stages.audio import (
 from stages.audio_io import AUDIO_RATE, decode_dub_slice
 from stages.media import probe_video
 from stages.schema import FilmRef, MemberRef, Segment, Status
+from test_audio_io import CLIP, DATA, shard_with, speech, wav_bytes
 
-DATA = Path(os.environ.get("STABLEDUB_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-if not (DATA / "audio").is_dir():
-    pytest.skip(f"sample data not found at {DATA}", allow_module_level=True)
-
-CLIP = "vfhq_1vYEVO9838Y"
 OVERLAP = 4
-
-
-def speech(name: str = CLIP, folder: str = "audio") -> np.ndarray:
-    rate, data = wavfile.read(DATA / folder / f"{name}.wav")
-    assert rate == AUDIO_RATE
-    return data.astype(np.float32) / 32768.0
-
-
-def dub_member(directory: Path, audio: np.ndarray) -> MemberRef:
-    """The dub as a WAV member of a tar shard, read in place like the pipeline does."""
-    wav = io.BytesIO()
-    wavfile.write(wav, AUDIO_RATE, np.clip(audio * 32768, -32768, 32767).astype(np.int16))
-    shard = directory / "films-0000.tar"
-    with tarfile.open(shard, "w") as tar:
-        info = tarfile.TarInfo("film.dub.wav")
-        info.size = len(wav.getvalue())
-        tar.addfile(info, io.BytesIO(wav.getvalue()))
-    with tarfile.open(shard) as tar:
-        member = tar.getmember("film.dub.wav")
-        return MemberRef(str(shard), member.name, member.offset_data, member.size)
 
 
 def retimed_video(path: Path, times: np.ndarray, time_base: Fraction) -> np.ndarray:
@@ -111,7 +83,8 @@ def test_features_are_centred_on_each_frames_pts(tmp_path, stage, label, times, 
     audio = speech()
     pts = retimed_video(tmp_path / f"{label}.mp4", times, time_base)
     assert np.allclose(pts, times, atol=float(time_base))
-    segments = [featurize(stage, s) for s in segments_of(dub_member(tmp_path, audio), pts, len(pts) // 2)]
+    dub = shard_with(tmp_path, "film.dub.wav", wav_bytes(audio))
+    segments = [featurize(stage, s) for s in segments_of(dub, pts, len(pts) // 2)]
 
     encoder = LogMelEncoder()
     pad = 16  # hops of silence in front (the stage pads too)
@@ -143,7 +116,7 @@ def test_vad_finds_speech_and_marks_inserted_silence(tmp_path, name, folder):
     split = int(gap_start * AUDIO_RATE)
     dub = np.concatenate([voice[:split], room, voice[split:]])
     pts = np.arange(0, len(dub) / AUDIO_RATE - 0.1, 1 / 25)
-    film = FilmRef("film", "", None, dub_member(tmp_path, dub), {})
+    film = FilmRef("film", "", None, shard_with(tmp_path, "film.dub.wav", wav_bytes(dub)), {})
     segment = Segment(film, 0, 1, 0, len(pts), 0, pts, 0.0, 64, 64, (1, 25))
     segment = featurize(AudioFeaturize(types.SimpleNamespace(audio=AudioConfig())), segment)
 

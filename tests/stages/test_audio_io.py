@@ -32,10 +32,16 @@ if not (DATA / "audio").is_dir():
 CLIP = "vfhq_1vYEVO9838Y"
 
 
-def speech(name: str = CLIP) -> np.ndarray:
-    rate, data = wavfile.read(DATA / "audio" / f"{name}.wav")
+def speech(name: str = CLIP, folder: str = "audio") -> np.ndarray:
+    rate, data = wavfile.read(DATA / folder / f"{name}.wav")
     assert rate == AUDIO_RATE
     return data.astype(np.float32) / 32768.0
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    wavfile.write(out, AUDIO_RATE, np.clip(audio * 32768, -32768, 32767).astype(np.int16))
+    return out.getvalue()
 
 
 def encode(path: Path, channels: np.ndarray, codec: str, rate: int, layout: str) -> Path:
@@ -159,9 +165,7 @@ def test_media_decode_audio_keeps_its_signature(tmp_path):
 
 def test_dub_offset_and_short_dub_become_silence_with_notes(tmp_path):
     reference = speech()
-    wav = io.BytesIO()
-    wavfile.write(wav, AUDIO_RATE, (reference * 32768).astype(np.int16))
-    dub = shard_with(tmp_path, "film.dub.wav", wav.getvalue())
+    dub = shard_with(tmp_path, "film.dub.wav", wav_bytes(reference))
     pts = np.arange(0, 8.0, 1 / 25)
     segment = segment_for(dub, pts, {"dub_offset": 0.5})
     audio, start = decode_dub_slice(segment)

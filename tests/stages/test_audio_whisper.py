@@ -9,17 +9,13 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-from scipy.io import wavfile
 
 transformers = pytest.importorskip("transformers")
 
 from models.audio_encoder import LogMelEncoder, slaney_mel_filters  # noqa: E402
 from stages.audio import AudioConfig, AudioFeaturize, AudioMismatchError, check_model_audio  # noqa: E402
 from stages.schema import FilmRef, Segment, Status  # noqa: E402
-
-DATA = Path(os.environ.get("STABLEDUB_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-if not (DATA / "audio").is_dir():
-    pytest.skip(f"sample data not found at {DATA}", allow_module_level=True)
+from test_audio_io import speech  # noqa: E402
 
 D_MODEL, LAYERS = 16, 2
 
@@ -44,10 +40,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def speech_segment(seconds: float = 3.0) -> Segment:
-    rate, data = wavfile.read(DATA / "audio" / "vfhq_1vYEVO9838Y.wav")
     pts = np.arange(0, seconds, 1 / 25)
     film = FilmRef("film", "", None, None, {})
-    audio = data[: int((seconds + 1) * rate)].astype(np.float32) / 32768
+    audio = speech()[: int((seconds + 1) * 16000)]
     return Segment(film, 0, 1, 0, len(pts), 0, pts, 0.0, 64, 64, (1, 25), audio=audio)
 
 
