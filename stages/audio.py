@@ -68,21 +68,27 @@ class AudioFeaturize(SegmentStage):
         audio = np.asarray(segment.audio, np.float32)
         if s.normalize:
             audio = audio * np.float32(10.0 ** (loudness_gain_db(audio) / 20.0))
-        times = segment.pts - segment.audio_start
         segment.audio_features = feature_windows(self.encoder, audio, segment.audio_start, segment.pts, self.window)
         probs = self.vad.probabilities(audio)
-        if len(probs):
-            step = self.vad.chunk / AUDIO_RATE
-            centres = (np.arange(len(probs)) + 0.5) * step
-            segment.voice_activity = np.interp(times, centres, probs, left=0.0, right=0.0).astype(np.float32)
-            silent = long_silence(probs, step, s.silence_threshold, s.silence_min_s, s.silence_pad_s)
-            segment.silence = silent[np.clip((times / step).astype(int), 0, len(probs) - 1)]
-        else:  # no audio at all: nothing is said
-            segment.voice_activity = np.zeros(len(times), np.float32)
-            segment.silence = np.ones(len(times), bool)
+        segment.voice_activity, segment.silence = frame_activity(
+            probs, self.vad.chunk / AUDIO_RATE, segment.pts - segment.audio_start, s
+        )
         _note_silence(segment)
         segment.audio = None
         return segment
+
+
+def frame_activity(
+    probs: np.ndarray, step: float, times: np.ndarray, settings: AudioConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: speech probability (VAD chunks of `step` seconds, interpolated at `times`, seconds
+    after the slice start) and whether the frame lies in a long silence."""
+    if len(probs) == 0:  # no audio at all: nothing is said
+        return np.zeros(len(times), np.float32), np.ones(len(times), bool)
+    centres = (np.arange(len(probs)) + 0.5) * step
+    activity = np.interp(times, centres, probs).astype(np.float32)
+    silent = long_silence(probs, step, settings.silence_threshold, settings.silence_min_s, settings.silence_pad_s)
+    return activity, silent[np.clip((times / step).astype(np.int64), 0, len(probs) - 1)]
 
 
 def window_frames(window_s: float, frame_rate: float) -> int:

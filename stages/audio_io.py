@@ -58,7 +58,11 @@ class AudioSpan:
     rate: int
     start: float
     content_start: float  # first time the source had audio for (== start when covered)
-    content_stop: float  # one past the last time with audio (<= start when nothing decoded)
+    content_stop: float  # one past the last time with audio (== content_start when nothing decoded)
+
+    @property
+    def empty(self) -> bool:
+        return self.content_stop <= self.content_start
 
 
 def probe_audio(file: IO[bytes] | str) -> AudioInfo:
@@ -151,13 +155,13 @@ def decode_dub_slice(
         except Exception as error:  # noqa: BLE001 - any container/codec error is this film's failure
             raise StageError(f"cannot decode dub audio {dub.name}: {describe_error(error)}") from None
     first, last = float(segment.pts[0]), float(segment.pts[-1])
-    if span.content_stop + offset < last:
-        silent_from = max(first, span.content_stop + offset)
-        segment.notes.append(
-            f"audio: dub ends at {span.content_stop + offset:.3f} s; frames from {silent_from:.3f} s get silence"
-        )
-    if span.content_start + offset > first + 1e-3:
-        segment.notes.append(f"audio: dub starts at {span.content_start + offset:.3f} s; earlier frames get silence")
+    dub_start, dub_stop = span.content_start + offset, span.content_stop + offset
+    if span.empty:
+        segment.notes.append("audio: the dub does not reach this segment; its frames get silence")
+    if not span.empty and dub_stop < last:
+        segment.notes.append(f"audio: dub ends at {dub_stop:.3f} s; frames from {max(first, dub_stop):.3f} s get silence")
+    if not span.empty and dub_start > first + 1e-3:
+        segment.notes.append(f"audio: dub starts at {dub_start:.3f} s; earlier frames get silence")
     return span.samples, start
 
 

@@ -177,6 +177,10 @@ def test_dub_offset_and_short_dub_become_silence_with_notes(tmp_path):
     notes = " ".join(segment.notes)
     assert "dub starts at 0.500 s" in notes and "dub ends at 6.324 s" in notes
 
+    beyond = segment_for(dub, np.arange(20.0, 22.0, 1 / 25))
+    audio, _ = decode_dub_slice(beyond)
+    assert not audio.any() and beyond.notes == ["audio: the dub does not reach this segment; its frames get silence"]
+
 
 def test_corrupt_dub_is_a_clear_per_film_error(tmp_path):
     m4a = encode(tmp_path / "dub.m4a", speech()[None], "aac", 48000, "mono").read_bytes()
