@@ -107,6 +107,5 @@ def plan_film_rows(row: dict[str, Any], run_dir: str, target_seconds: float, max
         )
         if index in done:
             segment.status = Status.DONE
-        segment.counts["film_has_audio"] = int(info.has_audio)
         rows.append(to_row(segment))
     return rows

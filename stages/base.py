@@ -46,7 +46,15 @@ class SegmentStage:
             log.warning("%s failed on %s: %s", self.name, segment.film.uid, traceback.format_exc())
             segment.fail(f"{self.name}: {type(error).__name__}: {error}")
         segment.timings[self.name] = segment.timings.get(self.name, 0.0) + time.perf_counter() - began
+        if segment.status is Status.OK:
+            try:
+                self.commit(segment)
+            except Exception as error:  # noqa: BLE001
+                segment.fail(f"{self.name}: committing output: {type(error).__name__}: {error}")
         return segment
+
+    def commit(self, segment: Segment) -> None:
+        """Runs after `process` with timings recorded: where a stage writes its completion marker."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return segments_to_batch([self.run_one(s) for s in segments_from_batch(batch)])

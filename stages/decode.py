@@ -9,7 +9,7 @@ import numpy as np
 from stages.base import SegmentStage, StageError
 from stages.media import decode_audio, open_member, open_reader, working_size
 from stages.audio_io import AUDIO_RATE, decode_dub_slice
-from stages.schema import Segment
+from stages.schema import Segment, frame_tolerance
 
 
 @dataclass
@@ -46,7 +46,7 @@ def decode_frames(segment: Segment, backend: str, size: tuple[int, int], threads
     wanted = segment.pts
     out = np.empty((len(wanted), size[1], size[0], 3), dtype=np.uint8)
     filled = np.zeros(len(wanted), dtype=bool)
-    tolerance = 0.5 * float(segment.time_base[0]) / float(segment.time_base[1]) + 1e-6
+    tolerance = frame_tolerance(segment.pts)
     with open_member(segment.film.video) as member:
         try:
             reader = open_reader(member, backend, threads)

@@ -18,7 +18,7 @@ import numpy as np
 from stages.base import SegmentStage, StageError
 from stages.media import open_member, open_reader
 from stages.paste import paste_back
-from stages.schema import Segment
+from stages.schema import Segment, frame_tolerance
 from stages.storage import join, put_file, write_json
 
 
@@ -61,8 +61,11 @@ class Encode(SegmentStage):
         segment.output_path = target + ".mp4"
         segment.counts["frames_changed"] = changed
         segment.tracks = []
-        write_json(target + ".json", segment_record(segment))  # the completion marker, written last
         return segment
+
+    def commit(self, segment: Segment) -> None:
+        # The completion marker is written last, after the segment file, with every stage's timings.
+        write_json(segment_url(self.run_dir, segment) + ".json", segment_record(segment))
 
 
 def segment_record(segment: Segment) -> dict:
@@ -93,7 +96,7 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
                     (track.generated[i], track.affine[i], track.mask[i], None if occlusion is None else occlusion[i])
                 )
     time_base = Fraction(*segment.time_base)
-    tolerance = 0.5 * float(time_base) + 1e-6
+    tolerance = frame_tolerance(segment.pts)
     written = 0
     with av.open(path, mode="w", format="mp4") as output:
         stream = output.add_stream(settings.codec, rate=_nominal_rate(core), options=encoder_options(settings))

@@ -44,6 +44,9 @@ class FilmRef:
     video: MemberRef | None
     dub: MemberRef | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    shard_films: int = 0  # films in this film's shard (the driver knows when a shard is complete)
+    frames: int = 0  # frames in the film (set by the planner)
+    duration: float = 0.0  # seconds, last frame's PTS plus one frame interval
 
     @property
     def shard_name(self) -> str:
@@ -123,6 +126,11 @@ class Segment:
         """Number of decoded frames before `start` (overlap with the previous segment)."""
         return self.start - self.context_start
 
+    @property
+    def is_marker(self) -> bool:
+        """A film-level (index -1) or shard-level (empty key) row rather than a real segment."""
+        return self.index < 0
+
     def fail(self, reason: str) -> "Segment":
         self.status = Status.FAILED
         self.reason = reason
@@ -167,3 +175,18 @@ def segments_from_batch(batch: dict[str, Any]) -> list[Segment]:
 
 def segments_to_batch(segments: list[Segment]) -> dict[str, np.ndarray]:
     return rows_to_batch([to_row(s) for s in segments])
+
+
+def marker(film: FilmRef, status: Status, reason: str = "") -> Segment:
+    """A row that stands for a whole film (or, with an empty key, a whole shard)."""
+    return Segment(
+        film=film, index=-1, count=0, start=0, stop=0, context_start=0, pts=np.zeros(0), seek_pts=0.0,
+        width=0, height=0, time_base=(1, 1), status=status, reason=reason,
+    )
+
+
+def frame_tolerance(pts: np.ndarray) -> float:
+    """How far a decoded frame's time may sit from its planned PTS and still be that frame."""
+    steps = np.diff(pts)
+    steps = steps[steps > 0]
+    return 0.3 * float(steps.min()) if len(steps) else 0.01
