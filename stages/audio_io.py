@@ -5,6 +5,8 @@ delay that the container declares (an AAC edit list, an MP3 LAME/Xing header) an
 leave the signal where it belongs. A standalone dub track's time zero is its container's start
 time (FFmpeg's convention: the MP3 decoder stamps its first gapless sample after the encoder
 delay); the film's own audio keeps its raw timestamps so it lines up with the video's PTS.
+AAC priming that a container does not declare (raw ADTS, an MP4 without an edit list, as in the
+sample clips) cannot be told from audio: `probe_audio` reports it and the film's notes say so.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class AudioInfo:
     channel_names: tuple[str, ...]  # FL, FR, FC, LFE, ...
     codec: str
     start_time: float  # container start (seconds); the track's time zero
+    undeclared_delay: float = 0.0  # AAC priming the container does not declare (no edit list), seconds
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ def probe_audio(file: IO[bytes] | str) -> AudioInfo:
             channel_names=tuple(c.name for c in layout.channels),
             codec=context.name,
             start_time=start,
+            undeclared_delay=_undeclared_priming(container, stream),
         )
 
 
@@ -107,6 +111,11 @@ def dub_alignment_notes(film_duration: float, dub: AudioInfo, offset: float, dow
         notes.append(
             f"dub ({dub.duration:.3f} s) runs to {end:.3f} s, film ends at {film_duration:.3f} s: "
             f"last {end - film_duration:.3f} s of the dub truncated"
+        )
+    if dub.undeclared_delay:
+        notes.append(
+            f"dub is AAC without a declared encoder delay (no edit list): it may play up to "
+            f"{dub.undeclared_delay * 1000:.0f} ms late"
         )
     if dub.channels > 1:
         used = _downmix_description(dub.channel_names, downmix)
@@ -311,6 +320,18 @@ def _declared_end(container: InputContainer, stream: AudioStream, zero: float) -
     if container.duration is not None:
         return _container_start(container) - zero + container.duration / av.time_base
     return None
+
+
+def _undeclared_priming(container: InputContainer, stream: AudioStream) -> float:
+    """AAC encoders emit one frame of priming; a container that declares it (an MP4 edit list)
+    stamps the first packet before zero and FFmpeg drops it. Otherwise it plays as real audio."""
+    if stream.codec_context.name != "aac":
+        return 0.0
+    first = next((p for p in container.demux(stream) if p.pts is not None), None)
+    if first is None or first.pts < (stream.start_time or 0):
+        return 0.0
+    rate = stream.codec_context.sample_rate or stream.rate
+    return (stream.codec_context.frame_size or 1024) / rate if rate else 0.0
 
 
 def _demuxed_end(container: InputContainer, stream: AudioStream) -> float:

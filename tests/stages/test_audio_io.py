@@ -113,6 +113,7 @@ def test_m4a_priming_declared_by_the_container_is_removed(tmp_path):
     with av.open(str(m4a)) as container:
         first = next(container.demux(container.streams.audio[0]))
         assert first.pts < 0  # the edit list puts the encoder's 1024 priming samples before zero
+    assert probe_audio(str(m4a)).undeclared_delay == 0.0
     decoded = read_audio(str(m4a)).samples
     assert len(decoded) == len(reference)
     lag, corr = lag_and_correlation(decoded, reference)
@@ -125,9 +126,12 @@ def test_sample_clip_audio_carries_undeclared_aac_priming():
     Nothing in the file says so, so the decoder cannot remove them; this pins the fact for anyone
     comparing the mp4 audio with the lossless wav.
     """
-    decoded = decode_audio(str(DATA / "video" / f"{CLIP}.mp4"))
-    lag, corr = lag_and_correlation(decoded, speech())
+    path = str(DATA / "video" / f"{CLIP}.mp4")
+    lag, corr = lag_and_correlation(decode_audio(path), speech())
     assert lag == 1024 and corr > 0.99
+    info = probe_audio(path)
+    assert info.undeclared_delay == 1024 / AUDIO_RATE
+    assert any("up to 64 ms late" in note for note in dub_alignment_notes(5.888, info, 0.0))
 
 
 def test_surround_dub_uses_the_centre_channel(tmp_path):
