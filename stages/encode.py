@@ -17,6 +17,7 @@ import numpy as np
 
 from stages.base import SegmentStage, StageError
 from stages.media import open_member, open_reader
+from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_back
 from stages.schema import Segment, frame_tolerance
 from stages.storage import join, put_file, write_json
@@ -29,6 +30,7 @@ class EncodeConfig:
     preset: str = "veryfast"
     feather: float = 2.0  # paste-back feather (crop pixels)
     threads: int = 0
+    debug: bool = False  # also write <segment>.debug.mp4 and .debug.png with face track overlays
 
 
 def segment_url(run_dir: str, segment: Segment) -> str:
@@ -58,6 +60,10 @@ class Encode(SegmentStage):
             local = os.path.join(tmp, "segment.mp4")
             changed = encode_segment(segment, local, self.settings)
             put_file(local, target + ".mp4")
+            if self.settings.debug:
+                for made, suffix in zip(debug_paths(local), (".debug.mp4", ".debug.png")):
+                    if os.path.exists(made):
+                        put_file(made, target + suffix)
         segment.output_path = target + ".mp4"
         segment.counts["frames_changed"] = changed
         segment.tracks = []
@@ -93,7 +99,8 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
         for i, frame_index in enumerate(track.frame_index):
             if frame_index >= segment.context:
                 pastes.setdefault(int(frame_index) - segment.context, []).append(
-                    (track.generated[i], track.affine[i], track.mask[i], None if occlusion is None else occlusion[i])
+                    (track.generated[i], track.affine[i], track.mask[i], None if occlusion is None else occlusion[i],
+                     track.crops[i])
                 )
     time_base = Fraction(*segment.time_base)
     tolerance = frame_tolerance(segment.pts)
@@ -106,6 +113,7 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
         stream.codec_context.time_base = time_base
         if settings.threads:
             stream.codec_context.thread_count = settings.threads
+        debug = DebugWriter(path, segment, _nominal_rate(core)) if settings.debug else None
         with open_member(segment.film.video) as member:
             reader = open_reader(member, "pyav")
             try:
@@ -115,16 +123,20 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
                     if image is None:
                         raise StageError(f"source frame at {want:.3f}s could not be decoded again")
                     image = image.copy() if i in pastes else image
-                    for generated, affine, mask, occlusion in pastes.get(i, ()):
-                        paste_back(image, generated, affine, mask, occlusion, settings.feather)
+                    for generated, affine, mask, occlusion, crop in pastes.get(i, ()):
+                        paste_back(image, generated, affine, mask, occlusion, settings.feather, crop)
                     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
                     frame.pts = int(round(want / float(time_base)))
                     frame.time_base = time_base
                     for packet in stream.encode(frame):
                         output.mux(packet)
+                    if debug is not None:
+                        debug.add(i + segment.context, image, frame.pts)
                     written += 1
             finally:
                 reader.close()
+                if debug is not None:
+                    debug.close()
         for packet in stream.encode(None):
             output.mux(packet)
     return sum(1 for i in pastes if i < written)

@@ -1,29 +1,66 @@
-"""Face track stage: find faces, link them into tracks, align each to a canonical crop, build masks.
+"""Face track stage: find faces, follow them through each shot, align them, draw masks, pick speakers.
 
-First version: dlib's built-in HOG frontal detector on a downscaled frame, IoU linking, a
-moving-average box smoother, a square box-aligned crop and an elliptical lower-face mask.
+Per segment: shot cuts from colour histograms; faces from MediaPipe (BlazeFace every few frames on
+the working frame, 468-point face mesh on a crop around each face every frame, see
+`stages/face_tracker.py`); short misses interpolated; landmarks and the alignment transform smoothed
+with a zero-phase One-Euro filter; each face warped to the canonical crop with the paper's fine,
+union and coarse masks; the active speaker of each shot chosen from the film's own audio.
+Faces that are too small, too far in profile or too short-lived stay in the row (for the report and
+debug overlays) with `speaking=False`, so nothing downstream touches them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from stages.base import SegmentStage
+from stages.face_align import (
+    CHEEKS,
+    RIGID,
+    affine_from_centred,
+    apply_affine,
+    canonical_points,
+    centred_params,
+    eye_distance,
+    fit_similarity,
+    scaled,
+    warp_crop,
+    yaw_degrees,
+)
+from stages.face_masks import coarse_mask, fine_mask, union_masks
+from stages.face_smooth import jitter, runs, smooth
+from stages.face_speaker import has_speech, mouth_opening, speech_energy, sync_score
+from stages.face_tracker import FaceTracker, RawTrack, TrackerSettings, shot_ids
 from stages.schema import Segment, Track
+
+SPEAKER_MODES = ("active", "all", "largest", "ids")
 
 
 @dataclass
 class FaceTrackConfig:
     crop_size: int = 256  # canonical aligned crop (256 or 512)
-    detect_side: int = 480  # detection runs on frames downscaled to this longer side
-    min_face: int = 48  # faces smaller than this (full-res pixels) are left untouched
+    eye_line: float = 0.36  # height of the eye centres in the crop, as a fraction of its side
+    eye_span: float = 0.25  # distance between the eye centres, as a fraction of the crop side
+    detect_every: int = 8  # frames between detector passes while all faces are followed
+    tile: int = 720  # large frames are also searched in tiles of this side (small faces)
+    min_score: float = 0.5  # detector confidence
+    max_gap: int = 6  # missed frames up to this many are interpolated; longer holes stay holes
+    min_face: int = 48  # faces narrower than this (cheek to cheek, full-res pixels) are left untouched
+    max_yaw: float = 55.0  # degrees: faces turned further (median over the track) are left untouched
     min_track_frames: int = 8  # shorter tracks are left untouched
-    iou_link: float = 0.3
-    smooth_frames: int = 5
-    crop_scale: float = 1.6  # crop side over detector box side
+    speaker: str = "active"  # active (speech-mouth sync per shot) | all | largest | ids
+    track_ids: list[int] = field(default_factory=list)  # speaker=ids; film metadata dub_track_ids wins
+    min_sync: float = 0.2  # active speaker: least mouth/speech correlation to be dubbed
+    landmark_cutoff: float = 2.0  # One-Euro min cutoff (Hz) for landmarks
+    landmark_beta: float = 0.5  # One-Euro speed coefficient (per eye distance per second)
+    transform_cutoff: float = 0.8  # the same for the crop transform
+    transform_beta: float = 0.3
+    union_window: int = 9  # frames over which fine masks are united
+    mask_blur: float = 0.025  # union mask's soft edge, as a fraction of the crop side
+    coarse_margin: float = 0.3  # coarse mask: mouth box grown by this many eye distances
+    cut_threshold: float = 0.45  # colour-histogram distance that marks a shot cut
 
 
 class FaceTrack(SegmentStage):
@@ -31,117 +68,140 @@ class FaceTrack(SegmentStage):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        import dlib
-
         self.settings: FaceTrackConfig = config.face_track
-        self._detector = dlib.get_frontal_face_detector()
+        s = self.settings
+        if s.speaker not in SPEAKER_MODES:
+            raise ValueError(f"face_track.speaker: {s.speaker!r} is not one of {SPEAKER_MODES}")
+        self.tracker = FaceTracker(
+            TrackerSettings(detect_every=s.detect_every, min_score=s.min_score, tile=s.tile, cut_threshold=s.cut_threshold)
+        )
 
     def process(self, segment: Segment) -> Segment:
         assert segment.frames is not None, "decode must run before face track"
         frames = segment.frames
-        boxes = [self.detect(frame) / segment.working_scale for frame in frames]
-        segment.tracks = build_tracks(frames, boxes, segment.working_scale, self.settings)
-        segment.counts["faces_detected"] = int(sum(len(b) for b in boxes))
-        segment.counts["tracks"] = len(segment.tracks)
+        shots = shot_ids(frames, self.settings.cut_threshold)
+        passes = self.tracker.detector_passes
+        raw = sorted(self.tracker.run(frames, shots), key=lambda r: (min(r.points), r.box(min(r.points))[0]))
+        fps = frame_rate(segment.pts)
+        tracks = [build_track(i, r, frames, segment.working_scale, fps, self.settings) for i, r in enumerate(raw)]
+        choose_speakers(tracks, segment, self.settings)
+        segment.tracks = tracks
+        segment.counts["shots"] = int(shots[-1]) + 1 if len(shots) else 0
+        segment.counts["detector_passes"] = self.tracker.detector_passes - passes
+        segment.counts["tracks"] = len(tracks)
+        segment.counts["tracks_dubbed"] = sum(t.speaking for t in tracks)
+        for reason in ("short", "small", "profile"):
+            segment.counts[f"tracks_skipped_{reason}"] = sum(t.info.get("skipped") == reason for t in tracks)
+        segment.counts["face_frames"] = int(sum(len(t.frame_index) for t in tracks))
         segment.frames = None  # full frames never travel past this stage
         return segment
 
-    def detect(self, frame: np.ndarray) -> np.ndarray:
-        """Boxes (x0, y0, x1, y1) in working-resolution pixels."""
-        h, w = frame.shape[:2]
-        scale = min(1.0, self.settings.detect_side / max(h, w))
-        small = cv2.resize(frame, (int(w * scale), int(h * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else frame
-        found = self._detector(small, 0)
-        return np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in found], dtype=np.float64).reshape(-1, 4) / scale
+
+def frame_rate(pts: np.ndarray) -> float:
+    steps = np.diff(pts)
+    steps = steps[steps > 0]
+    return 1.0 / float(np.median(steps)) if len(steps) else 25.0
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def fill_gaps(raw: RawTrack, max_gap: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Frame numbers and (N, 468, 3) landmarks with holes up to `max_gap` frames interpolated."""
+    known = np.array(sorted(raw.points))
+    points = np.stack([raw.points[t] for t in known])
+    wanted = [known[0]]
+    for a, b in zip(known[:-1], known[1:]):
+        wanted.extend(range(a + 1, b + 1) if b - a - 1 <= max_gap else [b])
+    frame_index = np.array(wanted, dtype=np.int64)
+    flat = points.reshape(len(known), -1)
+    filled = np.stack([np.interp(frame_index, known, flat[:, j]) for j in range(flat.shape[1])], axis=1)
+    return frame_index, filled.reshape(len(frame_index), *points.shape[1:]), len(frame_index) - len(known)
 
 
-def link_boxes(boxes: list[np.ndarray], iou_link: float) -> list[dict[int, np.ndarray]]:
-    """Greedy IoU linking of per-frame boxes into tracks: frame index -> box."""
-    tracks: list[dict[int, np.ndarray]] = []
-    for t, frame_boxes in enumerate(boxes):
-        used: set[int] = set()
-        for box in frame_boxes:
-            best, best_iou = None, iou_link
-            for k, track in enumerate(tracks):
-                if k in used:
-                    continue
-                last_t = max(track)
-                if t - last_t > 3:
-                    continue
-                overlap = iou(track[last_t], box)
-                if overlap > best_iou:
-                    best, best_iou = k, overlap
-            if best is None:
-                tracks.append({t: box})
-                used.add(len(tracks) - 1)
-            else:
-                tracks[best][t] = box
-                used.add(best)
-    return tracks
+def smooth_runs(values: np.ndarray, frame_index: np.ndarray, fps: float, cutoff: float, beta: float) -> np.ndarray:
+    out = values.copy()
+    for part in runs(frame_index):
+        out[part] = smooth(values[part], fps, cutoff, beta)
+    return out
 
 
-def fill_and_smooth(track: dict[int, np.ndarray], window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Interpolate missing frames between first and last detection, then moving-average smooth."""
-    frames = np.array(sorted(track))
-    span = np.arange(frames[0], frames[-1] + 1)
-    stacked = np.stack([track[t] for t in frames])
-    filled = np.stack([np.interp(span, frames, stacked[:, j]) for j in range(4)], axis=1)
-    if window > 1 and len(span) > 1:
-        kernel = np.ones(window) / window
-        padded = np.pad(filled, ((window // 2, window - 1 - window // 2), (0, 0)), mode="edge")
-        filled = np.stack([np.convolve(padded[:, j], kernel, mode="valid") for j in range(4)], axis=1)
-    return span, filled
+def build_track(
+    track_id: int, raw: RawTrack, frames: np.ndarray, working_scale: float, fps: float, s: FaceTrackConfig
+) -> Track:
+    frame_index, working, interpolated = fill_gaps(raw, s.max_gap)
+    raw_points = working[..., :2] / working_scale  # full-resolution pixels
+    unit = float(np.median(eye_distance(raw_points)))
+    points = smooth_runs(raw_points / unit, frame_index, fps, s.landmark_cutoff, s.landmark_beta) * unit
+    target = canonical_points(s.crop_size, s.eye_line, s.eye_span)
+    fitted = np.stack([fit_similarity(p[RIGID], target) for p in points])
+    params = centred_params(fitted, s.crop_size)
+    params[:, 2:] /= unit  # centre in eye distances, like the landmarks, so one beta fits all sizes
+    params = smooth_runs(params, frame_index, fps, s.transform_cutoff, s.transform_beta)
+    params[:, 2:] *= unit
+    affine = affine_from_centred(params, s.crop_size)
+    to_working = scaled(affine, working_scale)
+    crops = np.stack([warp_crop(frames[t], a, s.crop_size) for t, a in zip(frame_index, to_working)])
+    landmarks = apply_affine(affine, points).astype(np.float32)
+    fine = np.stack([fine_mask(p, s.crop_size) for p in landmarks])
+    coarse = np.stack([coarse_mask(p, s.crop_size, s.coarse_margin) for p in landmarks])
+    face_px = float(np.median(np.linalg.norm(points[:, CHEEKS[1]] - points[:, CHEEKS[0]], axis=-1)))
+    yaw = float(np.median(yaw_degrees(working)))
+    info = {
+        "shot": raw.shot,
+        "face_px": round(face_px, 1),
+        "yaw": round(yaw, 1),
+        "detections": len(raw.detected),
+        "interpolated": interpolated,
+        "jitter_raw": round(jitter(raw_points[:, RIGID], unit), 3),
+        "jitter": round(jitter(points[:, RIGID], unit), 3),
+    }
+    if len(frame_index) < s.min_track_frames:
+        info["skipped"] = "short"
+    elif face_px < s.min_face:
+        info["skipped"] = "small"
+    elif abs(yaw) > s.max_yaw:
+        info["skipped"] = "profile"
+    return Track(
+        track_id=track_id,
+        frame_index=frame_index,
+        affine=affine,
+        crops=crops,
+        mask=union_masks(fine, s.union_window, s.mask_blur * s.crop_size),
+        landmarks=landmarks,
+        fine_mask=fine,
+        coarse_mask=coarse,
+        speaking=False,
+        info=info,
+    )
 
 
-def box_affine(box: np.ndarray, crop_size: int, crop_scale: float) -> np.ndarray:
-    """Similarity transform (no rotation) mapping a square around the box onto the crop."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2 + 0.08 * (box[3] - box[1])
-    side = max(box[2] - box[0], box[3] - box[1]) * crop_scale
-    s = crop_size / side
-    return np.array([[s, 0.0, crop_size / 2 - s * cx], [0.0, s, crop_size / 2 - s * cy]])
+def choose_speakers(tracks: list[Track], segment: Segment, s: FaceTrackConfig) -> None:
+    """Set `speaking` on the tracks to dub: per shot, by `s.speaker` (see FaceTrackConfig)."""
+    eligible = [t for t in tracks if "skipped" not in t.info]
+    ids = segment.film.metadata.get("dub_track_ids", s.track_ids) if segment.film.metadata else s.track_ids
+    energy = speech_energy(segment.source_audio, segment.audio_start, segment.pts) if s.speaker == "active" else None
+    if s.speaker == "active" and energy is None:
+        segment.notes.append("face_track: no original audio, dubbing the largest face of each shot")
+    for shot in sorted({t.info["shot"] for t in eligible}):
+        members = [t for t in eligible if t.info["shot"] == shot]
+        if s.speaker == "all":
+            chosen = members
+        elif s.speaker == "ids":
+            chosen = [t for t in members if t.track_id in set(ids)]
+        elif s.speaker == "largest" or energy is None:
+            chosen = [max(members, key=lambda t: t.info["face_px"])]
+        else:
+            chosen = active_speaker(members, energy, s.min_sync)
+        for track in chosen:
+            track.speaking = True
 
 
-def lower_face_mask(crop_size: int) -> np.ndarray:
-    mask = np.zeros((crop_size, crop_size), np.uint8)
-    c = crop_size
-    cv2.ellipse(mask, (c // 2, int(c * 0.66)), (int(c * 0.26), int(c * 0.2)), 0, 0, 360, 255, -1)
-    return cv2.GaussianBlur(mask, (0, 0), c / 64)
-
-
-def build_tracks(
-    frames: np.ndarray, boxes: list[np.ndarray], working_scale: float, settings: FaceTrackConfig
-) -> list[Track]:
-    tracks: list[Track] = []
-    mask = lower_face_mask(settings.crop_size)
-    for track_id, linked in enumerate(link_boxes(boxes, settings.iou_link)):
-        span, smooth = fill_and_smooth(linked, settings.smooth_frames)
-        side = np.median(smooth[:, 2] - smooth[:, 0])
-        if len(span) < settings.min_track_frames or side < settings.min_face:
-            continue
-        affines = np.stack([box_affine(b, settings.crop_size, settings.crop_scale) for b in smooth])
-        to_working = np.diag([1 / working_scale, 1 / working_scale, 1.0])
-        crops = np.stack(
-            [
-                cv2.warpAffine(frames[t], a @ to_working, (settings.crop_size,) * 2, flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE)
-                for t, a in zip(span, affines)
-            ]
-        )
-        tracks.append(
-            Track(
-                track_id=track_id,
-                frame_index=span.astype(np.int64),
-                affine=affines,
-                crops=crops,
-                mask=np.repeat(mask[None], len(span), axis=0),
-            )
-        )
-    return tracks
+def active_speaker(members: list[Track], energy: np.ndarray, min_sync: float) -> list[Track]:
+    frames = np.unique(np.concatenate([t.frame_index for t in members]))
+    if not has_speech(energy[frames]):
+        for track in members:
+            track.info["sync"] = None
+        return []
+    for track in members:
+        assert track.landmarks is not None
+        track.info["sync"] = round(sync_score(mouth_opening(track.landmarks), energy[track.frame_index]), 3)
+    best = max(members, key=lambda t: t.info["sync"])
+    return [best] if best.info["sync"] >= min_sync else []
