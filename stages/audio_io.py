@@ -168,7 +168,8 @@ def decode_dub_slice(
     if span.empty:
         segment.notes.append("audio: the dub does not reach this segment; its frames get silence")
     if not span.empty and dub_stop < last:
-        segment.notes.append(f"audio: dub ends at {dub_stop:.3f} s; frames from {max(first, dub_stop):.3f} s get silence")
+        silent_from = max(first, dub_stop)
+        segment.notes.append(f"audio: dub ends at {dub_stop:.3f} s; frames from {silent_from:.3f} s get silence")
     if not span.empty and dub_start > first + 1e-3:
         segment.notes.append(f"audio: dub starts at {dub_start:.3f} s; earlier frames get silence")
     return span.samples, start
