@@ -30,7 +30,7 @@ from stages.face_track import FaceTrack
 from stages.inpaint import Inpaint
 from stages.occlusion import OcclusionSegment
 from stages.schema import FilmRef, Segment, Status, from_row
-from stages.storage import filesystem, is_local, join, put_file, read_json, write_json
+from stages.storage import filesystem, is_local, join, put_file, read_json, remove_temporaries, write_json
 
 log = logging.getLogger("stabledub")
 
@@ -371,13 +371,12 @@ def write_output_shard(shard: ShardState, options: RunOptions, run: RunDir) -> s
                     fs, path = filesystem(run.film_url(film, ".mp4"))
                     info = tarfile.TarInfo(f"{key}.mp4")
                     info.size = fs.size(path)
-                    info.mtime = int(time.time())
+                    info.mtime = 0  # reruns write identical bytes
                     with fs.open(path, "rb") as f:
                         tar.addfile(info, f)
                 body = json.dumps(report, indent=2, sort_keys=True).encode()
                 info = tarfile.TarInfo(f"{key}.json")
                 info.size = len(body)
-                info.mtime = int(time.time())
                 tar.addfile(info, io.BytesIO(body))
         put_file(local, target)
     write_json(run.shard_marker(shard.name), {"output": target, "films": sorted(shard.resolved)})
@@ -401,6 +400,9 @@ def run(options: RunOptions) -> RunSummary:
         os.makedirs(out_path, exist_ok=True)
     run_dir = RunDir(options.run_dir)
     run_dir.check_config(options.config.output_fingerprint())
+    removed = remove_temporaries(run_dir.url) + remove_temporaries(options.output, recursive=False)
+    if removed:
+        log.warning("removed %d partial file(s) left by an interrupted run", removed)
     init_ray()
     import ray
 
@@ -412,5 +414,5 @@ def run(options: RunOptions) -> RunSummary:
     summary = driver.finish()
     summary.wall_seconds = time.perf_counter() - began
     write_json(run_dir.path("summary.json"), {**summary.__dict__, "line": summary.line()})
-    print(summary.line(), file=sys.stderr if not options.progress else sys.stdout)
+    print(summary.line())
     return summary

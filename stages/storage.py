@@ -79,13 +79,15 @@ def write_json(url: str, data: Any) -> None:
     write_bytes(url, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
 
-def remove_temporaries(url: str) -> int:
+def remove_temporaries(url: str, recursive: bool = True) -> int:
     """Delete `.tmp-*` leftovers of a killed run under a local directory; returns how many."""
     fs, path = filesystem(url)
     if not is_local(fs) or not os.path.isdir(path):
         return 0
     removed = 0
-    for root, _, files in os.walk(path):
+    for root, dirs, files in os.walk(path):
+        if not recursive:
+            dirs.clear()
         for name in files:
             if name.startswith(".tmp-"):
                 os.remove(os.path.join(root, name))
