@@ -173,12 +173,21 @@ class PyAVReader:
                 continue
             if t > stop_pts + eps:
                 break
-            if size is not None and (frame.width, frame.height) != size:
-                frame = frame.reformat(width=size[0], height=size[1], format="rgb24")
-            yield t, frame.to_ndarray(format="rgb24")
+            yield t, rgb_view(frame, size)
 
     def close(self) -> None:
         self._container.close()
+
+
+def rgb_view(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
+    """The frame as a read-only (h, w, 3) RGB view: converted (and scaled) once by swscale, not
+    copied again; the view keeps its frame alive."""
+    width, height = size if size is not None else (frame.width, frame.height)
+    if frame.format.name != "rgb24" or (frame.width, frame.height) != (width, height):
+        frame = frame.reformat(width=width, height=height, format="rgb24")
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)
+    return rows[:, : width * 3].reshape(height, width, 3)
 
 
 class DecordReader:
