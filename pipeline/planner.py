@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.rundir import RunDir
 from pipeline.shards import ShardError, index_shard
+from stages.audio_io import describe_error, dub_alignment_notes, probe_audio
 from stages.media import open_member, probe_video
 from stages.schema import FilmRef, Segment, Status, from_row, marker, to_row
 
@@ -76,7 +77,9 @@ def cut_points(pts: np.ndarray, keyframe: np.ndarray, target: float, longest: fl
     return starts
 
 
-def plan_film_rows(row: dict[str, Any], run_dir: str, target_seconds: float, max_seconds: float, overlap: int) -> list[dict[str, Any]]:
+def plan_film_rows(
+    row: dict[str, Any], run_dir: str, target_seconds: float, max_seconds: float, overlap: int, downmix: str = "centre"
+) -> list[dict[str, Any]]:
     seg = from_row(row)
     if seg.status is not Status.OK or not seg.film.key:
         return [row]
@@ -91,6 +94,13 @@ def plan_film_rows(row: dict[str, Any], run_dir: str, target_seconds: float, max
     step = float(np.median(np.diff(pts))) if len(pts) > 1 else 1 / 25
     film.frames = len(pts)
     film.duration = float(pts[-1] - pts[0] + step)
+    assert film.dub is not None
+    try:
+        with open_member(film.dub) as member:
+            dub = probe_audio(member)
+        film.notes += dub_alignment_notes(film.duration, dub, float(film.metadata.get("dub_offset", 0.0) or 0.0), downmix)
+    except Exception as error:  # noqa: BLE001
+        return [to_row(marker(film, Status.FAILED, f"cannot read dub audio {film.dub.name}: {describe_error(error)}"))]
     starts = cut_points(pts, keyframe, target_seconds, max_seconds)
     stops = starts[1:] + [len(pts)]
     done = RunDir(run_dir).done_segments(film)

@@ -144,6 +144,7 @@ def build_dataset(urls: list[str], config: PipelineConfig, run_dir: str, retry_f
             "target_seconds": config.segment.target_seconds,
             "max_seconds": config.segment.max_seconds,
             "overlap": config.segment.overlap_frames,
+            "downmix": config.audio.downmix,
         },
         num_cpus=0.1,
     )
@@ -322,20 +323,13 @@ class Driver:
 def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audio, config: PipelineConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
-    notes: list[str] = []
+    notes: list[str] = list(film.notes)
     for record in records:
         for stage, seconds in record["timings"].items():
             timings[stage] = round(timings.get(stage, 0.0) + seconds, 4)
         for name, value in record["counts"].items():
             counts[name] = counts.get(name, 0) + int(value)
         notes += [f"segment {record['index']}: {n}" for n in record["notes"]]
-    if audio.padded_seconds > 0.01:
-        notes.append(f"dub is {audio.padded_seconds:.2f} s shorter than the film: padded with silence")
-    if audio.cut_seconds > 0.01:
-        notes.append(f"dub is {audio.cut_seconds:.2f} s longer than the film: truncated")
-    offset = float(film.metadata.get("dub_offset", 0.0) or 0.0)
-    if offset:
-        notes.append(f"dub offset {offset:+.3f} s applied (from metadata)")
     busiest = max(timings, key=timings.get) if timings else ""
     return {
         "key": film.key,

@@ -47,6 +47,7 @@ class FilmRef:
     shard_films: int = 0  # films in this film's shard (the driver knows when a shard is complete)
     frames: int = 0  # frames in the film (set by the planner)
     duration: float = 0.0  # seconds, last frame's PTS plus one frame interval
+    notes: list[str] = field(default_factory=list)  # film-level facts for the report (dub alignment)
 
     @property
     def shard_name(self) -> str:
