@@ -83,6 +83,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary.films_failed or summary.shards_failed else EXIT_OK
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.config import to_dict
+
+    try:
+        config = load_config(args.config, args.set or [])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -116,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-intermediate", action="store_true", help="keep encoded segments and films in the run directory")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("config", help="print the effective configuration (defaults + --config + --set) as YAML")
+    c.add_argument("--config", help="YAML or JSON config file")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_config)
 
     d = sub.add_parser("demo", help="build a demo film from packaged material and dub it")
     d.add_argument("--output", default="demo-output")
