@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.signal import butter, sosfiltfilt
+from scipy.stats import rankdata
 
 from stages.face_align import LIPS_INNER, MOUTH_CORNERS
 
@@ -37,7 +38,9 @@ def speech_energy(audio: np.ndarray | None, audio_start: float, pts: np.ndarray)
     lo = np.clip(centres - half, 0, len(voice))
     hi = np.clip(centres + half, 0, len(voice))
     mean = (power[hi] - power[lo]) / np.maximum(hi - lo, 1)
-    return 10.0 * np.log10(mean + 1e-10)
+    level = 10.0 * np.log10(mean + 1e-10)
+    # Below 30 dB under the loudest frame is all "pause": noise-floor wiggles must not count.
+    return np.maximum(level, level.max() - 30.0)
 
 
 def has_speech(energy: np.ndarray) -> bool:
@@ -47,7 +50,11 @@ def has_speech(energy: np.ndarray) -> bool:
 
 
 def sync_score(opening: np.ndarray, energy: np.ndarray, max_lag: int = 2) -> float:
-    """Best Pearson correlation of mouth opening with speech energy over small frame offsets."""
+    """Best rank (Spearman) correlation of mouth opening with speech energy over small frame offsets.
+
+    Ranks, because how wide a mouth opens for how loud a syllable differs from person to person.
+    """
+    opening, energy = rankdata(opening), rankdata(energy)
     best = -1.0
     for lag in range(-max_lag, max_lag + 1):
         a = opening[max(0, lag) : len(opening) + min(0, lag)]

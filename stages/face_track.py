@@ -50,6 +50,7 @@ class FaceTrackConfig:
     min_face: int = 48  # faces narrower than this (cheek to cheek, full-res pixels) are left untouched
     max_yaw: float = 55.0  # degrees: faces turned further (median over the track) are left untouched
     min_track_frames: int = 8  # shorter tracks are left untouched
+    max_jitter: float = 20.0  # raw landmark shake (% of eye distance) above which a "face" is not one
     speaker: str = "active"  # active (speech-mouth sync per shot) | all | largest | ids
     track_ids: list[int] = field(default_factory=list)  # speaker=ids; film metadata dub_track_ids wins
     min_sync: float = 0.2  # active speaker: least mouth/speech correlation to be dubbed
@@ -83,13 +84,19 @@ class FaceTrack(SegmentStage):
         passes = self.tracker.detector_passes
         raw = sorted(self.tracker.run(frames, shots), key=lambda r: (min(r.points), r.box(min(r.points))[0]))
         fps = frame_rate(segment.pts)
-        tracks = [build_track(i, r, frames, segment.working_scale, fps, self.settings) for i, r in enumerate(raw)]
+        built = [build_track(r, frames, segment.working_scale, fps, self.settings) for r in raw]
+        # Face-like textures (logos, patterns) fool the detector now and then; the mesh on them
+        # shakes wildly from frame to frame, which no real face does.
+        tracks = [t for t in built if t.info["jitter_raw"] <= self.settings.max_jitter]
+        for track_id, track in enumerate(tracks):
+            track.track_id = track_id
         choose_speakers(tracks, segment, self.settings)
         segment.tracks = tracks
         segment.counts["shots"] = int(shots[-1]) + 1 if len(shots) else 0
         segment.counts["detector_passes"] = self.tracker.detector_passes - passes
         segment.counts["tracks"] = len(tracks)
         segment.counts["tracks_dubbed"] = sum(t.speaking for t in tracks)
+        segment.counts["tracks_rejected"] = len(built) - len(tracks)
         for reason in ("short", "small", "profile"):
             segment.counts[f"tracks_skipped_{reason}"] = sum(t.info.get("skipped") == reason for t in tracks)
         segment.counts["face_frames"] = int(sum(len(t.frame_index) for t in tracks))
@@ -124,7 +131,7 @@ def smooth_runs(values: np.ndarray, frame_index: np.ndarray, fps: float, cutoff:
 
 
 def build_track(
-    track_id: int, raw: RawTrack, frames: np.ndarray, working_scale: float, fps: float, s: FaceTrackConfig
+    raw: RawTrack, frames: np.ndarray, working_scale: float, fps: float, s: FaceTrackConfig
 ) -> Track:
     frame_index, working, interpolated = fill_gaps(raw, s.max_gap)
     raw_points = working[..., :2] / working_scale  # full-resolution pixels
@@ -160,7 +167,7 @@ def build_track(
     elif abs(yaw) > s.max_yaw:
         info["skipped"] = "profile"
     return Track(
-        track_id=track_id,
+        track_id=0,
         frame_index=frame_index,
         affine=affine,
         crops=crops,
