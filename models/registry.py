@@ -38,6 +38,15 @@ BUILTIN = {"identity": IdentityModel, "grey": GreyModel}
 def load_model(name_or_url: str, device: str = "cpu") -> InpaintModel:
     if name_or_url in BUILTIN:
         return BUILTIN[name_or_url]()
+    if ":" in name_or_url and "://" not in name_or_url and not name_or_url.startswith("/"):
+        # "package.module:ClassName": a user's own model class, constructed without arguments
+        import importlib
+
+        module_name, _, class_name = name_or_url.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), class_name)()
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"model {name_or_url!r}: cannot import {class_name} from {module_name}: {error}") from None
     raise ValueError(
         f"unknown model {name_or_url!r}: use one of {sorted(BUILTIN)} or a StableDub checkpoint path/URL"
     )

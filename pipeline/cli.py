@@ -57,6 +57,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.lease import LeaseHeld
     from pipeline.rundir import RunDirError
     from pipeline.run import RunOptions, run
 
@@ -76,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         summary = run(options)
-    except (FileNotFoundError, RunDirError) as error:
+    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(f"output: {args.output}  (run directory: {options.run_dir})")

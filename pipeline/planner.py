@@ -16,6 +16,7 @@ from pipeline.rundir import RunDir
 from pipeline.shards import ShardError, index_shard
 from stages.audio_io import describe_error, dub_alignment_notes, probe_audio
 from stages.media import open_member, probe_video
+from stages.storage import retrying
 from stages.schema import FilmRef, Segment, Status, from_row, marker, to_row
 
 
@@ -30,7 +31,7 @@ def index_shard_rows(item: dict[str, Any], run_dir: str, retry_failed: bool = Fa
     if run.shard_done(name):
         return [to_row(shard_marker(url, Status.DONE, "output shard already written by an earlier run"))]
     try:
-        index = index_shard(url)
+        index = retrying(lambda: index_shard(url), f"indexing {url}")
     except ShardError as error:
         return [to_row(shard_marker(url, Status.FAILED, str(error)))]
     except Exception as error:  # noqa: BLE001 - storage errors fail the shard, not the run

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.assemble import AudioPlan, assemble_film, copy_film
 from pipeline.config import STAGE_NAMES, PipelineConfig
+from pipeline.lease import Lease
 from pipeline.planner import index_shard_rows, plan_film_rows
 from pipeline.rundir import RunDir
 from pipeline.shards import expand_urls
@@ -393,19 +394,20 @@ def run(options: RunOptions) -> RunSummary:
     if is_local(fs):
         os.makedirs(out_path, exist_ok=True)
     run_dir = RunDir(options.run_dir)
-    run_dir.check_config(options.config.output_fingerprint())
-    removed = remove_temporaries(run_dir.url) + remove_temporaries(options.output, recursive=False)
-    if removed:
-        log.warning("removed %d partial file(s) left by an interrupted run", removed)
-    init_ray()
-    import ray
+    with Lease(run_dir.url):
+        run_dir.check_config(options.config.output_fingerprint())
+        removed = remove_temporaries(run_dir.url) + remove_temporaries(options.output, recursive=False)
+        if removed:
+            log.warning("removed %d partial file(s) left by an interrupted run", removed)
+        init_ray()
+        import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = options.progress
-    ds = build_dataset(urls, options.config, run_dir.url, options.retry_failed)
-    driver = Driver(options, run_dir)
-    for row in ds.iter_rows():
-        driver.add(from_row(row))
-    summary = driver.finish()
+        ray.data.DataContext.get_current().enable_progress_bars = options.progress
+        ds = build_dataset(urls, options.config, run_dir.url, options.retry_failed)
+        driver = Driver(options, run_dir)
+        for row in ds.iter_rows():
+            driver.add(from_row(row))
+        summary = driver.finish()
     summary.wall_seconds = time.perf_counter() - began
     write_json(run_dir.path("summary.json"), {**summary.__dict__, "line": summary.line()})
     print(summary.line())

@@ -84,6 +84,10 @@ def unsafe_key(key: str) -> str:
         return "member path escapes the shard (contains '..')"
     if "\\" in key or "\x00" in key:
         return "member path contains a backslash or NUL"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "member name is not valid UTF-8"
     return ""
 
 
@@ -106,7 +110,7 @@ def index_shard(url: str) -> ShardIndex:
         while True:
             try:
                 info = archive.next()
-            except (tarfile.TarError, EOFError, OSError) as error:
+            except (tarfile.TarError, EOFError) as error:
                 index.problem = f"tar is damaged after {len(order)} film(s): {error}"
                 break
             if info is None:

@@ -17,6 +17,7 @@ class DecodeConfig:
     backend: str = "pyav"  # pyav (sequential, fastest here: bench/decode.py) or decord
     max_side: int = 1920  # working resolution: longer side at most this many pixels
     threads: int = 0  # decoder threads per actor (0: the codec's default)
+    max_bad_frames: int = 0  # undecodable frames a film may have (repeating a neighbour) before it fails
 
 
 class Decode(SegmentStage):
@@ -33,14 +34,18 @@ class Decode(SegmentStage):
             raise StageError("film has no video member")
         size = working_size(segment.width, segment.height, self.settings.max_side)
         segment.working_scale = size[0] / segment.width
-        segment.frames = decode_frames(segment, self.settings.backend, size, self.settings.threads)
+        segment.frames = decode_frames(
+            segment, self.settings.backend, size, self.settings.threads, self.settings.max_bad_frames
+        )
         segment.audio, segment.audio_start = decode_dub_slice(segment, self.downmix)
         segment.source_audio = decode_source_audio_slice(segment, segment.audio_start, len(segment.audio))
         segment.counts["frames_decoded"] = len(segment.frames)
         return segment
 
 
-def decode_frames(segment: Segment, backend: str, size: tuple[int, int], threads: int = 0) -> np.ndarray:
+def decode_frames(
+    segment: Segment, backend: str, size: tuple[int, int], threads: int = 0, max_bad_frames: int = 0
+) -> np.ndarray:
     """Frames of pts[context_start:stop], exactly one per planned PTS (missing ones repeat a neighbour)."""
     assert segment.film.video is not None
     wanted = segment.pts
@@ -68,8 +73,12 @@ def decode_frames(segment: Segment, backend: str, size: tuple[int, int], threads
     missing = int((~filled).sum())
     if missing == len(wanted):
         raise StageError(f"no frames decoded for {segment.film.video.name} in {wanted[0]:.3f}-{wanted[-1]:.3f}s")
-    if missing > max(2, len(wanted) // 4):
-        raise StageError(f"{missing} of {len(wanted)} frames undecodable in {segment.film.video.name} (corrupt stream)")
+    if missing > max_bad_frames:
+        first = float(wanted[np.argmin(filled)])
+        raise StageError(
+            f"corrupt video stream in {segment.film.video.name}: {missing} of {len(wanted)} frames from "
+            f"{first:.3f} s undecodable (decode.max_bad_frames={max_bad_frames} allows that many)"
+        )
     if missing:
         segment.notes.append(f"decode: {missing} undecodable frames replaced by their neighbour")
         good = np.nonzero(filled)[0]

@@ -66,8 +66,7 @@ class Encode(SegmentStage):
                         put_file(made, target + suffix)
         segment.output_path = target + ".mp4"
         segment.counts["frames_changed"] = changed
-        segment.tracks = []
-        return segment
+        return segment.drop_payload()
 
     def commit(self, segment: Segment) -> None:
         # The completion marker is written last, after the segment file, with every stage's timings.

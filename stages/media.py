@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 
 from stages.schema import MemberRef
+from stages.storage import retrying
 
 READ_BLOCK = 4 * 1024 * 1024
 
@@ -27,8 +28,9 @@ READ_BLOCK = 4 * 1024 * 1024
 class MemberFile(io.RawIOBase):
     """A read-only, seekable window [offset, offset + size) over an open shard file."""
 
-    def __init__(self, raw: IO[bytes], offset: int, size: int) -> None:
+    def __init__(self, raw: IO[bytes], offset: int, size: int, name: str = "member") -> None:
         self._raw = raw
+        self._name = name
         self._offset = offset
         self._size = size
         self._pos = 0
@@ -59,8 +61,12 @@ class MemberFile(io.RawIOBase):
         if remaining <= 0:
             return 0
         want = min(len(buffer), remaining)
-        self._raw.seek(self._offset + self._pos)
-        data = self._raw.read(want)
+
+        def read() -> bytes:
+            self._raw.seek(self._offset + self._pos)
+            return self._raw.read(want)
+
+        data = retrying(read, f"reading {self._name}")
         n = len(data)
         buffer[:n] = data
         self._pos += n
@@ -81,9 +87,12 @@ class MemberFile(io.RawIOBase):
 @contextmanager
 def open_member(ref: MemberRef) -> Iterator[MemberFile]:
     """Open one tar member for reading in place, through fsspec (local path, s3://, ...)."""
-    with fsspec.open(ref.shard_url, "rb", block_size=READ_BLOCK, cache_type="readahead") as raw:
-        window = MemberFile(raw, ref.offset, ref.size)
-        yield window
+    opener = fsspec.open(ref.shard_url, "rb", block_size=READ_BLOCK, cache_type="readahead")
+    raw = retrying(opener.open, f"opening {ref.shard_url}")
+    try:
+        yield MemberFile(raw, ref.offset, ref.size, f"{ref.shard_url}:{ref.name}")
+    finally:
+        raw.close()
 
 
 def read_member(ref: MemberRef) -> bytes:

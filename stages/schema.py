@@ -132,12 +132,17 @@ class Segment:
         """A film-level (index -1) or shard-level (empty key) row rather than a real segment."""
         return self.index < 0
 
+    def drop_payload(self) -> "Segment":
+        """Release everything heavy: after encoding, a row carries only bookkeeping to the driver."""
+        self.frames = self.audio = self.source_audio = None
+        self.audio_features = self.voice_activity = self.silence = None
+        self.tracks = []
+        return self
+
     def fail(self, reason: str) -> "Segment":
         self.status = Status.FAILED
         self.reason = reason
-        self.frames = None
-        self.tracks = []
-        return self
+        return self.drop_payload()
 
 
 ROW_COLUMNS = ("film_uid", "segment_id", "status", "payload")

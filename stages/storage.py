@@ -7,13 +7,48 @@ Either way a reader never sees a partial file.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ATTEMPTS = 8
+FIRST_BACKOFF_S = 0.2
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError, TypeError)
+
+
+def transient(error: BaseException) -> bool:
+    """Worth retrying: throttling, 5xx, dropped connections, timeouts (not missing or forbidden)."""
+    if isinstance(error, PERMANENT):
+        return False
+    if isinstance(error, (OSError, ConnectionError, TimeoutError)):
+        return True
+    name = type(error).__name__
+    return any(word in name for word in ("Timeout", "Connection", "Throttl", "SlowDown", "ServerError", "ClientError", "EndpointConnection"))
+
+
+def retrying(action: Callable[[], T], what: str, attempts: int = ATTEMPTS) -> T:
+    """Run `action`, retrying transient storage errors with jittered exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 - classified below
+            if attempt == attempts or not transient(error):
+                raise
+            delay = FIRST_BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(error).__name__, error, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -31,7 +66,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return retrying(lambda: fs.exists(path), f"checking {url}")
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -46,7 +81,7 @@ def write_bytes(url: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        retrying(lambda: fs.pipe_file(path, data), f"writing {url}")
 
 
 def put_file(local_path: str, url: str) -> None:
@@ -59,12 +94,12 @@ def put_file(local_path: str, url: str) -> None:
         fs.put_file(local_path, tmp)
         os.replace(tmp, path)
     else:
-        fs.put_file(local_path, path)
+        retrying(lambda: fs.put_file(local_path, path), f"uploading {url}")
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    return fs.cat_file(path)
+    return retrying(lambda: fs.cat_file(path), f"reading {url}")
 
 
 def read_json(url: str) -> Any:
