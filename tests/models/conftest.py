@@ -22,6 +22,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def model_cache(tmp_path, monkeypatch):
+    """Models fetched from URLs land in a per-test cache, not the user's."""
+    monkeypatch.setenv("STABLEDUB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def read_clip(name: str, frames: int, size: int, start: int = 0) -> np.ndarray:
     """`frames` RGB frames of a sample clip resized to size x size, uint8 (N, size, size, 3)."""
     import av

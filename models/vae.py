@@ -1,0 +1,114 @@
+"""The latent space: diffusers AutoencoderKL configs (SD-compatible and small) and pixel <-> latent helpers.
+
+`sd` is Stable Diffusion's VAE (4 latent channels, 8x downsampling): point `load_vae` at a copy of
+sd-vae-ft-mse or an SD checkpoint's `vae/` folder (local path or any fsspec URL). `small` and `tiny`
+keep the same interface (4 channels, /8) with far fewer weights, for the CPU demo and tests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from models.remote import local_dir
+
+SCALE_FACTOR = 8  # pixels per latent cell: every preset downsamples three times
+
+_BASE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "act_fn": "silu",
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    # Stable Diffusion 1.x / sd-vae-ft-mse.
+    "sd": {
+        **_BASE,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    },
+    "small": {
+        **_BASE,
+        "block_out_channels": [32, 64, 128, 128],
+        "layers_per_block": 1,
+        "norm_num_groups": 16,
+        "sample_size": 256,
+        "scaling_factor": 0.18215,
+    },
+    "tiny": {
+        **_BASE,
+        "block_out_channels": [8, 16, 16, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "scaling_factor": 1.0,
+        "mid_block_add_attention": False,
+    },
+}
+
+
+def build_vae(preset: str = "small", **overrides: Any) -> AutoencoderKL:
+    """A freshly initialised AutoencoderKL from a preset name."""
+    if preset not in VAE_PRESETS:
+        raise ValueError(f"unknown VAE preset {preset!r}: one of {sorted(VAE_PRESETS)}")
+    return AutoencoderKL(**{**VAE_PRESETS[preset], **overrides})
+
+
+def load_vae(url: str | os.PathLike, subfolder: str | None = None, torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
+    """AutoencoderKL from a diffusers folder at a local path or fsspec URL (never the hub)."""
+    folder = local_dir(url)
+    if subfolder is None and os.path.isdir(os.path.join(folder, "vae")):
+        subfolder = "vae"
+    vae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, torch_dtype=torch_dtype, local_files_only=True)
+    check_latent_space(vae)
+    return vae
+
+
+def check_latent_space(vae: AutoencoderKL) -> None:
+    """StableDub's UNet and masks assume 4 latent channels at 1/8 resolution."""
+    channels = vae.config.latent_channels
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if channels != 4 or factor != SCALE_FACTOR:
+        raise ValueError(f"VAE gives {channels} channels at 1/{factor}; StableDub needs 4 channels at 1/{SCALE_FACTOR}")
+
+
+def to_pixels(images: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return (tensor.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0).contiguous()
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded."""
+    scaled = ((pixels.float().clamp(-1, 1) + 1.0) * 127.5).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Scaled latents (N, 4, H/8, W/8) of pixels in [-1, 1]; the posterior mode, so it is deterministic."""
+    chunks = [
+        vae.encode(pixels[i : i + batch_size].to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        for i in range(0, len(pixels), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Pixels in [-1, 1] (N, 3, H, W) from scaled latents."""
+    chunks = [
+        vae.decode((latents[i : i + batch_size] / vae.config.scaling_factor).to(vae.dtype)).sample
+        for i in range(0, len(latents), batch_size)
+    ]
+    return torch.cat(chunks)
