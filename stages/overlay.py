@@ -12,7 +12,7 @@ from fractions import Fraction
 import cv2
 import numpy as np
 
-from stages.face_align import apply_affine, invert
+from stages.face_align import LIPS_OUTER, LOWER_OVAL, RIGID, apply_affine, invert
 from stages.schema import Segment, Track
 
 SPEAKER = (40, 220, 60)  # RGB
@@ -67,10 +67,15 @@ def draw_track(image: np.ndarray, track: Track, i: int) -> None:
     cv2.polylines(image, [np.round(corners).astype(np.int32)], True, colour, thickness, cv2.LINE_AA)
     if track.landmarks is not None:
         radius = max(1, thickness // 2)
-        for x, y in apply_affine(invert(affine), track.landmarks[i].astype(np.float64)):
+        points = track.landmarks[i].astype(np.float64)
+        if np.ptp(corners[:, 0]) < 300:  # a small face: the full mesh would be a blot
+            points = points[np.concatenate([LOWER_OVAL, LIPS_OUTER, RIGID])]
+        for x, y in apply_affine(invert(affine), points):
             cv2.circle(image, (int(round(x)), int(round(y))), radius, colour, -1)
     scale = 0.5 * thickness
-    anchor = (int(max(0, corners[:, 0].min())), int(max(14 * thickness, corners[:, 1].min() - 6)))
+    (text_w, _), _ = cv2.getTextSize(_label(track), cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    left = int(np.clip(corners[:, 0].min(), 0, max(0, w - text_w)))
+    anchor = (left, int(max(14 * thickness, corners[:, 1].min() - 6)))
     cv2.putText(image, _label(track), anchor, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3 * thickness, cv2.LINE_AA)
     cv2.putText(image, _label(track), anchor, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
 
