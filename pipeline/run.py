@@ -364,13 +364,13 @@ def write_output_shard(shard: ShardState, options: RunOptions, run: RunDir) -> s
                 film = FilmRef(key=key, shard_url=shard.url, video=None, dub=None)
                 if report.get("status") == "ok":
                     fs, path = filesystem(run.film_url(film, ".mp4"))
-                    info = tarfile.TarInfo(f"{key}.mp4")
+                    info = tarfile.TarInfo(f"{film.safe_key}.mp4")
                     info.size = fs.size(path)
                     info.mtime = 0  # reruns write identical bytes
                     with fs.open(path, "rb") as f:
                         tar.addfile(info, f)
                 body = json.dumps(report, indent=2, sort_keys=True).encode()
-                info = tarfile.TarInfo(f"{key}.json")
+                info = tarfile.TarInfo(f"{film.safe_key}.json")  # unsafe input names never reach a path
                 info.size = len(body)
                 tar.addfile(info, io.BytesIO(body))
         put_file(local, target)
@@ -378,7 +378,7 @@ def write_output_shard(shard: ShardState, options: RunOptions, run: RunDir) -> s
     if not options.keep_intermediate:
         fs, path = filesystem(run.path("films", shard.name))
         for key, report in shard.resolved.items():
-            mp4 = f"{path}/{key}.mp4"
+            mp4 = f"{path}/{FilmRef(key=key, shard_url=shard.url, video=None, dub=None).safe_key}.mp4"
             if report.get("status") == "ok" and fs.exists(mp4):
                 fs.rm(mp4)
     log.info("wrote %s", target)

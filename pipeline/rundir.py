@@ -49,14 +49,14 @@ class RunDir:
 
     # ---------------------------------------------------------------- films and shards
     def film_url(self, film: FilmRef, suffix: str) -> str:
-        return self.path("films", film.shard_name, f"{film.key}{suffix}")
+        return self.path("films", film.shard_name, f"{film.safe_key}{suffix}")
 
     def film_report(self, film: FilmRef) -> dict[str, Any] | None:
         url = self.film_url(film, ".json")
         return read_json(url) if exists(url) else None
 
     def segment_dir(self, film: FilmRef) -> str:
-        return self.path("segments", film.shard_name, film.key)
+        return self.path("segments", film.shard_name, film.safe_key)
 
     def done_segments(self, film: FilmRef) -> set[int]:
         fs, path = filesystem(self.segment_dir(film))

@@ -22,7 +22,7 @@ from pathlib import Path
 import braceexpand
 
 from stages.media import READ_BLOCK, read_member
-from stages.schema import FilmRef, MemberRef
+from stages.schema import FilmRef, MemberRef, unsafe_key
 from stages.storage import filesystem
 
 VIDEO_EXTENSIONS = ("mp4", "mkv", "mov", "webm", "avi", "m4v")
@@ -74,23 +74,6 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext.lower()
 
 
-def unsafe_key(key: str) -> str:
-    """Why a key may not be used as an output name ('' when it is safe)."""
-    if not key:
-        return "empty key"
-    if key.startswith("/") or re.match(r"^[A-Za-z]:", key):
-        return "absolute member path"
-    if any(part in ("..", ".") for part in key.split("/")):
-        return "member path escapes the shard (contains '..')"
-    if "\\" in key or "\x00" in key:
-        return "member path contains a backslash or NUL"
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return "member name is not valid UTF-8"
-    return ""
-
-
 def index_shard(url: str) -> ShardIndex:
     """Read a shard's tar headers (no member data) and group members into films."""
     fs, path = filesystem(url)
@@ -135,8 +118,10 @@ def _film_entry(url: str, key: str, members: dict[str, tarfile.TarInfo], shard_s
 
     video = next((ref(members[e]) for e in VIDEO_EXTENSIONS if e in members), None)
     dub = next((ref(members[e]) for e in DUB_EXTENSIONS if e in members), None)
-    film = FilmRef(key=key, shard_url=url, video=video, dub=dub)
     problem = unsafe_key(key)
+    # a name that is not UTF-8 is reported under a printable, reversible spelling (caf\xe9)
+    printable = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    film = FilmRef(key=printable, shard_url=url, video=video, dub=dub)
     if not problem:
         truncated = [i.name for i in members.values() if i.offset_data + i.size > shard_size]
         if truncated:

@@ -34,7 +34,7 @@ class EncodeConfig:
 
 
 def segment_url(run_dir: str, segment: Segment) -> str:
-    return join(run_dir, "segments", segment.film.shard_name, segment.film.key, f"{segment.index:05d}")
+    return join(run_dir, "segments", segment.film.shard_name, segment.film.safe_key, f"{segment.index:05d}")
 
 
 def encoder_options(settings: EncodeConfig) -> dict[str, str]:

@@ -117,6 +117,9 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            tag = getattr(stream, "codec_tag", "") or "unknown"
+            raise ValueError(f"unsupported video codec (no decoder for codec tag {tag!r})")
         codec = stream.codec_context.name
         width, height = stream.codec_context.width, stream.codec_context.height
         tb = stream.time_base

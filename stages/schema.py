@@ -8,7 +8,9 @@ stage reads full-resolution frames from the source again.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+import re
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,6 +19,23 @@ from typing import Any
 import numpy as np
 
 _NAMESPACE = uuid.UUID("5f1d9a7e-2b8c-4c3e-9a51-7d0f3e2c8b14")
+
+
+def unsafe_key(key: str) -> str:
+    """Why a key may not be used as an output name ('' when it is safe)."""
+    if not key:
+        return "empty key"
+    if key.startswith("/") or re.match(r"^[A-Za-z]:", key):
+        return "absolute member path"
+    if any(part in ("..", ".") for part in key.split("/")):
+        return "member path escapes the shard (contains '..')"
+    if "\\" in key or "\x00" in key:
+        return "member path contains a backslash or NUL"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "member name is not valid UTF-8"
+    return ""
 
 
 class Status(str, Enum):
@@ -52,6 +71,13 @@ class FilmRef:
     @property
     def shard_name(self) -> str:
         return self.shard_url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def safe_key(self) -> str:
+        """The key as a path component: unsafe keys (../x, /abs, not UTF-8) get a hashed stand-in."""
+        if not unsafe_key(self.key):
+            return self.key
+        return "invalid-key-" + hashlib.sha1(self.key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
     @property
     def uid(self) -> str:
