@@ -1,0 +1,334 @@
+"""StableDubPipeline: regenerate the lower face of one track's aligned crops to match new audio.
+
+diffusers-style: `from_pretrained(url)` / `save_pretrained(url)` on any fsspec URL (safetensors),
+`check_inputs`, an explicit `torch.Generator`. A track of any length is denoised in windows of
+`window` frames; windows overlap by `overlap` frames and, at every denoising step, their predictions
+are blended with linear ramps before the scheduler steps the whole track, so no seam appears.
+Input and output are numpy uint8 crops of the same shape; outside the regenerated region (and on
+occluders) the output is the input, bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.configuration_utils import FrozenDict
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from models.conditioning import encode_conditioning
+from models.lip_habit import MIN_REFERENCE_FRAMES, LipHabitEncoder
+from models.remote import is_remote, local_dir, staging_dir, upload_dir
+from models.unet import LATENT_CHANNELS, StableDubUNet
+from models.vae import SCALE_FACTOR, check_latent_space, decode, to_pixels, to_uint8
+
+# Stable Diffusion 1.x's noise schedule, so an SD-initialised UNet sees the noise levels it knows.
+NOISE_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+
+
+def make_scheduler(name: str = "ddim", prediction_type: str = "epsilon") -> DDIMScheduler | DPMSolverMultistepScheduler | DDPMScheduler:
+    """"ddim", "dpm++" (DPM-Solver++ 2M) for sampling, "ddpm" for training."""
+    if name == "ddpm":
+        return DDPMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler(**{k: v for k, v in NOISE_SCHEDULE.items() if k != "clip_sample"}, prediction_type=prediction_type, algorithm_type="dpmsolver++")
+    if name == "ddim":
+        return DDIMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=False)
+    raise ValueError(f"unknown scheduler {name!r}: one of ddim, dpm++, ddpm")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that have it, else fp16."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def window_spans(frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, stop) of each window; the last one ends on the last frame (so it may overlap more)."""
+    if frames <= window:
+        return [(0, frames)]
+    stride = window - overlap
+    starts = list(range(0, frames - window, stride)) + [frames - window]
+    return [(s, s + window) for s in starts]
+
+
+def blend_weights(spans: list[tuple[int, int]], frames: int, overlap: int) -> list[torch.Tensor]:
+    """Per window, per frame weights: linear ramps where windows overlap, summing to 1 on every frame."""
+    raw = []
+    for start, stop in spans:
+        k = torch.arange(stop - start, dtype=torch.float64)
+        w = torch.ones_like(k)
+        if start > 0:
+            w = torch.minimum(w, (k + 1) / (overlap + 1))
+        if stop < frames:
+            w = torch.minimum(w, (stop - start - k) / (overlap + 1))
+        raw.append(w)
+    total = torch.zeros(frames, dtype=torch.float64)
+    for (start, stop), w in zip(spans, raw):
+        total[start:stop] += w
+    return [(w / total[start:stop]).float() for (start, stop), w in zip(spans, raw)]
+
+
+@dataclass
+class StableDubPipelineOutput(BaseOutput):
+    frames: np.ndarray | torch.Tensor  # uint8 (N, S, S, 3), or latents (N, 4, S/8, S/8) for output_type="latent"
+
+
+class StableDubPipeline(DiffusionPipeline):
+    """vae + unet + lip_habit + scheduler; see the module docstring."""
+
+    model_cpu_offload_seq = "lip_habit->vae->unet"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: StableDubUNet,
+        lip_habit: LipHabitEncoder,
+        scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
+    ) -> None:
+        super().__init__()
+        check_latent_space(vae)
+        if lip_habit.config.audio_channels != unet.config.audio_channels:
+            raise ValueError("lip_habit.audio_channels must equal unet.audio_channels (it modulates those channels)")
+        self.register_modules(vae=vae, unet=unet, lip_habit=lip_habit, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, url: str | os.PathLike, **kwargs: Any) -> "StableDubPipeline":
+        """Load from a local folder or any fsspec URL (copied once into the local model cache)."""
+        if importlib.util.find_spec("accelerate") is None:
+            kwargs.setdefault("low_cpu_mem_usage", False)  # the default needs accelerate and warns without it
+        pipeline = super().from_pretrained(local_dir(url), **kwargs)
+        # diffusers records the (cache) folder it read in every config; saving would write it back
+        # and a save/load/save round trip would no longer give the same files.
+        for owner in [pipeline, *pipeline.components.values()]:
+            config = getattr(owner, "_internal_dict", None)
+            if config is not None and "_name_or_path" in config:
+                owner._internal_dict = FrozenDict({k: v for k, v in config.items() if k != "_name_or_path"})
+        return pipeline
+
+    def save_pretrained(self, url: str | os.PathLike, **kwargs: Any) -> None:
+        """Save as safetensors to a local folder or any fsspec URL."""
+        kwargs.setdefault("safe_serialization", True)
+        url = str(url)
+        if not is_remote(url):
+            super().save_pretrained(local_dir(url), **kwargs)
+            return
+        folder = staging_dir()
+        super().save_pretrained(folder, **kwargs)
+        upload_dir(folder, url)
+
+    @property
+    def audio_spec(self) -> dict[str, Any]:
+        """The audio features the model expects ({"encoder", "window", "dim"})."""
+        return self.unet.audio_spec
+
+    def use_scheduler(self, name: str) -> None:
+        """Switch sampler ("ddim" or "dpm++") keeping the noise schedule and prediction type."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}: one of {sorted(SCHEDULERS)}")
+        extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **extra)
+
+    def check_inputs(
+        self,
+        frames: np.ndarray,
+        masks: np.ndarray,
+        occlusion: np.ndarray | None,
+        audio_features: np.ndarray,
+        reference: np.ndarray | None,
+        lip_frames: np.ndarray | None,
+        lip_audio: np.ndarray | None,
+        num_inference_steps: int,
+        window: int,
+        overlap: int,
+    ) -> None:
+        def crops(name: str, value: np.ndarray, count: int | None) -> None:
+            if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 4 or value.shape[-1] != 3:
+                raise ValueError(f"{name} must be uint8 (N, S, S, 3)")
+            if value.shape[1:3] != frames.shape[1:3]:
+                raise ValueError(f"{name} crops are {value.shape[1:3]}, frames are {frames.shape[1:3]}")
+            if count is not None and len(value) != count:
+                raise ValueError(f"{name} has {len(value)} entries, expected {count}")
+
+        def plane(name: str, value: np.ndarray) -> None:
+            if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.shape != frames.shape[:3]:
+                raise ValueError(f"{name} must be uint8 {frames.shape[:3]} (one 0..255 plane per frame)")
+
+        def audio(name: str, value: np.ndarray, count: int) -> None:
+            spec = self.audio_spec
+            if not isinstance(value, np.ndarray) or value.ndim != 3 or len(value) != count:
+                raise ValueError(f"{name} must be float (N, W, F) with one window per frame ({count})")
+            if value.shape[1:] != (spec["window"], spec["dim"]):
+                raise ValueError(
+                    f"{name} windows are {value.shape[1]}x{value.shape[2]}; this model was trained on "
+                    f"{spec['encoder']} windows of {spec['window']}x{spec['dim']}"
+                )
+
+        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or len(frames) == 0:
+            raise ValueError("frames must be uint8 (N, S, S, 3) with N >= 1")
+        crops("frames", frames, None)
+        height, width = frames.shape[1:3]
+        if height != width or height % SCALE_FACTOR:
+            raise ValueError(f"crops must be square with a side divisible by {SCALE_FACTOR}, got {height}x{width}")
+        plane("masks", masks)
+        if occlusion is not None:
+            plane("occlusion", occlusion)
+        audio("audio_features", audio_features, len(frames))
+        if reference is not None:
+            crops("reference", reference, None)
+            if len(reference) == 0:
+                raise ValueError("reference must hold at least one crop (or be None)")
+        if (lip_frames is None) != (lip_audio is None):
+            raise ValueError("lip_frames and lip_audio go together (the reference clip and its own audio)")
+        if lip_frames is not None:
+            crops("lip_frames", lip_frames, None)
+            if len(lip_frames) < MIN_REFERENCE_FRAMES:
+                raise ValueError(f"lip_frames needs at least {MIN_REFERENCE_FRAMES} frames")
+            audio("lip_audio", lip_audio, len(lip_frames))
+        if num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        if window < 1 or not 0 <= overlap < window:
+            raise ValueError("need window >= 1 and 0 <= overlap < window")
+
+    def habit_modulation(self, lip_frames: np.ndarray | None, lip_audio: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) for the audio tokens, from a reference clip or the neutral habit."""
+        device = self._execution_device
+        if lip_frames is None:
+            habit = self.lip_habit(batch_size=1)
+        else:
+            mouths = self.lip_habit.crop_mouths(lip_frames).to(device)[None]
+            habit = self.lip_habit(mouths, torch.from_numpy(np.asarray(lip_audio, np.float32)).to(device)[None])
+        return habit.scale, habit.shift
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        frames: np.ndarray,
+        masks: np.ndarray,
+        occlusion: np.ndarray | None = None,
+        audio_features: np.ndarray | None = None,
+        reference: np.ndarray | None = None,
+        num_inference_steps: int = 20,
+        generator: torch.Generator | None = None,
+        lip_frames: np.ndarray | None = None,
+        lip_audio: np.ndarray | None = None,
+        window: int = 16,
+        overlap: int = 4,
+        windows_per_batch: int = 1,
+        audio_guidance_scale: float = 1.0,
+        clip_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> StableDubPipelineOutput | tuple:
+        """New crops for one track.
+
+        frames uint8 (N, S, S, 3); masks (region to regenerate) and occlusion (occluders to keep)
+        uint8 (N, S, S) 0..255; audio_features (N, W, F), one window per frame; reference uint8
+        (R, S, S, 3) appearance frames of the same person (default: the middle frame); lip_frames
+        (T, S, S, 3) with lip_audio (T, W, F): an undubbed clip of the speaker for the lip habit
+        (default: the neutral habit). audio_guidance_scale > 1 applies classifier-free guidance on
+        audio (needs a model trained with audio dropout). Returns uint8 (N, S, S, 3).
+        """
+        self.check_inputs(
+            frames, masks, occlusion, audio_features, reference, lip_frames, lip_audio, num_inference_steps, window, overlap
+        )
+        device = self._execution_device
+        dtype = self.unet.dtype
+        count = len(frames)
+        if reference is None:
+            reference = frames[count // 2 : count // 2 + 1]
+        conditioning, region = encode_conditioning(self.vae, frames, masks, occlusion, reference, device)
+        scale, shift = self.habit_modulation(lip_frames, lip_audio)
+        audio = torch.from_numpy(np.asarray(audio_features, np.float32)).to(device)
+        if latents is None:
+            shape = (count, LATENT_CHANNELS, *conditioning.mask.shape[-2:])
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device, torch.float32)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        spans = window_spans(count, window, overlap)
+        weights = [w.to(device) for w in blend_weights(spans, count, overlap)]
+        for t in self.progress_bar(self.scheduler.timesteps):
+            prediction = torch.zeros_like(latents)
+            for first in range(0, len(spans), windows_per_batch):
+                batch = spans[first : first + windows_per_batch]
+                index = torch.stack([torch.arange(s, e, device=device) for s, e in batch])  # (Bw, W)
+                output = self._predict(latents, t, index, conditioning, audio, scale, shift, clip_embeds, audio_guidance_scale)
+                blend = torch.stack(weights[first : first + len(batch)])
+                prediction.index_add_(0, index.flatten(), (output.float() * blend[..., None, None, None]).flatten(0, 1))
+            latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+        if output_type == "latent":
+            result: np.ndarray | torch.Tensor = latents
+        else:
+            generated = decode(self.vae, latents.to(self.vae.dtype)).float()
+            original = to_pixels(frames, device)
+            result = to_uint8(original * (1 - region) + generated * region)
+            # Outside the region (and on occluders) return the input bytes, not a float round trip.
+            keep = (region[:, 0] == 0).cpu().numpy()
+            result[keep] = frames[keep]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return StableDubPipelineOutput(frames=result)
+
+    def _predict(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        index: torch.Tensor,
+        conditioning: Any,
+        audio: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        clip_embeds: torch.Tensor | None,
+        guidance: float,
+    ) -> torch.Tensor:
+        """UNet output for a batch of windows (Bw, W, 4, h, w), with audio guidance when asked."""
+        windows = index.shape[0]
+        dtype = self.unet.dtype
+        sample = self.scheduler.scale_model_input(latents[index], t).to(dtype)
+        inputs = {
+            "masked_latent": conditioning.masked_latent[index].to(dtype),
+            "mask": conditioning.mask[index].to(dtype),
+            "reference_latent": conditioning.reference_latent[index].to(dtype),
+            "occlusion": conditioning.occlusion[index].to(dtype),
+        }
+        window_audio = audio[index].to(dtype)
+        scales, shifts = scale.expand(windows, -1), shift.expand(windows, -1)
+        clip = None if clip_embeds is None else clip_embeds.to(latents.device, dtype).expand(windows, -1, -1)
+        if guidance == 1.0:
+            return self.unet(sample, t, audio_features=window_audio, audio_scale=scales, audio_shift=shifts, clip_embeds=clip, **inputs).sample
+
+        def twice(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else torch.cat([x, x])
+
+        output = self.unet(
+            twice(sample),
+            t,
+            audio_features=torch.cat([window_audio, torch.zeros_like(window_audio)]),
+            audio_scale=twice(scales),
+            audio_shift=twice(shifts),
+            clip_embeds=twice(clip),
+            **{k: twice(v) for k, v in inputs.items()},
+        ).sample
+        conditional, unconditional = output.chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
