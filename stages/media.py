@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import IO, Protocol
 
 import av
-import fsspec
 import numpy as np
 
 from stages.schema import MemberRef
-from stages.storage import retrying
+from stages.storage import filesystem, retrying
 
 READ_BLOCK = 4 * 1024 * 1024
 
@@ -87,8 +86,8 @@ class MemberFile(io.RawIOBase):
 @contextmanager
 def open_member(ref: MemberRef) -> Iterator[MemberFile]:
     """Open one tar member for reading in place, through fsspec (local path, s3://, ...)."""
-    opener = fsspec.open(ref.shard_url, "rb", block_size=READ_BLOCK, cache_type="readahead")
-    raw = retrying(opener.open, f"opening {ref.shard_url}")
+    fs, path = filesystem(ref.shard_url)
+    raw = retrying(lambda: fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead"), f"opening {ref.shard_url}")
     try:
         yield MemberFile(raw, ref.offset, ref.size, f"{ref.shard_url}:{ref.name}")
     finally:
