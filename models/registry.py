@@ -9,7 +9,7 @@ audio features, and returns new crops of the same shape. Built-in names:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,7 +35,8 @@ class GreyModel:
 BUILTIN = {"identity": IdentityModel, "grey": GreyModel}
 
 
-def load_model(name_or_url: str, device: str = "cpu") -> InpaintModel:
+def load_model(name_or_url: str, settings: Any = None, audio_config: Any = None) -> InpaintModel:
+    """A built-in by name, a user class by `module:Class`, else a StableDub checkpoint path/URL."""
     if name_or_url in BUILTIN:
         return BUILTIN[name_or_url]()
     if ":" in name_or_url and "://" not in name_or_url and not name_or_url.startswith("/"):
@@ -47,6 +48,12 @@ def load_model(name_or_url: str, device: str = "cpu") -> InpaintModel:
             return getattr(importlib.import_module(module_name), class_name)()
         except (ImportError, AttributeError) as error:
             raise ValueError(f"model {name_or_url!r}: cannot import {class_name} from {module_name}: {error}") from None
-    raise ValueError(
-        f"unknown model {name_or_url!r}: use one of {sorted(BUILTIN)} or a StableDub checkpoint path/URL"
-    )
+    from stages.inpaint import InpaintConfig, StableDubInpainter
+    from stages.storage import exists, join
+
+    if not exists(join(name_or_url, "model_index.json")):
+        raise ValueError(
+            f"unknown model {name_or_url!r}: not a built-in ({', '.join(sorted(BUILTIN))}), not module:Class, "
+            "and no StableDub checkpoint (model_index.json) there"
+        )
+    return StableDubInpainter(name_or_url, settings or InpaintConfig(), audio_config)

@@ -35,6 +35,8 @@ from stages.storage import filesystem, is_local, join, put_file, read_json, remo
 
 log = logging.getLogger("stabledub")
 
+SEGMENT_BLOCK_BYTES = 1 << 20
+
 STAGES = {
     "decode": Decode,
     "face_track": FaceTrack,
@@ -136,6 +138,10 @@ def build_dataset(urls: list[str], config: PipelineConfig, run_dir: str, retry_f
     import ray
 
     context = ray.data.DataContext.get_current()
+    # A decoded segment is megabytes, so this makes every segment its own block from decode on.
+    # Otherwise a film's segments share one block: each stage sees one task per film, nothing
+    # pipelines inside a film, and the GPU pool's queue (what both autoscalers read) stays short.
+    context.target_max_block_size = SEGMENT_BLOCK_BYTES
     ds = ray.data.from_items([{"shard_url": u} for u in urls], override_num_blocks=max(1, len(urls)))
     ds = ds.flat_map(index_shard_rows, fn_kwargs={"run_dir": run_dir, "retry_failed": retry_failed}, num_cpus=0.1)
     ds = ds.flat_map(
@@ -331,6 +337,10 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
         for name, value in record["counts"].items():
             counts[name] = counts.get(name, 0) + int(value)
         notes += [f"segment {record['index']}: {n}" for n in record["notes"]]
+    workers: dict[str, set[str]] = {}
+    for record in records:
+        for stage, worker in record.get("workers", {}).items():
+            workers.setdefault(stage, set()).add(worker)
     busiest = max(timings, key=timings.get) if timings else ""
     return {
         "key": film.key,
@@ -344,6 +354,7 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
         "model": config.inpaint.model,
         "stage_busy_seconds": timings,
         "busiest_stage": busiest,
+        "stage_workers": {stage: len(found) for stage, found in sorted(workers.items())},
         "counts": counts,
         "audio": {"dub_seconds": round(audio.dub_seconds, 3), "padded_seconds": round(audio.padded_seconds, 3), "cut_seconds": round(audio.cut_seconds, 3)},
         "notes": notes,

@@ -69,6 +69,12 @@ class AudioFeaturize(SegmentStage):
         if s.normalize:
             audio = audio * np.float32(10.0 ** (loudness_gain_db(audio) / 20.0))
         segment.audio_features = feature_windows(self.encoder, audio, segment.audio_start, segment.pts, self.window)
+        if segment.source_audio is not None:  # the speaker's own lips with their own sound: the lip-habit clip
+            source = np.asarray(segment.source_audio, np.float32)
+            if s.normalize:
+                source = source * np.float32(10.0 ** (loudness_gain_db(source) / 20.0))
+            segment.source_audio_features = feature_windows(self.encoder, source, segment.audio_start, segment.pts, self.window)
+            segment.source_audio = None
         probs = self.vad.probabilities(audio)
         segment.voice_activity, segment.silence = frame_activity(
             probs, self.vad.chunk / AUDIO_RATE, segment.pts - segment.audio_start, s

@@ -9,6 +9,8 @@ directly.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import traceback
 from typing import Any, ClassVar
@@ -18,6 +20,7 @@ import numpy as np
 from stages.schema import Segment, Status, segments_from_batch, segments_to_batch
 
 log = logging.getLogger(__name__)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class StageError(Exception):
@@ -46,6 +49,7 @@ class SegmentStage:
             log.warning("%s failed on %s: %s", self.name, segment.film.uid, traceback.format_exc())
             segment.fail(f"{self.name}: {type(error).__name__}: {error}")
         segment.timings[self.name] = segment.timings.get(self.name, 0.0) + time.perf_counter() - began
+        segment.workers[self.name] = WORKER
         if segment.status is Status.OK:
             try:
                 self.commit(segment)

@@ -81,6 +81,7 @@ def segment_record(segment: Segment) -> dict:
         "stop": segment.stop,
         "output": segment.output_path,
         "timings": segment.timings,
+        "workers": segment.workers,
         "counts": segment.counts,
         "notes": segment.notes,
     }

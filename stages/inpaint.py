@@ -1,35 +1,173 @@
-"""Diffusion inpaint stage: regenerate the lower face of every dubbed track (GPU actors)."""
+"""Diffusion inpaint stage: regenerate the lower face of every dubbed track (GPU actors).
+
+The model is loaded once per actor: a built-in (`identity`, `grey`), a user class by import path
+(`package.module:Class`), or a StableDub checkpoint (a `save_pretrained` folder, local or any
+fsspec URL) run through `StableDubPipeline` on the actor's GPU in bf16, or on CPU in fp32.
+For each speaking track the stage picks an appearance reference and a lip-habit clip from the
+same track, runs the model over 16-frame windows, and keeps the original mouth through long
+silences with a smooth transition.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
 
 from stages.base import SegmentStage
-from stages.schema import Segment
+from stages.schema import Segment, Track
 
 
 @dataclass
 class InpaintConfig:
-    model: str = "identity"  # built-in name (identity, grey) or a StableDub checkpoint path/URL
+    model: str = "identity"  # built-in (identity, grey), module:Class, or a StableDub checkpoint path/URL
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    steps: int = 20
+    scheduler: str = "ddim"  # ddim or dpm++
+    window: int = 16  # frames the model sees at once
+    overlap: int = 4  # frames shared by neighbouring windows (blended)
+    windows_per_batch: int = 4  # windows per UNet call: raise on large GPUs to keep them busy
+    silence: str = "keep"  # keep: the original mouth through long silences; generate: dub them too
+    silence_fade_frames: int = 4  # frames over which the mouth fades between generated and original
+    lip_clip_frames: int = 16  # frames of the speaker's own lip motion for the lip-habit encoder
+    seed: int = 0  # noise seed; combined with segment and track ids so reruns give identical bytes
 
 
 class Inpaint(SegmentStage):
     name = "inpaint"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__(config)
         from models.registry import load_model
 
         self.settings: InpaintConfig = config.inpaint
-        self.model = load_model(self.settings.model, self.settings.device)
+        self.model = load_model(self.settings.model, self.settings, audio_config=config.audio)
 
     def process(self, segment: Segment) -> Segment:
-        generated = 0
+        generated = kept = 0
         for track in segment.tracks:
             if not track.speaking:
                 continue
-            track.generated = self.model(track, segment)
-            generated += len(track.generated)
+            new = self.model(track, segment)
+            weight = speech_weight(segment, track, self.settings)
+            if weight is not None:
+                blend = weight[:, None, None, None]
+                new = np.clip(np.rint(blend * new + (1 - blend) * track.crops), 0, 255).astype(np.uint8)
+                kept += int((weight == 0).sum())
+            track.generated = new
+            generated += len(new)
         segment.counts["frames_generated"] = generated
+        segment.counts["frames_kept_silent"] = kept
         return segment
+
+
+def speech_weight(segment: Segment, track: Track, settings: InpaintConfig) -> np.ndarray | None:
+    """Per track frame: 1 generate, 0 keep the original mouth (long silence), a ramp in between.
+
+    The ramp lies inside the silence, so every speaking frame is fully generated."""
+    if settings.silence != "keep" or segment.silence is None:
+        return None
+    from scipy.ndimage import distance_transform_edt
+
+    speaking = ~np.asarray(segment.silence, bool)[track.frame_index]
+    if speaking.all():
+        return None
+    if not speaking.any():
+        return np.zeros(len(speaking), np.float32)
+    distance = distance_transform_edt(~speaking)
+    return np.clip(1.0 - distance / (settings.silence_fade_frames + 1), 0.0, 1.0).astype(np.float32)
+
+
+def track_seed(segment: Segment, track: Track, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{segment.id}:{track.track_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def pick_references(segment: Segment, track: Track, clip_frames: int) -> tuple[np.ndarray, slice]:
+    """Appearance reference indices and the lip-habit clip span, both within this track.
+
+    The appearance reference comes from frames that will not be regenerated where there are any:
+    overlap context before the segment, then long silences; else the frame with the widest open
+    mouth is avoided and the track's middle frame is used. The lip clip is the stretch of the
+    track where the film's own audio is loudest: the speaker's own lips with their own sound.
+    """
+    local = track.frame_index
+    untouched = local < segment.context
+    if segment.silence is not None:
+        untouched |= np.asarray(segment.silence, bool)[local]
+    candidates = np.nonzero(untouched)[0]
+    reference = candidates[[0, len(candidates) // 2, -1]] if len(candidates) else np.array([len(local) // 2])
+    reference = np.unique(reference)
+    n = min(clip_frames, len(local))
+    if segment.source_audio_features is None or n < 2:
+        return reference, slice(0, 0)
+    energy = segment.source_audio_features[local].mean(axis=(1, 2))
+    sums = np.convolve(energy, np.ones(n), mode="valid")
+    start = int(np.argmax(sums))
+    return reference, slice(start, start + n)
+
+
+class StableDubInpainter:
+    """Runs a StableDub checkpoint on one track at a time (the inpaint stage's model)."""
+
+    def __init__(self, url: str, settings: InpaintConfig, audio_config: Any = None) -> None:
+        import torch
+
+        from models.pipeline_stabledub import StableDubPipeline
+
+        self.settings = settings
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
+        self.device = torch.device(device)
+        self.pipeline = StableDubPipeline.from_pretrained(url)
+        self.pipeline.to(self.device, dtype)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.pipeline.use_scheduler(settings.scheduler)
+        if audio_config is not None:
+            from stages.audio import check_model_audio
+
+            spec = self.pipeline.audio_spec
+            check_model_audio({"audio_encoder": spec["encoder"], "audio_window": spec["window"], "audio_dim": spec["dim"]}, audio_config)
+        self.size = int(self.pipeline.unet.config.sample_size) * 8
+
+    def _resize(self, images: np.ndarray, size: int) -> np.ndarray:
+        if images.shape[1] == size:
+            return images
+        interpolation = cv2.INTER_AREA if images.shape[1] > size else cv2.INTER_CUBIC
+        return np.stack([cv2.resize(image, (size, size), interpolation=interpolation) for image in images])
+
+    def __call__(self, track: Track, segment: Segment) -> np.ndarray:
+        import torch
+
+        s = self.settings
+        crop = track.crops.shape[1]
+        assert segment.audio_features is not None, "the audio stage must run before inpaint"
+        frames = self._resize(track.crops, self.size)
+        masks = self._resize(track.mask, self.size)
+        occlusion = None if track.occlusion is None else self._resize(track.occlusion, self.size)
+        reference, lip = pick_references(segment, track, s.lip_clip_frames)
+        lip_frames = lip_audio = None
+        if lip.stop - lip.start >= 2 and segment.source_audio_features is not None:
+            lip_frames = frames[lip]
+            lip_audio = segment.source_audio_features[track.frame_index[lip]]
+        generator = torch.Generator(device="cpu").manual_seed(track_seed(segment, track, s.seed))
+        result = self.pipeline(
+            frames, masks, occlusion, segment.audio_features[track.frame_index], frames[reference],
+            num_inference_steps=s.steps, generator=generator, lip_frames=lip_frames, lip_audio=lip_audio,
+            window=s.window, overlap=s.overlap, windows_per_batch=s.windows_per_batch,
+        ).frames
+        if self.size == crop:
+            return result
+        # back to the crop size: only the model's change is resized, so untouched pixels stay exact
+        change = self._resize(result.astype(np.int16) - frames.astype(np.int16), crop)
+        region = track.mask > 0
+        out = track.crops.astype(np.int16)
+        out[region] += change[region]
+        return np.clip(out, 0, 255).astype(np.uint8)

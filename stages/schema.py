@@ -131,11 +131,13 @@ class Segment:
     audio_start: float = 0.0  # presentation time of audio[0], seconds
     source_audio: np.ndarray | None = None  # the film's own audio, same span and rate as `audio`
     audio_features: np.ndarray | None = None  # (T, ...) float32, one window per frame
+    source_audio_features: np.ndarray | None = None  # the same windows of the film's own audio (lip habit)
     voice_activity: np.ndarray | None = None  # (T,) float32 speech probability per frame
     silence: np.ndarray | None = None  # (T,) bool: frame inside a long silence, keep the mouth closed
     tracks: list[Track] = field(default_factory=list)
     output_path: str = ""  # encoded segment file in the run directory (set by encode)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
+    workers: dict[str, str] = field(default_factory=dict)  # stage -> "host:pid" of the actor that ran it
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -161,7 +163,7 @@ class Segment:
     def drop_payload(self) -> "Segment":
         """Release everything heavy: after encoding, a row carries only bookkeeping to the driver."""
         self.frames = self.audio = self.source_audio = None
-        self.audio_features = self.voice_activity = self.silence = None
+        self.audio_features = self.source_audio_features = self.voice_activity = self.silence = None
         self.tracks = []
         return self
 
