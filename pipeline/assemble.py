@@ -66,9 +66,8 @@ def _dub_chunks(file: IO[bytes], plan: AudioPlan, result: AudioResult) -> Iterat
                 first = (frame.time or 0.0) + plan.offset
                 if first > 0:  # dub starts late: lead with silence
                     lead = min(total, int(round(first * AUDIO_RATE)))
-                    if lead:
-                        yield np.zeros((2, lead), np.float32)
-                        emitted += lead
+                    yield from _silence(lead)
+                    emitted += lead
                 else:
                     skip = int(round(-first * AUDIO_RATE))
             for out in resampler.resample(frame):
@@ -85,7 +84,13 @@ def _dub_chunks(file: IO[bytes], plan: AudioPlan, result: AudioResult) -> Iterat
     result.dub_seconds = decoded / AUDIO_RATE
     if emitted < total:
         result.padded_seconds = (total - emitted) / AUDIO_RATE
-        yield np.zeros((2, total - emitted), np.float32)
+        yield from _silence(total - emitted)
+
+
+def _silence(samples: int) -> Iterator[np.ndarray]:
+    """Stereo silence in one-second chunks: padding a long film must not allocate its whole length."""
+    for start in range(0, samples, AUDIO_RATE):
+        yield np.zeros((2, min(AUDIO_RATE, samples - start)), np.float32)
 
 
 def _audio_packets(stream: av.AudioStream, chunks: Iterator[np.ndarray]) -> Iterator[tuple[float, int, av.Packet]]:
@@ -107,9 +112,10 @@ def _audio_packets(stream: av.AudioStream, chunks: Iterator[np.ndarray]) -> Iter
 
     for chunk in chunks:
         buffer = np.concatenate([buffer, chunk], axis=1)
-        while buffer.shape[1] >= AUDIO_CHUNK:
-            yield from encode(buffer[:, :AUDIO_CHUNK])
-            buffer = buffer[:, AUDIO_CHUNK:]
+        whole = buffer.shape[1] // AUDIO_CHUNK * AUDIO_CHUNK
+        for start in range(0, whole, AUDIO_CHUNK):
+            yield from encode(buffer[:, start : start + AUDIO_CHUNK])
+        buffer = buffer[:, whole:]
     if buffer.shape[1]:
         yield from encode(buffer)
     yield from encode(None)

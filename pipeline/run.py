@@ -213,7 +213,7 @@ class Driver:
             self._maybe_write_shard(shard)
             return
         state.count = segment.count
-        state.segments[segment.index] = segment
+        state.segments[segment.index] = segment.drop_payload()
         if segment.status is Status.OK:
             self.summary.frames += segment.frame_count
         if state.complete:
