@@ -100,9 +100,10 @@ def mouth_frame(mask: np.ndarray) -> MouthFrame:
     ys, xs = np.nonzero(mask > 127)
     size = mask.shape[0]
     if len(xs) < 16:
-        return MouthFrame(size / 2, size * 0.66, size * 0.13)
+        return MouthFrame(size / 2, size * 0.62, size * 0.13)
     half_width = (xs.max() - xs.min() + 1) / 2
-    return MouthFrame(float(xs.mean()), float(ys.mean()), float(half_width) / 2)
+    # the region spans the lower face cheek to cheek: about 2.5 mouth half-widths
+    return MouthFrame(float(xs.mean()), float(ys.mean()), float(half_width) / 2.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def draw_hair(rng: np.random.Generator, u: float, styles: OccluderStyles, face_s
             p1 = np.array([w / 2 + offset * 0.6 + bend + wiggle, span / 2])
             p2 = np.array([w / 2 + offset * rng.uniform(0.8, 1.6) + bend * 0.4, span - 1])
             points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-            cv2.polylines(strands, [np.round(points).astype(np.int32)], False, 255, int(rng.integers(1, 4)), cv2.LINE_AA)
+            cv2.polylines(strands, [np.round(points).astype(np.int32)], False, 255, max(1, int(round(u * rng.uniform(0.03, 0.1)))), cv2.LINE_AA)
         a = strands.astype(np.float32) / 255.0 * rng.uniform(0.8, 1.0)
         colour_sum += a[..., None] * np.clip(base * rng.uniform(0.7, 1.35), 0, 1)
         weight += a

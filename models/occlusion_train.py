@@ -1,0 +1,311 @@
+"""Train the occlusion segmenter on synthetic occluders pasted over real face crops.
+
+    python -m models.occlusion_train --out models/weights/occlusion
+
+reproduces the shipped weights: 2,400 steps of 24 crops, about 10 minutes of one CPU core. Face
+crops come from the sample clips in ../shared/data/video, aligned by the FaceTrack stage and cached
+outside the repo (keyed by the tracker's source: a new tracker re-crops, and retraining follows its
+crops). Clips with real occluders are never trained on (their microphones would be labelled "no
+occluder"); the evaluation clips, seeds and occluder styles (models.occluders.HELDOUT_STYLES) are
+held out for bench/occlusion.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.occluders import HELDOUT_STYLES, TRAIN_STYLES, Composite, OccluderStyles, composite_occluders
+from models.occlusion_net import OcclusionNet, roi_affine
+from stages.occlusion import OcclusionConfig, occluder_probability, occlusion_mask, smooth_along_track, to_crop
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(os.environ.get("STABLEDUB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CACHE_DIR = Path("/tmp/stabledub-occlusion-crops")
+# Real occluders in front of the mouth: review only, never training data.
+OCCLUDER_CLIPS = ("vfhq_L1WuDAMZTgo", "vfhq_5Gza-oJ3nYM", "vfhq__zR17WTPsYw", "vfhq_Jai7x2uHBJ8", "vfhq_ZFz2jQpkS-E")
+EVAL_CLIPS = ("vfhq_MhV2NIHmUjM", "vfhq_oy2ZeXz3Bjw", "frozen_298", "tlou_79")
+TRAIN_SEED = 0
+EVAL_SEED = 10_000  # bench seeds start here; training never draws from them
+
+
+def data_dir() -> Path:
+    return DATA_DIR
+
+
+def train_clips(root: Path | None = None) -> list[str]:
+    names = sorted(p.stem for p in ((root or DATA_DIR) / "video").glob("*.mp4"))
+    return [n for n in names if n not in OCCLUDER_CLIPS and n not in EVAL_CLIPS]
+
+
+def read_frames(path: Path, max_frames: int | None = None, step: int = 1) -> np.ndarray:
+    frames = []
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+            if i % step == 0:
+                frames.append(frame.to_ndarray(format="rgb24"))
+    return np.stack(frames)
+
+
+def track_crops(frames: np.ndarray, crop_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned crops and lower-face masks of the longest face track, through the FaceTrack stage."""
+    from stages.face_track import FaceTrack, FaceTrackConfig
+    from stages.schema import FilmRef, Segment
+
+    stage = FaceTrack(SimpleNamespace(face_track=FaceTrackConfig(crop_size=crop_size)))
+    n, h, w = frames.shape[:3]
+    segment = Segment(
+        film=FilmRef(key="crops", shard_url="memory://", video=None, dub=None), index=0, count=1, start=0, stop=n,
+        context_start=0, pts=np.arange(n) / 25.0, seek_pts=0.0, width=w, height=h, time_base=(1, 25), frames=frames,
+    )
+    segment = stage.process(segment)
+    if not segment.tracks:
+        raise ValueError("no face track found")
+    track = max(segment.tracks, key=lambda t: len(t.frame_index))
+    return track.crops, track.mask
+
+
+def clip_crops(name: str, max_frames: int | None = None, step: int = 1, root: Path | None = None,
+               cache: Path | None = CACHE_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Face crops (N, 256, 256, 3) and masks of one sample clip, cached (outside the repo) by the
+    clip, the frame selection and the face tracker's source, so a new tracker re-crops."""
+    path = (root or DATA_DIR) / "video" / f"{name}.mp4"
+    tracker = Path(__file__).resolve().parents[1] / "stages" / "face_track.py"
+    key = hashlib.sha1(f"{name}:{max_frames}:{step}".encode() + tracker.read_bytes()).hexdigest()[:16]
+    cached = cache / f"{name}-{key}.npz" if cache else None
+    if cached and cached.exists():
+        data = np.load(cached)
+        return data["crops"], data["masks"]
+    crops, masks = track_crops(read_frames(path, max_frames, step))
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp.npz")
+        np.savez(tmp, crops=crops, masks=masks)
+        tmp.rename(cached)
+    return crops, masks
+
+
+def usable_clips(names, **kwargs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Crops of every clip the face tracker can follow (dlib's HOG misses some, e.g. low light)."""
+    pool = []
+    for name in names:
+        try:
+            pool.append(clip_crops(name, **kwargs))
+        except ValueError as error:
+            log.warning("skipping %s: %s", name, error)
+    return pool
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Camera and codec variation the segmenter must ignore: colour, noise, compression, flip."""
+    out = image.astype(np.float32)
+    out = out * rng.uniform(0.75, 1.25) + rng.uniform(-20, 20) + rng.normal(0, 6, 3)
+    grey = out.mean(axis=2, keepdims=True)
+    out = grey + (out - grey) * rng.uniform(0.6, 1.3)
+    if rng.random() < 0.5:
+        out += rng.normal(0, rng.uniform(1, 5), out.shape)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if rng.random() < 0.5:
+        _, encoded = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(35, 95))])
+        out = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    return out
+
+
+def roi_views(crops: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """Crops and masks resampled to the inference ROI (one per group of frames, as one per track at
+    inference). In training the ROI moves and zooms a little so the net does not depend on one
+    tracker's mask geometry."""
+    if rng is None:
+        affine = roi_affine(masks, size)
+    else:
+        affine = roi_affine(masks, size, shift=rng.uniform(-0.08, 0.08, 2), zoom=rng.uniform(0.85, 1.2))
+    images = np.stack([cv2.warpAffine(c, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for c in crops])
+    views = np.stack([cv2.warpAffine(m, affine, (size, size), flags=cv2.INTER_LINEAR, borderValue=0) for m in masks])
+    return images, views
+
+
+def make_batch(
+    pool: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, batch: int, size: int,
+    styles: OccluderStyles = TRAIN_STYLES, sequence: int = 1, train: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROI images (B, 3, R, R) in 0..1 and occluder targets (B, 1, R, R) from random crops of the
+    pool. Occluders are composited in ROI space: the same compositor, a quarter of the pixels."""
+    images = np.empty((batch, size, size, 3), np.uint8)
+    targets = np.empty((batch, size, size), np.float32)
+    filled = 0
+    while filled < batch:
+        crops, masks = pool[rng.integers(len(pool))]
+        take = min(sequence, batch - filled, len(crops))
+        start = int(rng.integers(0, len(crops) - take + 1))
+        views, view_masks = roi_views(crops[start : start + take], masks[start : start + take], size, rng if train else None)
+        comp = composite_occluders(views, view_masks, rng, styles, sequence=take > 1, clean_fraction=0.3)
+        flip = train and rng.random() < 0.5
+        for j in range(take):
+            image, target = comp.crops[j], comp.occlusion[j]
+            if train:
+                image = degrade(image, rng)
+            if flip:
+                image, target = image[:, ::-1], target[:, ::-1]
+            images[filled], targets[filled] = image, target.astype(np.float32) / 255.0
+            filled += 1
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+    y = torch.from_numpy(targets)[:, None]
+    return x.contiguous(memory_format=torch.channels_last), y
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE plus soft Dice: BCE for every pixel, Dice so small occluders are not ignored."""
+    logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    dice = 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
+    return bce + 0.5 * dice
+
+
+def pooled_iou(prob: torch.Tensor, target: torch.Tensor) -> float:
+    pred, true = prob > 0.5, target > 0.5
+    return float((pred & true).sum()) / max(1.0, float((pred | true).sum()))
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng(args.seed)
+    began = time.perf_counter()
+    pool = usable_clips(train_clips(), step=args.frame_step)
+    log.info("%d training clips, %d crops (%.0f s)", len(pool), sum(len(c) for c, _ in pool), time.perf_counter() - began)
+    val_pool = usable_clips(EVAL_CLIPS, step=4)
+    val_rng = np.random.default_rng(EVAL_SEED - 1)  # monitoring only; bench/occlusion.py is the judge
+    net = OcclusionNet().to(memory_format=torch.channels_last)
+    size = net.config.input_size
+    val = [make_batch(val_pool, val_rng, 32, size, train=False) for _ in range(2)]
+    optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    history = []
+    for step in range(1, args.steps + 1):
+        net.train()
+        # most steps at a coarser ROI (half the cost), the last ones at the inference size
+        step_size = args.coarse_size if step <= args.coarse_fraction * args.steps else size
+        x, y = make_batch(pool, rng, args.batch, step_size, sequence=int(rng.choice([1, 4, 8])))
+        loss = loss_fn(net(x).logits, y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if step % args.log_every == 0 or step == args.steps:
+            net.eval()
+            with torch.inference_mode():
+                ious = [pooled_iou(torch.sigmoid(F.interpolate(net(vx).logits, size=vy.shape[-2:], mode="bilinear")), vy) for vx, vy in val]
+            history.append({"step": step, "loss": float(loss.detach()), "val_iou": float(np.mean(ious)), "seconds": time.perf_counter() - began})
+            log.info("step %d loss %.4f val IoU %.3f (%.0f s)", step, float(loss.detach()), np.mean(ious), time.perf_counter() - began)
+    net.eval()
+    net.save_pretrained(args.out)
+    record = {"args": vars(args), "history": history, "train_clips": train_clips(), "seconds": time.perf_counter() - began}
+    (Path(args.out) / "training.json").write_text(json.dumps(record, indent=1, default=str))
+    return record
+
+
+@dataclass
+class HeldoutScores:
+    """Scores of the occlusion stage on held-out clips, seeds and occluder styles."""
+
+    iou: float  # occluder IoU inside the region to regenerate, pooled over all occluded frames
+    mean_iou: float  # the same, averaged per frame
+    iou_final: float  # IoU of the stage's final mask (grown and feathered, >= 128) with the truth
+    false_positive: float  # clean frames: final-mask area over the region to regenerate
+    frames: int
+    per_kind: dict[str, float]
+
+
+def heldout_sequences(
+    clips: tuple[str, ...] = EVAL_CLIPS, seed: int = EVAL_SEED, styles: OccluderStyles = HELDOUT_STYLES,
+    per_clip: int = 6, length: int = 12, clean: int = 2, max_frames: int = 96,
+) -> list[tuple[np.ndarray, np.ndarray, Composite]]:
+    """Short moving-occluder sequences (and `clean` clean ones) per held-out clip: (crops, masks, composite)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for crops, masks in usable_clips(clips, max_frames=max_frames):
+        for k in range(per_clip + clean):
+            start = int(rng.integers(0, len(crops) - length + 1))
+            part = slice(start, start + length)
+            comp = composite_occluders(crops[part], masks[part], rng, styles, sequence=True, clean_fraction=1.0 if k >= per_clip else 0.0)
+            out.append((crops[part], masks[part], comp))
+    return out
+
+
+def score_heldout(net: OcclusionNet, sequences: list[tuple[np.ndarray, np.ndarray, Composite]],
+                  settings: OcclusionConfig | None = None) -> HeldoutScores:
+    """Run the stage's own path (ROI, net, smoothing along the track, final mask) on each sequence."""
+    settings = settings or OcclusionConfig()
+    inter = union = inter_final = union_final = fp = fp_area = 0
+    per_frame: list[float] = []
+    kind_counts: dict[str, list[int]] = {}
+    for _, masks, comp in sequences:
+        probability, affine = occluder_probability(net, comp.crops, masks, settings.batch_size)
+        probability = smooth_along_track(probability, settings.temporal_sigma)
+        for j, mask in enumerate(masks):
+            region = mask > 0
+            final = occlusion_mask(probability[j], affine, mask, settings) >= 128
+            if not comp.kinds[j]:
+                fp += int(final[region].sum())
+                fp_area += int(region.sum())
+                continue
+            pred = (to_crop(probability[j], affine, mask.shape[-1]) > settings.threshold) & region
+            truth = (comp.occlusion[j] >= 128) & region
+            i, u = int((pred & truth).sum()), int((pred | truth).sum())
+            inter, union = inter + i, union + u
+            inter_final += int((final & truth).sum())
+            union_final += int((final | truth).sum())
+            if u:
+                per_frame.append(i / u)
+            counts = kind_counts.setdefault(comp.kinds[j], [0, 0])
+            counts[0] += i
+            counts[1] += u
+    return HeldoutScores(
+        iou=inter / max(union, 1), mean_iou=float(np.mean(per_frame)) if per_frame else 0.0,
+        iou_final=inter_final / max(union_final, 1), false_positive=fp / max(fp_area, 1),
+        frames=sum(len(m) for _, m, _ in sequences),
+        per_kind={k: round(i / max(u, 1), 3) for k, (i, u) in sorted(kind_counts.items())},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="models/weights/occlusion")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--seed", type=int, default=TRAIN_SEED)
+    parser.add_argument("--frame-step", type=int, default=1, help="use every n-th frame of the training clips")
+    parser.add_argument("--coarse-size", type=int, default=96, help="ROI side of the first, cheaper steps")
+    parser.add_argument("--coarse-fraction", type=float, default=0.6)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-every", type=int, default=100)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
