@@ -83,17 +83,9 @@ class OcclusionNet(ModelMixin, ConfigMixin):
 
 
 def load_occlusion_net(url: str) -> OcclusionNet:
-    """Load a `save_pretrained` folder from a local path or any fsspec URL (copied to a temp dir)."""
-    import tempfile
+    """Load a `save_pretrained` folder from a local path or any fsspec URL (cached locally)."""
+    from models.remote import local_dir
 
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
-        net = OcclusionNet.from_pretrained(path, low_cpu_mem_usage=False)
-    else:
-        with tempfile.TemporaryDirectory(prefix="stabledub-occlusion-") as tmp:
-            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-            net = OcclusionNet.from_pretrained(tmp, low_cpu_mem_usage=False)
+    net = OcclusionNet.from_pretrained(local_dir(url), low_cpu_mem_usage=False)
     net.eval()
     return net.to(memory_format=torch.channels_last)

@@ -35,13 +35,14 @@ def test_save_pretrained_round_trip_gives_the_same_outputs(tmp_path: Path) -> No
         assert torch.allclose(net(x).logits, again(x).logits, atol=1e-6)
 
 
-def test_load_from_an_fsspec_url(tmp_path: Path) -> None:
+def test_load_from_an_fsspec_url(tmp_path: Path, monkeypatch) -> None:
     import fsspec
 
+    monkeypatch.setenv("STABLEDUB_CACHE", str(tmp_path / "cache"))
     net = OcclusionNet(widths=(8, 16, 24, 32)).eval()
-    net.save_pretrained(tmp_path)
+    net.save_pretrained(tmp_path / "saved")
     memory = fsspec.filesystem("memory")
-    for path in tmp_path.iterdir():
+    for path in (tmp_path / "saved").iterdir():
         memory.pipe(f"/occlusion-test/{path.name}", path.read_bytes())
     again = load_occlusion_net("memory://occlusion-test")
     assert tuple(again.config.widths) == (8, 16, 24, 32)
