@@ -130,6 +130,16 @@ def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def cast_shade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A soft shadow or shading patch with nothing in front: shadowed cheeks and jaws are not
+    occluders (the first shipped net marked them, on real clips)."""
+    h, w = image.shape[:2]
+    blob = cv2.resize(rng.standard_normal((4, 4)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    patch = cv2.GaussianBlur((blob > rng.uniform(0.3, 1.0)).astype(np.float32), (0, 0), w * rng.uniform(0.03, 0.1))
+    shade = 1.0 - rng.uniform(0.25, 0.65) * patch
+    return np.clip(image.astype(np.float32) * shade[..., None], 0, 255).astype(np.uint8)
+
+
 def roi_views(crops: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     """Crops and masks resampled to the inference ROI (one per group of frames, as one per track at
     inference). In training the ROI moves and zooms a little so the net does not depend on one
@@ -146,6 +156,7 @@ def roi_views(crops: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Ge
 def make_batch(
     pool: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, batch: int, size: int,
     styles: OccluderStyles = TRAIN_STYLES, sequence: int = 1, train: bool = True,
+    clean_fraction: float = 0.3, shade_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ROI images (B, 3, R, R) in 0..1 and occluder targets (B, 1, R, R) from random crops of the
     pool. Occluders are composited in ROI space: the same compositor, a quarter of the pixels."""
@@ -157,11 +168,13 @@ def make_batch(
         take = min(sequence, batch - filled, len(crops))
         start = int(rng.integers(0, len(crops) - take + 1))
         views, view_masks = roi_views(crops[start : start + take], masks[start : start + take], size, rng if train else None)
-        comp = composite_occluders(views, view_masks, rng, styles, sequence=take > 1, clean_fraction=0.3)
+        comp = composite_occluders(views, view_masks, rng, styles, sequence=take > 1, clean_fraction=clean_fraction)
         flip = train and rng.random() < 0.5
         for j in range(take):
             image, target = comp.crops[j], comp.occlusion[j]
             if train:
+                if shade_fraction > 0 and rng.random() < shade_fraction:
+                    image = cast_shade(image, rng)
                 image = degrade(image, rng)
             if flip:
                 image, target = image[:, ::-1], target[:, ::-1]
@@ -207,7 +220,8 @@ def train(args: argparse.Namespace) -> dict:
         net.train()
         # most steps at a coarser ROI (half the cost), the last ones at the inference size
         step_size = args.coarse_size if step <= args.coarse_fraction * args.steps else size
-        x, y = make_batch(pool, rng, args.batch, step_size, sequence=int(rng.choice([1, 4, 8])))
+        x, y = make_batch(pool, rng, args.batch, step_size, sequence=int(rng.choice([1, 4, 8])),
+                          clean_fraction=args.clean_fraction, shade_fraction=args.shade_fraction)
         loss = loss_fn(net(x).logits, y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frame-step", type=int, default=1, help="use every n-th frame of the training clips")
     parser.add_argument("--coarse-size", type=int, default=96, help="ROI side of the first, cheaper steps")
     parser.add_argument("--coarse-fraction", type=float, default=0.6)
+    parser.add_argument("--clean-fraction", type=float, default=0.3, help="training crops left without occluder")
+    parser.add_argument("--shade-fraction", type=float, default=0.0, help="training crops given a shadow patch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=100)
     args = parser.parse_args(argv)
