@@ -74,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(
         input=args.input, output=args.output, config=config, workdir=args.workdir,
         retry_failed=args.retry_failed, keep_intermediate=args.keep_intermediate, progress=not args.quiet,
+        metrics_port=args.metrics_port,
     )
     try:
         summary = run(options)
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true", help="retry films that failed in an earlier run")
     r.add_argument("--keep-intermediate", action="store_true", help="keep encoded segments and films in the run directory")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port during the run")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("config", help="print the effective configuration (defaults + --config + --set) as YAML")

@@ -16,7 +16,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.assemble import AudioPlan, assemble_film, copy_film
 from pipeline.config import STAGE_NAMES, PipelineConfig
@@ -32,6 +32,9 @@ from stages.inpaint import Inpaint
 from stages.occlusion import OcclusionSegment
 from stages.schema import FilmRef, Segment, Status, from_row
 from stages.storage import filesystem, is_local, join, put_file, read_json, remove_temporaries, write_json
+
+if TYPE_CHECKING:
+    from pipeline.metrics import Metrics
 
 log = logging.getLogger("stabledub")
 
@@ -56,6 +59,7 @@ class RunOptions:
     retry_failed: bool = False
     keep_intermediate: bool = False
     progress: bool = True
+    metrics_port: int | None = None  # serve Prometheus metrics on this port while the run lasts
 
     @property
     def run_dir(self) -> str:
@@ -179,9 +183,10 @@ def build_dataset(urls: list[str], config: PipelineConfig, run_dir: str, retry_f
 class Driver:
     """Consumes finished segments; assembles films and writes output shards as they complete."""
 
-    def __init__(self, options: RunOptions, run: RunDir) -> None:
+    def __init__(self, options: RunOptions, run: RunDir, metrics: Metrics | None = None) -> None:
         self.options = options
         self.run = run
+        self.metrics = metrics
         self.shards: dict[str, ShardState] = {}
         self.summary = RunSummary()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="assemble")
@@ -194,6 +199,8 @@ class Driver:
 
     # ------------------------------------------------------------------ rows in
     def add(self, segment: Segment) -> None:
+        if self.metrics:
+            self.metrics.observe_segment(segment)
         shard = self.shards.setdefault(segment.film.shard_url, ShardState(segment.film.shard_url))
         film = segment.film
         if not film.key:  # shard marker
@@ -207,6 +214,8 @@ class Driver:
             if segment.status is Status.DONE:
                 report = self.run.film_report(film) or {"key": film.key, "status": "ok"}
                 self.summary.films_skipped += 1
+                if self.metrics:
+                    self.metrics.film_done(True, skipped=True)
                 shard.resolved[film.key] = report
             else:
                 self._film_failed(shard, state, segment.reason, segment.notes)
@@ -252,6 +261,8 @@ class Driver:
         self.dead[self._dead_key(entry)] = entry
         self.summary.films_failed += 1
         self.summary.failures.append(entry)
+        if self.metrics:
+            self.metrics.film_done(False, reason)
         log.error("film %s FAILED: %s", film.uid, reason)
 
     # ------------------------------------------------------------------ film assembly
@@ -301,6 +312,8 @@ class Driver:
                 shard.resolved[state.film.key] = result
                 self.dead.pop(f"{shard.name}/{state.film.key}", None)
                 self.summary.films_ok += 1
+                if self.metrics:
+                    self.metrics.film_done(True)
                 log.info("film %s dubbed (%d frames)", state.film.uid, result.get("frames", 0))
                 self._maybe_write_shard(shard)
             else:
@@ -396,6 +409,17 @@ def write_output_shard(shard: ShardState, options: RunOptions, run: RunDir) -> s
     return target
 
 
+def start_metrics(port: int | None) -> Metrics | None:
+    """Serve the run's metrics and have Ray Data report its executor state to them."""
+    if port is None:
+        return None
+    from pipeline.metrics import Metrics
+
+    metrics = Metrics.start(port, stage_of_operator={cls.__name__: name for name, cls in STAGES.items()})
+    metrics.watch_ray_data()
+    return metrics
+
+
 def run(options: RunOptions) -> RunSummary:
     began = time.perf_counter()
     urls = expand_urls(options.input)
@@ -414,11 +438,16 @@ def run(options: RunOptions) -> RunSummary:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = options.progress
-        ds = build_dataset(urls, options.config, run_dir.url, options.retry_failed)
-        driver = Driver(options, run_dir)
-        for row in ds.iter_rows():
-            driver.add(from_row(row))
-        summary = driver.finish()
+        metrics = start_metrics(options.metrics_port)
+        try:
+            ds = build_dataset(urls, options.config, run_dir.url, options.retry_failed)
+            driver = Driver(options, run_dir, metrics)
+            for row in ds.iter_rows():
+                driver.add(from_row(row))
+            summary = driver.finish()
+        finally:
+            if metrics:
+                metrics.stop()
     summary.wall_seconds = time.perf_counter() - began
     write_json(run_dir.path("summary.json"), {**summary.__dict__, "line": summary.line()})
     print(summary.line())
