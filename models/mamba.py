@@ -1,14 +1,15 @@
 """Mamba (selective state space) layers for StableDub, on any device.
 
-The selective scan has three implementations with one signature (mamba-ssm's `selective_scan_fn`):
-- `selective_scan_reference`: a naive step-by-step recurrence, written for reading; tests use it;
-- `selective_scan_torch`: the pure-PyTorch path used on CPU (and on GPUs without mamba-ssm): a
-  stepwise loop for short sequences (the temporal scan over a window's frames) and a chunked
-  doubling scan for long ones (the spatial scan over a latent's pixels);
-- mamba-ssm's fused CUDA kernel, used when the tensors are on CUDA and `mamba_ssm` imports.
+The selective scan (`selective_scan`, mamba-ssm's `selective_scan_fn` contract; `scan_time_major`,
+the same on time-major tensors) runs on:
+- mamba-ssm's fused CUDA kernel, when the tensors are on CUDA and `mamba_ssm` imports;
+- on CPU, a time-major in-place recurrence (inference: cache-sized blocks of steps; training: the
+  same with a hand-written backward);
+- on CUDA without mamba-ssm, a chunked doubling (Hillis-Steele) scan.
+`selective_scan_reference` is a naive step-by-step recurrence, written for reading; tests use it.
 
 `MambaLayer` is the standard Mamba block (Linear -> depthwise causal Conv -> selective SSM -> Linear,
-gated by a parallel Linear branch) that scans a sequence in one or more directions; the directions
+gated by a parallel Linear branch) that scans a sequence in one or two directions; the directions
 are stacked as channel groups so one scan call serves them all.
 """
 
@@ -24,12 +25,12 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-# The per-step loop makes ~5 passes over the (b, d, L, n) state, the doubling scan ~25, so the loop
-# wins on CPU unless each step is too small to cover Python's per-op overhead (measured here:
-# loop faster at >= 8k elements per step; chunks of 16 best below that, on long sequences).
-STEPWISE_MIN_STEP_ELEMENTS = 8192
-STEPWISE_MAX_LENGTH = 64
-CHUNK_SIZE = 16
+# CPU inference scans blocks of steps whose decays and states (~2 x BLOCK_ELEMENTS floats) stay in
+# cache; measured here, 2^18..2^20 is 1.5-3x faster than whole-sequence tensors (2^24).
+BLOCK_ELEMENTS = 1 << 19
+# On CUDA without mamba-ssm a per-step loop is one kernel launch per step; the doubling scan needs
+# log2(chunk) launches per chunk instead.
+CUDA_CHUNK_SIZE = 64
 
 
 @lru_cache(maxsize=1)
@@ -42,28 +43,9 @@ def mamba_ssm_scan() -> Callable | None:
     return selective_scan_fn
 
 
-def _grouped(x: Tensor) -> Tensor:
-    """B or C, (b, n, L) or (b, g, n, L) -> (b, g, 1, L, n): broadcasts over each group's channels."""
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return x.transpose(-1, -2).unsqueeze(2).float()
-
-
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
-    if D is not None:
-        y = y + u * D[None, :, None].float()
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y
-
-
-def _discretise(u: Tensor, delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias[None, :, None].float()
-    if delta_softplus:
-        delta = F.softplus(delta)
-    return u, delta
+def _groups(x: Tensor) -> Tensor:
+    """B or C as (b, g, n, L): a (b, n, L) tensor is one group shared by all channels."""
+    return x.unsqueeze(1) if x.dim() == 3 else x
 
 
 def selective_scan_reference(
@@ -83,108 +65,122 @@ def selective_scan_reference(
     Returns float32 (b, d, L).
     """
     dtype_in = u.dtype
-    u, delta = _discretise(u, delta, delta_bias, delta_softplus)
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
     b, d, length = u.shape
-    Bx, Cx = _grouped(B), _grouped(C)  # (b, g, 1, L, n)
-    groups = Bx.shape[1]
+    B, C = _groups(B).float(), _groups(C).float()
+    groups = B.shape[1]
     h = u.new_zeros(b, d, A.shape[1])
     ys = []
     for t in range(length):
         decay = torch.exp(delta[:, :, t, None] * A.float())
-        B_t = Bx[:, :, 0, t].repeat_interleave(d // groups, dim=1)  # (b, d, n)
-        C_t = Cx[:, :, 0, t].repeat_interleave(d // groups, dim=1)
+        B_t = B[..., t].repeat_interleave(d // groups, dim=1)  # (b, d, n)
+        C_t = C[..., t].repeat_interleave(d // groups, dim=1)
         h = decay * h + delta[:, :, t, None] * B_t * u[:, :, t, None]
         ys.append((h * C_t).sum(-1))
-    return _finish(torch.stack(ys, dim=-1), u, D, z).to(dtype_in)
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D[None, :, None].float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype_in)
 
 
-# The two scans below see channels split into groups: u, delta (b, g, c, L); A (g, c, n);
-# B, C (b, g, 1, L, n). They return y (b, g, c, L) before the D and gate terms.
+# The scans below are time-major: delta, u (L, b, g, c); A (g, c, n); B, C (L, b, g, 1, n) with
+# g groups of c channels. Time-major makes every step's slice one contiguous block, so a step is a
+# single in-place addcmul; everything else is done for all steps at once.
 
 
-def _scan_stepwise(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    # Per-step tensors are made inside the loop: precomputing all steps would hold (L, b, d, n) at once.
-    du = delta * u
-    h = u.new_zeros(*u.shape[:-1], A.shape[-1])
-    ys = []
-    for t in range(u.shape[-1]):
-        h = torch.addcmul(du[..., t, None] * B[..., t, :], torch.exp(delta[..., t, None] * A), h)
-        ys.append((h * C[..., t, :]).sum(-1))
-    return torch.stack(ys, dim=-1)
+def _recur(decay: Tensor, H: Tensor) -> None:
+    """In place: H[t] += decay[t] * H[t-1] for t = 1..L-1 (H[0] already holds the first state)."""
+    for t in range(1, H.shape[0]):
+        torch.addcmul(H[t], decay[t], H[t - 1], out=H[t])
 
 
-def _scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> Tensor:
-    """Chunk by chunk; inside a chunk a Hillis-Steele doubling scan.
+def _contract(H: Tensor, C: Tensor) -> Tensor:
+    """y = sum_n H * C as one batched matmul (C is shared by a group's channels)."""
+    return torch.matmul(H, C.transpose(-1, -2)).squeeze(-1)
+
+
+def _scan_blocked(delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, block_elements: int) -> Tensor:
+    """Inference scan: blocks of steps bound the memory to ~2 x block_elements floats."""
+    length = delta.shape[0]
+    step_elements = delta[0].numel() * A.shape[-1]
+    block = max(1, block_elements // step_elements)
+    y = delta.new_empty(delta.shape)
+    h = None
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        dt = delta[start:stop]
+        decay = (dt[..., None] * A).exp_()
+        H = (dt * u[start:stop])[..., None] * B[start:stop]
+        if h is not None:
+            H[0].addcmul_(decay[0], h)
+        _recur(decay, H)
+        y[start:stop] = _contract(H, C[start:stop])
+        h = H[-1]
+    return y
+
+
+def _scan_chunked(delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> Tensor:
+    """Chunk by chunk; inside a chunk a Hillis-Steele doubling scan (log2(chunk) whole-chunk passes).
 
     The decay over (s, t] is exp(S_t - S_s) with S the running sum of delta*A inside the chunk; S
     only falls, so every exponent is <= 0 and nothing overflows, whatever delta grows to in training.
     """
-    length = u.shape[-1]
-    h = u.new_zeros(*u.shape[:-1], A.shape[-1])
-    A = A[..., None, :]  # (g, c, 1, n)
+    length = delta.shape[0]
+    h = None
     ys = []
     for start in range(0, length, chunk):
         stop = min(length, start + chunk)
-        dt = delta[..., start:stop, None]
-        S = torch.cumsum(dt * A, dim=-2)  # (b, g, c, l, n)
-        x = (dt * u[..., start:stop, None]) * B[..., start:stop, :]
+        dt = delta[start:stop, ..., None]
+        S = torch.cumsum(dt * A, dim=0)  # (l, b, g, c, n)
+        x = (dt * u[start:stop, ..., None]) * B[start:stop]
         step = 1
         while step < stop - start:
-            carried = torch.addcmul(x[..., step:, :], torch.exp(S[..., step:, :] - S[..., :-step, :]), x[..., :-step, :])
-            x = torch.cat([x[..., :step, :], carried], dim=-2)
+            carried = torch.addcmul(x[step:], torch.exp(S[step:] - S[:-step]), x[:-step])
+            x = torch.cat([x[:step], carried], dim=0)
             step *= 2
-        H = torch.addcmul(x, torch.exp(S), h[..., None, :])
-        ys.append((H * C[..., start:stop, :]).sum(-1))
-        h = H[..., -1, :]
-    return torch.cat(ys, dim=-1)
-
-
-def _states(u: Tensor, delta: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """All states H (b, g, c, L, n) and the decays exp(delta A) (same shape)."""
-    decay = torch.exp(delta[..., None] * A[..., None, :])
-    inputs = (delta * u)[..., None] * B
-    H = torch.empty_like(inputs)
-    h = torch.zeros_like(inputs[..., 0, :])
-    for t in range(u.shape[-1]):
-        h = torch.addcmul(inputs[..., t, :], decay[..., t, :], h)
-        H[..., t, :] = h
-    return H, decay
+        H = x if h is None else torch.addcmul(x, torch.exp(S), h)
+        ys.append((H * C[start:stop]).sum(-1))
+        h = H[-1]
+    return torch.cat(ys, dim=0)
 
 
 class _ScanWithGradient(torch.autograd.Function):
-    """Stepwise scan with a hand-written backward: the gradient of a linear recurrence is the same
-    recurrence run backwards, so one reverse loop plus a few whole-tensor products replace the
-    thousands of small autograd nodes a per-step loop would record."""
+    """Training scan with a hand-written backward: the gradient of a linear recurrence is the same
+    recurrence run backwards, so one reverse loop plus whole-tensor products replace the thousands
+    of small autograd nodes a per-step loop would record."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-        H, _ = _states(u, delta, A, B)
-        ctx.save_for_backward(u, delta, A, B, C, H)
-        return (H * C).sum(-1)
+    def forward(ctx, delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        H = (delta * u)[..., None] * B
+        _recur((delta[..., None] * A).exp_(), H)
+        ctx.save_for_backward(delta, u, A, B, C, H)
+        return _contract(H, C)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor, ...]:
-        u, delta, A, B, C, H = ctx.saved_tensors
-        decay = torch.exp(delta[..., None] * A[..., None, :])
-        from_output = grad_y[..., None] * C
-        grad_H = torch.empty_like(H)
-        carried = torch.zeros_like(H[..., 0, :])  # dL/dh_t arriving from h_{t+1}
-        for t in reversed(range(u.shape[-1])):
-            grad_h = from_output[..., t, :] + carried
-            grad_H[..., t, :] = grad_h
-            carried = grad_h * decay[..., t, :]
-        previous = torch.cat([torch.zeros_like(H[..., :1, :]), H[..., :-1, :]], dim=-2)
+        delta, u, A, B, C, H = ctx.saved_tensors
+        decay = torch.exp(delta[..., None] * A)
+        grad_H = grad_y[..., None] * C  # from each step's output; then add what flows back from h_{t+1}
+        for t in range(H.shape[0] - 2, -1, -1):
+            torch.addcmul(grad_H[t], decay[t + 1], grad_H[t + 1], out=grad_H[t])
+        previous = torch.cat([torch.zeros_like(H[:1]), H[:-1]], dim=0)
         grad_exponent = grad_H * previous * decay  # dL/d(delta A)
         grad_input = (grad_H * B).sum(-1)  # dL/d(delta u)
+        grad_delta = (grad_exponent * A).sum(-1) + grad_input * u
         grad_u = grad_input * delta
-        grad_delta = (grad_exponent * A[..., None, :]).sum(-1) + grad_input * u
-        grad_A = (grad_exponent * delta[..., None]).sum(dim=(0, 3))
-        grad_B = (grad_H * (delta * u)[..., None]).sum(dim=2, keepdim=True)
-        grad_C = (grad_y[..., None] * H).sum(dim=2, keepdim=True)
-        return grad_u, grad_delta, grad_A, grad_B, grad_C
+        grad_A = (grad_exponent * delta[..., None]).sum(dim=(0, 1))
+        grad_B = (grad_H * (delta * u)[..., None]).sum(dim=3, keepdim=True)
+        grad_C = (grad_y[..., None] * H).sum(dim=3, keepdim=True)
+        return grad_delta, grad_u, grad_A, grad_B, grad_C
 
 
-def selective_scan_torch(
+def scan_time_major(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -195,29 +191,58 @@ def selective_scan_torch(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> Tensor:
-    """Same contract as `selective_scan_reference`; computes in float32 whatever the input dtype.
+    """The selective SSM on time-major tensors: u, delta, z (L, b, g, c); A (g*c, n); B, C (L, b, g, n);
+    D, delta_bias (g*c,). Returns y (L, b, g, c) in u's dtype, computed in float32.
 
-    Training (gradients needed) uses the stepwise scan with its own backward. Inference picks the
-    stepwise loop for short sequences or large steps, else chunks of CHUNK_SIZE. A `chunk_size`
-    forces the chunked scan with that chunk (tests use it).
+    mamba-ssm's kernel on CUDA when it is installed ("auto"/"cuda"). Otherwise, on CPU, training
+    (gradients needed) uses the in-place recurrence with its own backward and inference the same
+    recurrence in cache-sized blocks of steps; on CUDA, and whenever `chunk_size` is given, the
+    chunked doubling scan.
     """
+    length, batch, groups, channels = u.shape
+    fused = mamba_ssm_scan() if backend in ("auto", "cuda") else None
+    if backend == "cuda" and (fused is None or not u.is_cuda):
+        raise RuntimeError("backend='cuda' needs CUDA tensors and mamba-ssm with its compiled kernels")
+    if fused is not None and u.is_cuda:
+
+        def batch_major(x: Tensor) -> Tensor:
+            return x.permute(1, 2, 3, 0).reshape(batch, groups * channels, length).contiguous()
+
+        y = fused(
+            batch_major(u),
+            batch_major(delta),
+            A.float().contiguous(),
+            B.permute(1, 2, 3, 0).contiguous(),
+            C.permute(1, 2, 3, 0).contiguous(),
+            None if D is None else D.float().contiguous(),
+            None if z is None else batch_major(z),
+            None if delta_bias is None else delta_bias.float().contiguous(),
+            delta_softplus,
+        )
+        return y.view(batch, groups, channels, length).permute(3, 0, 1, 2)
+
     dtype_in = u.dtype
-    u, delta = _discretise(u, delta, delta_bias, delta_softplus)
-    b, d, length = u.shape
-    Bx, Cx = _grouped(B), _grouped(C)
-    groups = Bx.shape[1]
-    shape = (b, groups, d // groups, length)
-    args = (u.view(shape), delta.reshape(shape), A.float().view(groups, d // groups, -1), Bx, Cx)
-    step_elements = b * d * A.shape[-1]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
-    if chunk_size is None and needs_grad:
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float().view(groups, channels)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    args = (delta.contiguous(), u.contiguous(), A.float().view(groups, channels, -1), B.float()[..., None, :], C.float()[..., None, :])
+    if chunk_size is None and u.is_cuda:
+        chunk_size = CUDA_CHUNK_SIZE
+    if chunk_size is not None:
+        y = _scan_chunked(*args, chunk=chunk_size)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in args):
         y = _ScanWithGradient.apply(*args)
-    elif chunk_size is None and (length <= STEPWISE_MAX_LENGTH or step_elements >= STEPWISE_MIN_STEP_ELEMENTS):
-        y = _scan_stepwise(*args)
     else:
-        y = _scan_chunked(*args, chunk=chunk_size or CHUNK_SIZE)
-    return _finish(y.reshape(b, d, length), u, D, z).to(dtype_in)
+        y = _scan_blocked(*args, block_elements=BLOCK_ELEMENTS)
+    if D is not None:
+        y = y + u * D.float().view(groups, channels)
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype_in)
 
 
 def selective_scan(
@@ -230,25 +255,31 @@ def selective_scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Dispatch: mamba-ssm's CUDA kernel when possible ("auto"/"cuda"), else the PyTorch scan."""
-    fused = mamba_ssm_scan() if backend in ("auto", "cuda") else None
-    if backend == "cuda" and (fused is None or not u.is_cuda):
-        raise RuntimeError("backend='cuda' needs CUDA tensors and mamba-ssm with its compiled kernels")
-    if fused is not None and u.is_cuda:
-        return fused(
-            u.contiguous(),
-            delta.contiguous(),
-            A.float().contiguous(),
-            B.contiguous(),
-            C.contiguous(),
-            None if D is None else D.float().contiguous(),
-            None if z is None else z.contiguous(),
-            None if delta_bias is None else delta_bias.float().contiguous(),
-            delta_softplus,
-        )
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    """mamba-ssm's `selective_scan_fn` contract ((b, d, L) tensors), on any device; see `scan_time_major`."""
+    b, d, length = u.shape
+    B, C = _groups(B), _groups(C)
+    groups = B.shape[1]
+
+    def time_major(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.view(b, groups, d // groups, length).permute(3, 0, 1, 2)
+
+    y = scan_time_major(
+        time_major(u),
+        time_major(delta),
+        A,
+        B.permute(3, 0, 1, 2),
+        C.permute(3, 0, 1, 2),
+        D,
+        time_major(z),
+        delta_bias,
+        delta_softplus,
+        chunk_size,
+        backend,
+    )
+    return y.permute(1, 2, 3, 0).reshape(b, d, length)
 
 
 class MambaLayer(nn.Module):
@@ -298,30 +329,42 @@ class MambaLayer(nn.Module):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
+        # Time-major throughout: the scan steps over the outer axis, and moving whole rows of
+        # channels is cheap where transposing channels against time is not.
+        length = x.shape[1]
         groups, inner = self.directions, self.d_inner
-        hidden, gate = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (b, inner, L) each
+        hidden, gate = self.in_proj(x.transpose(0, 1)).chunk(2, dim=-1)  # (L, b, inner) each
         if groups == 2:
-            hidden = torch.cat([hidden, hidden.flip(-1)], dim=1)
-            gate = torch.cat([gate, gate.flip(-1)], dim=1)
-        hidden = F.silu(self.conv1d(hidden)[..., :length])
-        per_group = hidden.view(batch, groups, inner, length)
-        proj = torch.einsum("bgdl,gkd->bgkl", per_group, self.x_proj.to(hidden.dtype))
-        dt, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bgrl,gdr->bgdl", dt, self.dt_proj.to(hidden.dtype)).reshape(batch, groups * inner, length)
-        y = selective_scan(
+            hidden = torch.stack([hidden, hidden.flip(0)], dim=2)
+            gate = torch.stack([gate, gate.flip(0)], dim=2)
+        else:
+            hidden, gate = hidden[:, :, None], gate[:, :, None]
+        hidden = F.silu(self._causal_conv(hidden))  # (L, b, g, inner)
+        proj = torch.einsum("lbgd,gkd->lbgk", hidden, self.x_proj.to(hidden.dtype))
+        dt, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = torch.einsum("lbgr,gdr->lbgd", dt, self.dt_proj.to(hidden.dtype))
+        y = scan_time_major(
             hidden,
             delta,
             -torch.exp(self.A_log.float()),
-            B.contiguous(),
-            C.contiguous(),
+            B,
+            C,
             self.D,
             gate,
             self.dt_bias,
             delta_softplus=True,
             backend=self.backend,
         ).to(x.dtype)
-        if groups == 2:
-            forward_y, backward_y = y.chunk(2, dim=1)
-            y = forward_y + backward_y.flip(-1)
-        return self.out_proj(y.transpose(1, 2))
+        y = y[:, :, 0] + y[:, :, 1].flip(0) if groups == 2 else y[:, :, 0]
+        return self.out_proj(y).transpose(0, 1)
+
+    def _causal_conv(self, x: Tensor) -> Tensor:
+        """Depthwise causal conv along time on (L, b, g, inner), with conv1d's weights."""
+        kernel = self.conv1d.kernel_size[0]
+        weight = self.conv1d.weight.view(self.directions, self.d_inner, kernel).to(x.dtype)
+        bias = self.conv1d.bias.view(self.directions, self.d_inner).to(x.dtype)
+        out = torch.addcmul(bias, x, weight[..., kernel - 1])
+        for k in range(kernel - 1):
+            shift = kernel - 1 - k  # tap k sees the input `shift` steps back
+            out[shift:].addcmul_(x[:-shift], weight[..., k])
+        return out

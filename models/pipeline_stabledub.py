@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
@@ -37,6 +38,8 @@ NOISE_SCHEDULE: dict[str, Any] = {
     "steps_offset": 1,
     "clip_sample": False,
 }
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's input normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
 
@@ -91,9 +94,10 @@ class StableDubPipelineOutput(BaseOutput):
 
 
 class StableDubPipeline(DiffusionPipeline):
-    """vae + unet + lip_habit + scheduler; see the module docstring."""
+    """vae + unet + lip_habit + scheduler (+ optional CLIP image encoder); see the module docstring."""
 
-    model_cpu_offload_seq = "lip_habit->vae->unet"
+    model_cpu_offload_seq = "image_encoder->lip_habit->vae->unet"
+    _optional_components = ["image_encoder"]
 
     def __init__(
         self,
@@ -101,12 +105,19 @@ class StableDubPipeline(DiffusionPipeline):
         unet: StableDubUNet,
         lip_habit: LipHabitEncoder,
         scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
+        image_encoder: Any = None,
     ) -> None:
+        """`image_encoder`: a transformers CLIPVisionModel (weights from the user) whose patch tokens
+        join the appearance tokens; the UNet's clip_embed_dim must equal its hidden size. Modules
+        are used as given: put them in eval mode, as from_pretrained does (a few CPU kernels differ
+        in the last bit between train and eval mode)."""
         super().__init__()
         check_latent_space(vae)
         if lip_habit.config.audio_channels != unet.config.audio_channels:
             raise ValueError("lip_habit.audio_channels must equal unet.audio_channels (it modulates those channels)")
-        self.register_modules(vae=vae, unet=unet, lip_habit=lip_habit, scheduler=scheduler)
+        if image_encoder is not None and image_encoder.config.hidden_size != unet.config.clip_embed_dim:
+            raise ValueError("the UNet's clip_embed_dim must equal the image encoder's hidden size")
+        self.register_modules(vae=vae, unet=unet, lip_habit=lip_habit, scheduler=scheduler, image_encoder=image_encoder)
 
     @classmethod
     def from_pretrained(cls, url: str | os.PathLike, **kwargs: Any) -> "StableDubPipeline":
@@ -216,6 +227,16 @@ class StableDubPipeline(DiffusionPipeline):
             habit = self.lip_habit(mouths, torch.from_numpy(np.asarray(lip_audio, np.float32)).to(device)[None])
         return habit.scale, habit.shift
 
+    def clip_tokens(self, reference: np.ndarray) -> torch.Tensor:
+        """CLIP patch tokens (1, k, hidden) of the first reference crop."""
+        size = self.image_encoder.config.image_size
+        pixels = (to_pixels(reference[:1], self._execution_device) + 1) / 2
+        pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(CLIP_MEAN, device=pixels.device)[None, :, None, None]
+        std = torch.tensor(CLIP_STD, device=pixels.device)[None, :, None, None]
+        pixel_values = ((pixels - mean) / std).to(self.image_encoder.dtype)
+        return self.image_encoder(pixel_values=pixel_values).last_hidden_state
+
     @torch.no_grad()
     def __call__(
         self,
@@ -244,7 +265,8 @@ class StableDubPipeline(DiffusionPipeline):
         (R, S, S, 3) appearance frames of the same person (default: the middle frame); lip_frames
         (T, S, S, 3) with lip_audio (T, W, F): an undubbed clip of the speaker for the lip habit
         (default: the neutral habit). audio_guidance_scale > 1 applies classifier-free guidance on
-        audio (needs a model trained with audio dropout). Returns uint8 (N, S, S, 3).
+        audio (needs a model trained with audio dropout). clip_embeds (1, k, clip_embed_dim)
+        overrides the image encoder's tokens. Returns uint8 (N, S, S, 3).
         """
         self.check_inputs(
             frames, masks, occlusion, audio_features, reference, lip_frames, lip_audio, num_inference_steps, window, overlap
@@ -256,6 +278,8 @@ class StableDubPipeline(DiffusionPipeline):
             reference = frames[count // 2 : count // 2 + 1]
         conditioning, region = encode_conditioning(self.vae, frames, masks, occlusion, reference, device)
         scale, shift = self.habit_modulation(lip_frames, lip_audio)
+        if clip_embeds is None and self.image_encoder is not None:
+            clip_embeds = self.clip_tokens(reference)
         audio = torch.from_numpy(np.asarray(audio_features, np.float32)).to(device)
         if latents is None:
             shape = (count, LATENT_CHANNELS, *conditioning.mask.shape[-2:])

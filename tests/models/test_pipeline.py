@@ -30,6 +30,9 @@ def tiny_pipeline(**unet_overrides) -> StableDubPipeline:
         scheduler=make_scheduler("ddim"),
     )
     pipe.set_progress_bar_config(disable=True)
+    # As from_pretrained leaves them: some kernels differ in the last bit between train and eval mode.
+    for module in (pipe.vae, pipe.unet, pipe.lip_habit):
+        module.eval()
     return pipe
 
 
@@ -197,3 +200,22 @@ def test_overlapping_windows_leave_no_seam(clip64):
     assert hard[boundaries].min() > 1.5 * hard.median()  # the metric sees a seam
     assert blended[boundaries].max() < 1.2 * blended.median()
     assert blended.max() <= hard.max()
+
+
+def test_optional_clip_image_encoder_adds_appearance_tokens(track, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    ).eval()
+    pipe = tiny_pipeline(clip_embed_dim=32)
+    without = run(pipe, track, num_inference_steps=2)
+    with_clip = StableDubPipeline(**pipe.components | {"image_encoder": encoder})
+    with_clip.set_progress_bar_config(disable=True)
+    assert with_clip.clip_tokens(track["frames"]).shape == (1, 17, 32)
+    assert not np.array_equal(without, run(with_clip, track, num_inference_steps=2))
+    with_clip.save_pretrained(tmp_path / "clip")
+    assert StableDubPipeline.from_pretrained(tmp_path / "clip").image_encoder is not None
+    with pytest.raises(ValueError, match="clip_embed_dim"):
+        StableDubPipeline(**tiny_pipeline().components | {"image_encoder": encoder})
