@@ -1,8 +1,9 @@
-"""The `stabledub` command line: pack, run, demo."""
+"""The `stabledub` command line: pack, run, config, demo, preprocess, train, eval."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -105,6 +106,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.output)
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipeline.lease import LeaseHeld
+    from pipeline.preprocess import FilterConfig, PreprocessOptions, preprocess
+    from pipeline.rundir import RunDirError
+
+    try:
+        config = load_config(args.config, args.set or [])
+        filters = FilterConfig(**{k: type(getattr(FilterConfig, k))(v) for k, v in (f.split("=", 1) for f in args.filter or [])})
+    except (ConfigError, TypeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    options = PreprocessOptions(
+        input=args.input, output=args.output, config=config, filters=filters, shard_bytes=_parse_size(args.shard_size),
+        audio=args.audio, workdir=args.workdir, progress=not args.quiet,
+    )
+    try:
+        summary = preprocess(options)
+    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_SOME_FAILED if summary.films_failed else EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train
+
+    try:
+        config = TrainConfig.load(args.config, dict(_yaml_pairs(args.set or [])))
+    except (OSError, TypeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        train(args.data, args.output_model, config, use_ray=not args.no_ray)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"model: {args.output_model} (loss curve: {args.output_model}/loss.png)")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    try:
+        result = evaluate(args.model, args.data, args.output, sync_expert=args.sync_expert, max_clips=args.max_clips,
+                          steps=args.steps)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"metrics: {args.output}/metrics.json  report: {args.output}/index.html")
+    print(json.dumps(result["mean"], indent=1))
+    return EXIT_OK
+
+
+def _yaml_pairs(items: list[str]) -> list[tuple[str, object]]:
+    import yaml
+
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(raw)))
+    return pairs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stabledub", description="Visual dubbing of film catalogs (StableDub on Ray Data).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every film as it completes")
@@ -142,6 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build a demo film from packaged material and dub it")
     d.add_argument("--output", default="demo-output")
     d.set_defaults(func=cmd_demo)
+
+    pp = sub.add_parser("preprocess", help="films -> webdataset training shards of per-track segments (no inpainting)")
+    pp.add_argument("input", help="film shard URL or brace pattern (as for run)")
+    pp.add_argument("output", help="output directory URL for train-NNNNNN.tar shards")
+    pp.add_argument("--config", help="YAML or JSON pipeline config file")
+    pp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline config value")
+    pp.add_argument("--filter", action="append", metavar="KEY=VALUE", help="override a filter (min_frames, min_face_px, min_speech, shift_max, drop_offset, ...)")
+    pp.add_argument("--shard-size", default="1G", help="start a new training shard before one passes this size (default 1G)")
+    pp.add_argument("--audio", choices=("dub", "own"), default="dub", help="featurize the dub member (default) or the film's own audio")
+    pp.add_argument("--workdir", help="run directory URL (default: OUTPUT/_stabledub_preprocess)")
+    pp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pp.set_defaults(func=cmd_preprocess)
+
+    t = sub.add_parser("train", help="train StableDub on training shards (Ray Train); resumes from OUTPUT_MODEL/checkpoints")
+    t.add_argument("data", help="directory, pattern or file of training shards")
+    t.add_argument("output_model", help="output folder (diffusers StableDubPipeline)")
+    t.add_argument("--config", help="YAML training config (keys of models.train.TrainConfig)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config value")
+    t.add_argument("--no-ray", action="store_true", help="run the training loop in this process (no Ray Train)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="self-reenactment metrics of MODEL on held-out clips")
+    e.add_argument("model", help="StableDub checkpoint folder, or a baseline: source, frozen")
+    e.add_argument("data", help="training shards (directory/pattern) or a folder of mp4 files with their own audio")
+    e.add_argument("-o", "--output", required=True, help="directory for metrics.json and index.html")
+    e.add_argument("--sync-expert", default="", help="sync expert folder (default: the shipped one, if any)")
+    e.add_argument("--max-clips", type=int, default=0, help="evaluate at most this many clips (0: all)")
+    e.add_argument("--steps", type=int, default=20, help="denoising steps")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

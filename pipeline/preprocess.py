@@ -1,0 +1,457 @@
+"""`stabledub preprocess`: film shards -> webdataset training shards of per-track segments.
+
+The same Ray Data plan as `run` (plan -> decode -> face track -> occlusion -> audio), without
+inpainting or encoding. The driver turns every track of every finished segment into one training
+sample (aligned crops, union/fine/coarse masks, landmarks, occlusion, audio features, voice
+activity, JSON metadata), filters it with a recorded reason, and appends it to the current output
+shard; a new shard starts before one would pass `shard_bytes`.
+
+Resume: a committed shard is followed by a completion marker per segment it holds (and per segment
+that gave no sample), in the run directory layout of `pipeline/rundir.py`; the planner then skips
+those segments, and films and input shards whose markers are all written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import PipelineConfig
+from pipeline.lease import Lease
+from pipeline.planner import index_shard_rows, plan_film_rows
+from pipeline.rundir import RunDir
+from pipeline.shards import expand_urls
+from stages.base import SegmentStage
+from stages.face_speaker import mouth_opening
+from stages.schema import FilmRef, Segment, Status, Track, from_row
+from stages.storage import filesystem, is_local, join, put_file, remove_temporaries, write_json
+
+log = logging.getLogger("stabledub")
+
+PREPROCESS_STAGES = ("decode", "face_track", "occlusion", "audio")
+SHARD_PATTERN = "train-{:06d}.tar"
+FIELDS = ("crops", "mask", "fine_mask", "coarse_mask", "landmarks", "occlusion", "audio", "vad", "silence", "frames")
+
+
+@dataclass
+class FilterConfig:
+    """Which track segments become training samples."""
+
+    min_frames: int = 16  # too short: fewer frames than a training window
+    min_face_px: float = 64.0  # face too small: cheek-to-cheek width in source pixels
+    min_speech: float = 0.2  # no speech: fraction of frames with voice activity >= 0.5
+    max_lag: int = 8  # AV offsets searched, in frames each way
+    shift_max: int = 2  # |offset| up to this (with enough confidence) is corrected by shifting the audio
+    drop_offset: int = 5  # |offset| at least this (with enough confidence) drops the sample
+    # Peak correlation minus the median over lags; below it the offset is unknown. On 2 s segments
+    # of the real sample clips (all in sync) 0.15 still dropped 6 of 28 tracks: be conservative.
+    min_confidence: float = 0.3
+    min_correlation: float = -1.0  # poor audio-mouth correlation: peak correlation below this drops (off by default)
+
+
+@dataclass
+class PreprocessOptions:
+    input: str
+    output: str
+    config: PipelineConfig
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    shard_bytes: int = 1 << 30
+    audio: str = "dub"  # dub: the film's dub member (a corpus packs each clip with its own audio) | own
+    workdir: str | None = None
+    progress: bool = True
+
+    @property
+    def run_dir(self) -> str:
+        return self.workdir or join(self.output, "_stabledub_preprocess")
+
+
+@dataclass
+class AVOffset:
+    """Audio-to-mouth offset: audio features shifted by `lag` frames line up best with the mouth."""
+
+    lag: int
+    correlation: float  # Pearson correlation at the best lag
+    confidence: float  # best correlation minus the median over all lags
+
+
+def estimate_av_offset(opening: np.ndarray, envelope: np.ndarray, max_lag: int) -> AVOffset:
+    """Best lag of mouth-opening change against audio-envelope change (positive: audio is late).
+
+    Differences, not levels: a mouth held half open through a loud passage says nothing about sync.
+    """
+    a = np.diff(np.asarray(opening, np.float64))
+    b = np.diff(np.asarray(envelope, np.float64))
+    scores = []
+    for lag in range(-max_lag, max_lag + 1):
+        x, y = (a[: len(a) - lag], b[lag:]) if lag >= 0 else (a[-lag:], b[: len(b) + lag])
+        if len(x) < 4 or x.std() < 1e-9 or y.std() < 1e-9:
+            scores.append(0.0)
+            continue
+        scores.append(float(np.corrcoef(x, y)[0, 1]))
+    scores_arr = np.array(scores)
+    best = int(np.argmax(scores_arr))
+    return AVOffset(lag=best - max_lag, correlation=float(scores_arr[best]), confidence=float(scores_arr[best] - np.median(scores_arr)))
+
+
+def audio_envelope(features: np.ndarray) -> np.ndarray:
+    """(T, W, F) log-mel windows -> (T,) loudness at each frame's centre."""
+    centre = features.shape[1] // 2
+    return features[:, max(0, centre - 1) : centre + 2].mean(axis=(1, 2))
+
+
+def shift_frames(values: np.ndarray, lag: int) -> np.ndarray:
+    """values[t + lag] at t, the edge repeated: moves late audio (lag > 0) back onto the frames."""
+    index = np.clip(np.arange(len(values)) + lag, 0, len(values) - 1)
+    return values[index]
+
+
+@dataclass
+class TrackSample:
+    key: str
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    def to_members(self) -> dict[str, bytes]:
+        members = {}
+        for name, value in self.arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, value, allow_pickle=False)
+            members[f"{name}.npy"] = buffer.getvalue()
+        members["json"] = json.dumps(self.meta, sort_keys=True, default=float).encode()
+        return members
+
+
+def sample_key(film: FilmRef, segment: Segment, track: Track) -> str:
+    # webdataset splits a member name at the first dot of its base name: keys carry none.
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", film.safe_key) + f"__s{segment.index:04d}_t{track.track_id}"
+
+
+def track_sample(segment: Segment, track: Track, filters: FilterConfig) -> tuple[TrackSample | None, str, dict[str, Any]]:
+    """One track of a finished segment -> (sample or None, rejection reason or '', metadata)."""
+    keep = track.frame_index >= segment.context  # context frames belong to the previous segment
+    index = track.frame_index[keep]
+    meta: dict[str, Any] = {
+        "source": {"shard": segment.film.shard_url, "key": segment.film.key, "segment": segment.index, "track": track.track_id},
+        "frames": [int(segment.context_start + index[0]), int(segment.context_start + index[-1] + 1)] if len(index) else [0, 0],
+        "time": [float(segment.pts[index[0]]), float(segment.pts[index[-1]])] if len(index) else [0.0, 0.0],
+        "fps": float(1.0 / np.median(np.diff(segment.pts))) if len(segment.pts) > 1 else 25.0,
+        "speaking": bool(track.speaking),
+        "face_px": track.info.get("face_px"),
+        "yaw": track.info.get("yaw"),
+        "jitter": track.info.get("jitter"),
+        "speaker_sync": track.info.get("sync"),
+    }
+    if len(index) < filters.min_frames:
+        return None, "too short", meta
+    if (track.info.get("face_px") or 0.0) < filters.min_face_px:
+        return None, "face too small", meta
+    assert segment.audio_features is not None and segment.voice_activity is not None and segment.silence is not None
+    audio = segment.audio_features[index]
+    vad = segment.voice_activity[index]
+    speech = float((vad >= 0.5).mean())
+    meta["speech_fraction"] = round(speech, 3)
+    if speech < filters.min_speech:
+        return None, "no speech", meta
+    assert track.landmarks is not None
+    opening = mouth_opening(track.landmarks[keep])
+    offset = estimate_av_offset(opening, audio_envelope(audio), filters.max_lag)
+    meta["av_offset"] = {"lag_frames": offset.lag, "correlation": round(offset.correlation, 4), "confidence": round(offset.confidence, 4)}
+    if offset.correlation < filters.min_correlation:
+        return None, "poor audio-mouth correlation", meta
+    # A peak on the edge of the search range is no estimate: the true lag may lie anywhere beyond it.
+    confident = offset.confidence >= filters.min_confidence and abs(offset.lag) < filters.max_lag
+    if confident and abs(offset.lag) >= filters.drop_offset:
+        return None, "large av offset", meta
+    shift = offset.lag if confident and 0 < abs(offset.lag) <= filters.shift_max else 0
+    meta["audio_shift_frames"] = shift
+    if shift:
+        audio, vad = shift_frames(audio, shift), shift_frames(vad, shift)
+    pick = np.flatnonzero(keep)
+    arrays = {
+        "crops": track.crops[pick],
+        "mask": track.mask[pick],
+        "fine_mask": track.fine_mask[pick] if track.fine_mask is not None else track.mask[pick],
+        "coarse_mask": track.coarse_mask[pick] if track.coarse_mask is not None else track.mask[pick],
+        "landmarks": track.landmarks[pick].astype(np.float32),
+        "occlusion": track.occlusion[pick] if track.occlusion is not None else np.zeros_like(track.mask[pick]),
+        "audio": audio.astype(np.float32),
+        "vad": vad.astype(np.float32),
+        "silence": segment.silence[index].astype(bool),
+        "frames": (segment.context_start + index).astype(np.int64),
+    }
+    meta["occlusion_fraction"] = round(float((arrays["occlusion"] > 127).mean()), 5)
+    return TrackSample(sample_key(segment.film, segment, track), arrays, meta), "", meta
+
+
+class UseOwnAudio(SegmentStage):
+    """Featurize the film's own audio instead of its dub member (`--audio own`)."""
+
+    name = "own_audio"
+
+    def process(self, segment: Segment) -> Segment:
+        if segment.source_audio is not None:
+            segment.audio = segment.source_audio
+        return segment
+
+
+def build_preprocess_dataset(urls: list[str], options: PreprocessOptions):
+    """The `run` plan up to the audio stage (same functions, same resources)."""
+    import ray
+
+    from pipeline.run import SEGMENT_BLOCK_BYTES, STAGES
+
+    config = options.config
+    ray.data.DataContext.get_current().target_max_block_size = SEGMENT_BLOCK_BYTES
+    ds = ray.data.from_items([{"shard_url": u} for u in urls], override_num_blocks=max(1, len(urls)))
+    ds = ds.flat_map(index_shard_rows, fn_kwargs={"run_dir": options.run_dir}, num_cpus=0.1)
+    ds = ds.flat_map(
+        plan_film_rows,
+        fn_kwargs={"run_dir": options.run_dir, "target_seconds": config.segment.target_seconds,
+                   "max_seconds": config.segment.max_seconds, "overlap": config.segment.overlap_frames,
+                   "downmix": config.audio.downmix},
+        num_cpus=0.1,
+    )
+    stages: list[tuple[str, type]] = [(name, STAGES[name]) for name in PREPROCESS_STAGES]
+    if options.audio == "own":
+        stages.insert(3, ("audio", UseOwnAudio))
+    for name, stage in stages:
+        res = config.resources[name]
+        ds = ds.map_batches(
+            stage, fn_constructor_kwargs={"config": config},
+            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, batch_size=res.batch_size,
+            batch_format="numpy", zero_copy_batch=False,
+        )
+    return ds
+
+
+@dataclass
+class PreprocessSummary:
+    films_ok: int = 0
+    films_failed: int = 0
+    films_skipped: int = 0
+    shards_skipped: int = 0  # input shards finished by an earlier run
+    segments: int = 0
+    samples: int = 0
+    frames: int = 0
+    shards_written: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    def line(self) -> str:
+        rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
+        return (f"films ok {self.films_ok} / failed {self.films_failed} (skipped, done earlier: {self.films_skipped}); "
+                f"samples {self.samples} ({self.frames} frames) in {self.shards_written} new shard(s); "
+                f"rejected: {rejected}; wall {self.wall_seconds:.1f} s")
+
+
+class ShardWriter:
+    """Appends samples to a local tar; commits it (atomically) to the output before it passes the cap."""
+
+    def __init__(self, output: str, shard_bytes: int, first_index: int) -> None:
+        self.output, self.shard_bytes, self.index = output, shard_bytes, first_index
+        self.tmp = tempfile.TemporaryDirectory(prefix="stabledub-train-")
+        self.tar: tarfile.TarFile | None = None
+        self.size = 0
+        self.samples = 0
+
+    def add(self, sample: TrackSample) -> str | None:
+        """Add one sample; returns the URL of a shard committed to make room for it, if any."""
+        members = sample.to_members()
+        size = sum(len(v) + 1024 for v in members.values())
+        committed = self.commit() if self.tar is not None and self.size + size > self.shard_bytes else None
+        if self.tar is None:
+            self.tar = tarfile.open(os.path.join(self.tmp.name, "shard.tar"), "w", format=tarfile.PAX_FORMAT)
+            self.size = self.samples = 0
+        for ext, body in members.items():
+            info = tarfile.TarInfo(f"{sample.key}.{ext}")
+            info.size, info.mtime = len(body), 0
+            self.tar.addfile(info, io.BytesIO(body))
+        self.size += size
+        self.samples += 1
+        return committed
+
+    def commit(self) -> str | None:
+        if self.tar is None:
+            return None
+        self.tar.close()
+        self.tar = None
+        url = join(self.output, SHARD_PATTERN.format(self.index))
+        put_file(os.path.join(self.tmp.name, "shard.tar"), url)
+        self.index += 1
+        return url
+
+
+def next_shard_index(output: str) -> int:
+    fs, path = filesystem(output)
+    if not fs.exists(path):
+        return 0
+    numbers = [int(m.group(1)) for p in fs.ls(path, detail=False) if (m := re.search(r"train-(\d{6})\.tar$", p))]
+    return max(numbers) + 1 if numbers else 0
+
+
+class PreprocessDriver:
+    """Consumes finished segments, writes samples, and writes completion markers after each commit."""
+
+    def __init__(self, options: PreprocessOptions, run: RunDir) -> None:
+        self.options, self.run = options, run
+        self.writer = ShardWriter(options.output, options.shard_bytes, next_shard_index(options.output))
+        self.summary = PreprocessSummary()
+        self.uncommitted: list[tuple[Segment, list[dict[str, Any]]]] = []  # segments waiting for their shard's commit
+        self.films: dict[str, dict[str, Any]] = {}  # film uid -> {"film", "count", "done", "tracks", "failed"}
+        self.shards: dict[str, dict[str, Any]] = {}  # input shard url -> {"expected", "resolved"}
+        self.dead: list[dict[str, Any]] = run.dead_letters()
+
+    def add(self, segment: Segment) -> None:
+        film = segment.film
+        if not film.key:  # whole input shard: done earlier or unusable
+            if segment.status is Status.DONE:
+                self.summary.shards_skipped += 1
+            else:
+                self.dead.append({"shard": film.shard_name, "key": "", "reason": segment.reason, "time": time.time()})
+            return
+        shard = self.shards.setdefault(film.shard_url, {"expected": film.shard_films, "resolved": set()})
+        state = self.films.setdefault(film.uid, {"film": film, "count": None, "done": set(), "tracks": [], "failed": ""})
+        if segment.is_marker:
+            if segment.status is Status.DONE:
+                self.summary.films_skipped += 1
+            else:
+                self._film_failed(state, segment.reason)
+            shard["resolved"].add(film.key)
+            self._maybe_finish_shard(film.shard_url)
+            return
+        state["count"] = segment.count
+        if segment.status is Status.DONE:
+            state["done"].add(segment.index)
+            self._maybe_finish_film(state)
+            return
+        if segment.status is Status.FAILED:
+            state["failed"] = state["failed"] or f"segment {segment.index}: {segment.reason}"
+            state["done"].add(segment.index)
+            self._maybe_finish_film(state)
+            return
+        records = []
+        for track in segment.tracks:
+            sample, reason, meta = track_sample(segment, track, self.options.filters)
+            record = {"segment": segment.index, "track": track.track_id, "status": "kept" if sample else "rejected", "reason": reason,
+                      "key": sample.key if sample else "", **{k: meta.get(k) for k in ("frames", "av_offset", "speech_fraction", "face_px")}}
+            records.append(record)
+            if sample is None:
+                self.summary.rejected[reason] = self.summary.rejected.get(reason, 0) + 1
+                continue
+            committed = self.writer.add(sample)
+            self.summary.samples += 1
+            self.summary.frames += len(sample.arrays["crops"])
+            if committed:
+                self._committed(committed)
+        if not segment.tracks:
+            records.append({"segment": segment.index, "status": "rejected", "reason": "no face"})
+            self.summary.rejected["no face"] = self.summary.rejected.get("no face", 0) + 1
+        self.summary.segments += 1
+        self.uncommitted.append((segment.drop_payload(), records))
+
+    def _committed(self, url: str) -> None:
+        """Markers for every segment whose samples are now in committed shards.
+
+        The segment being added when a commit makes room stays open until the next commit (a
+        segment with several tracks may straddle two shards; a kill between them redoes it).
+        """
+        self.summary.shards_written += 1
+        log.info("wrote %s", url)
+        for segment, records in self.uncommitted:
+            write_json(join(self.run.segment_dir(segment.film), f"{segment.index}.json"), {"records": records})
+            state = self.films[segment.film.uid]
+            state["done"].add(segment.index)
+            state["tracks"] += records
+            self._maybe_finish_film(state)
+        self.uncommitted = []
+
+    def _maybe_finish_film(self, state: dict[str, Any]) -> None:
+        film: FilmRef = state["film"]
+        if state["count"] is None or len(state["done"]) < state["count"]:
+            return
+        if state["failed"]:
+            self._film_failed(state, state["failed"])
+        else:
+            tracks = state["tracks"]
+            write_json(self.run.film_url(film, ".json"), {"key": film.key, "status": "ok", "tracks": tracks,
+                                                           "kept": sum(t["status"] == "kept" for t in tracks)})
+            self.summary.films_ok += 1
+        state["count"] = None  # reported once
+        self.shards[film.shard_url]["resolved"].add(film.key)
+        self._maybe_finish_shard(film.shard_url)
+
+    def _film_failed(self, state: dict[str, Any], reason: str) -> None:
+        film: FilmRef = state["film"]
+        write_json(self.run.film_url(film, ".json"), {"key": film.key, "status": "failed", "reason": reason})
+        self.dead.append({"shard": film.shard_name, "key": film.key, "reason": reason, "time": time.time()})
+        self.summary.films_failed += 1
+
+    def _maybe_finish_shard(self, url: str) -> None:
+        shard = self.shards[url]
+        if len(shard["resolved"]) >= shard["expected"]:
+            name = url.rstrip("/").rsplit("/", 1)[-1]
+            write_json(self.run.shard_marker(name), {"films": sorted(shard["resolved"])})
+
+    def finish(self) -> PreprocessSummary:
+        url = self.writer.commit()
+        if url:
+            self._committed(url)
+        elif self.uncommitted:  # only rejected samples since the last commit
+            self.summary.shards_written -= 1
+            self._committed("(no new shard)")
+        self.run.write_dead_letters(self.dead)
+        return self.summary
+
+
+def preprocess(options: PreprocessOptions) -> PreprocessSummary:
+    from pipeline.run import init_ray
+
+    began = time.perf_counter()
+    urls = expand_urls(options.input)
+    if not urls:
+        raise FileNotFoundError(f"no shards match {options.input}")
+    fs, out_path = filesystem(options.output)
+    if is_local(fs):
+        os.makedirs(out_path, exist_ok=True)
+    run_dir = RunDir(options.run_dir)
+    with Lease(run_dir.url):
+        fingerprint = {**options.config.output_fingerprint(), "filters": asdict(options.filters), "audio_source": options.audio}
+        fingerprint.pop("inpaint", None)
+        fingerprint.pop("encode", None)
+        run_dir.check_config(fingerprint)
+        remove_temporaries(run_dir.url)
+        remove_temporaries(options.output, recursive=False)
+        init_ray()
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = options.progress
+        driver = PreprocessDriver(options, run_dir)
+        for row in build_preprocess_dataset(urls, options).iter_rows():
+            driver.add(from_row(row))
+        summary = driver.finish()
+    summary.wall_seconds = time.perf_counter() - began
+    write_json(run_dir.path("summary.json"), {**asdict(summary), "line": summary.line()})
+    print(summary.line())
+    return summary
+
+
+def shard_urls(data: str) -> list[str]:
+    """Training shards of a preprocess output: a directory (every train-*.tar), a pattern or a file."""
+    if data.endswith(".tar") or "{" in data:
+        return expand_urls(data)
+    fs, path = filesystem(data)
+    found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+    protocol = data.split("://", 1)[0] + "://" if "://" in data else ""
+    return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]
+
