@@ -404,7 +404,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
-        row: dict[str, Any] = {"phase": "unet", "step": step + 1, **{k: float(v) for k, v in losses.items()},
+        row: dict[str, Any] = {"phase": "unet", "step": step + 1, **{k: float(v.detach()) for k, v in losses.items()},
                                "seconds": round(time.perf_counter() - began, 2)}
         done = step + 1
         if done % config.val_every == 0 or done == config.steps:

