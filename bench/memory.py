@@ -2,7 +2,7 @@
 
 Both films are built by concatenating the real sample clips (scaled to 256x256 so the long run
 fits on a laptop) and dubbed with the identity model through the full pipeline on the embedded
-local Ray. A sampler reads the RSS of the driver and of every Ray worker from /proc and the
+local Ray. A sampler reads the private resident memory of the driver and of every Ray worker from /proc and the
 object store's usage from Ray once a second. The ratio of the 20-minute peaks to the 1-minute
 peaks is reported per measure; the last line is the largest ratio.
 
@@ -73,11 +73,14 @@ def build_film(path: Path, seconds: float) -> None:
 
 
 def rss_mb(pid: int) -> float:
+    """Private (anonymous) resident memory: what a process really holds. VmRSS would also count
+    the pages of Ray's shared-memory object store a worker has mapped, which grow with how much
+    of the store's address range the run has cycled through, not with what the worker keeps."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    match = re.search(r"VmRSS:\s+(\d+) kB", text)
+    match = re.search(r"RssAnon:\s+(\d+) kB", text)
     return int(match.group(1)) / 1024 if match else 0.0
 
 

@@ -39,14 +39,20 @@ class AudioResult:
     cut_seconds: float  # dub audio dropped past the film's end
 
 
-def _video_packets(containers: list[av.container.InputContainer]) -> Iterator[tuple[float, int, av.Packet]]:
-    for container in containers:
-        stream = container.streams.video[0]
-        for packet in container.demux(stream):
-            if packet.size == 0 or packet.pts is None:
-                continue
-            stamp = packet.dts if packet.dts is not None else packet.pts  # mux in decode order
-            yield float(stamp * stream.time_base), 0, packet
+def _video_packets(sources: list[str | MemberRef]) -> Iterator[tuple[float, int, av.Packet]]:
+    """Packets of each source in turn, one source open at a time (a film may have thousands)."""
+    for source in sources:
+        with _open_source(source) as handle, av.open(handle, mode="r", metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.size == 0 or packet.pts is None:
+                    continue
+                stamp = packet.dts if packet.dts is not None else packet.pts  # mux in decode order
+                yield float(stamp * stream.time_base), 0, packet
+
+
+def _open_source(source: str | MemberRef):
+    return open_member(source) if isinstance(source, MemberRef) else fsspec.open(source, "rb")
 
 
 def _dub_chunks(file: IO[bytes], plan: AudioPlan, result: AudioResult) -> Iterator[np.ndarray]:
@@ -123,32 +129,16 @@ def _audio_packets(stream: av.AudioStream, chunks: Iterator[np.ndarray]) -> Iter
 
 def _mux(video_inputs: list[str | MemberRef], dub: MemberRef, plan: AudioPlan, output: str) -> AudioResult:
     result = AudioResult(0.0, 0.0, 0.0)
-    opened = []
-    handles = []
-    try:
-        for source in video_inputs:
-            if isinstance(source, MemberRef):
-                ctx = open_member(source)
-            else:
-                ctx = fsspec.open(source, "rb")
-            handle = ctx.__enter__()
-            handles.append(ctx)
-            opened.append(av.open(handle, mode="r", metadata_errors="ignore"))
-        with open_member(dub) as dub_file, av.open(output, mode="w", format="mp4") as out:
-            template = opened[0].streams.video[0]
-            video_out = out.add_stream_from_template(template)
-            audio_out = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo")
-            audio_out.bit_rate = 192_000
-            video = _video_packets(opened)
-            audio = _audio_packets(audio_out, _dub_chunks(dub_file, plan, result))
-            for _, kind, packet in heapq.merge(video, audio, key=lambda item: (item[0], item[1])):
-                packet.stream = video_out if kind == 0 else audio_out
-                out.mux(packet)
-    finally:
-        for container in opened:
-            container.close()
-        for ctx in handles:
-            ctx.__exit__(None, None, None)
+    with open_member(dub) as dub_file, av.open(output, mode="w", format="mp4") as out:
+        with _open_source(video_inputs[0]) as handle, av.open(handle, mode="r", metadata_errors="ignore") as first:
+            video_out = out.add_stream_from_template(first.streams.video[0])
+        audio_out = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo")
+        audio_out.bit_rate = 192_000
+        video = _video_packets(video_inputs)
+        audio = _audio_packets(audio_out, _dub_chunks(dub_file, plan, result))
+        for _, kind, packet in heapq.merge(video, audio, key=lambda item: (item[0], item[1])):
+            packet.stream = video_out if kind == 0 else audio_out
+            out.mux(packet)
     return result
 
 
