@@ -108,7 +108,7 @@ def training_losses(
     lip_habit: LipHabitEncoder,
     scheduler: SchedulerMixin,
     batch: TrainingBatch,
-    weights: LossWeights = LossWeights(),
+    weights: LossWeights | None = None,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
@@ -120,6 +120,7 @@ def training_losses(
     `audio_dropout` zeroes whole samples' audio (enables audio classifier-free guidance);
     `habit_dropout` swaps in the neutral habit so it learns the average speaker.
     """
+    weights = weights or LossWeights()
     latents = batch.latents
     b, f = latents.shape[:2]
     device = latents.device

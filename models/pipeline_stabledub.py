@@ -120,11 +120,12 @@ class StableDubPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, unet=unet, lip_habit=lip_habit, scheduler=scheduler, image_encoder=image_encoder)
 
     @classmethod
-    def from_pretrained(cls, url: str | os.PathLike, **kwargs: Any) -> "StableDubPipeline":
-        """Load from a local folder or any fsspec URL (copied once into the local model cache)."""
+    def from_pretrained(cls, url: str | os.PathLike, refresh_cache: bool = False, **kwargs: Any) -> "StableDubPipeline":
+        """Load from a local folder or any fsspec URL (copied once into the local model cache;
+        `refresh_cache` copies it again, for a checkpoint replaced at the same URL)."""
         if importlib.util.find_spec("accelerate") is None:
             kwargs.setdefault("low_cpu_mem_usage", False)  # the default needs accelerate and warns without it
-        pipeline = super().from_pretrained(local_dir(url), **kwargs)
+        pipeline = super().from_pretrained(local_dir(url, refresh=refresh_cache), **kwargs)
         # diffusers records the (cache) folder it read in every config; saving would write it back
         # and a save/load/save round trip would no longer give the same files.
         for owner in [pipeline, *pipeline.components.values()]:

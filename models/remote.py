@@ -45,9 +45,15 @@ def local_dir(url: str | os.PathLike, refresh: bool = False) -> str:
             destination = os.path.join(staging, relative)
             os.makedirs(os.path.dirname(destination), exist_ok=True)
             fs.get_file(remote, destination)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.rename(staging, target)  # atomic; refused when another process got there first
+        except OSError:
+            if refresh:
+                # Readers holding files of the old copy keep them (POSIX); new readers get the new one.
+                retired = f"{target}.old-{uuid.uuid4().hex}"
+                os.rename(target, retired)
+                os.rename(staging, target)
+                shutil.rmtree(retired, ignore_errors=True)
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)

@@ -209,6 +209,8 @@ class Level(nn.Module):
 
 
 class MidLevel(nn.Module):
+    """The lowest resolution: resnet, hybrid transformer, resnet."""
+
     def __init__(self, channels: int, temb_channels: int, groups: int, spatial: str, settings: MixerSettings, index: int) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(

@@ -158,3 +158,16 @@ def test_from_sd_unet_widens_conv_in_and_reuses_what_fits(tmp_path, model_cache)
     assert list(unet.config.block_out_channels) == [32, 64]
     with torch.no_grad():
         assert unet(**unet_inputs(frames=2)).sample.shape == (1, 2, 4, 8, 8)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    unet = StableDubUNet.from_preset("tiny")
+    inputs = unet_inputs(frames=2)
+    unet(**inputs).sample.square().mean().backward()
+    plain = {k: p.grad.clone() for k, p in unet.named_parameters()}
+    unet.zero_grad()
+    unet.enable_gradient_checkpointing()
+    unet(**inputs).sample.square().mean().backward()
+    for key, p in unet.named_parameters():
+        torch.testing.assert_close(p.grad, plain[key], rtol=1e-4, atol=1e-6, msg=key)

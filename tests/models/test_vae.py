@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -50,3 +52,20 @@ def test_load_vae_from_folder_or_url(tmp_path, scheme, model_cache):
 def test_a_vae_with_another_latent_space_is_refused():
     with pytest.raises(ValueError, match="4 channels at 1/8"):
         check_latent_space(build_vae("tiny", latent_channels=8))
+
+
+def test_remote_folders_are_fetched_once_and_refreshed_on_request(tmp_path, model_cache):
+    import fsspec
+
+    from models.remote import local_dir
+
+    url = f"memory://remote-test-{tmp_path.name}/model"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"/remote-test-{tmp_path.name}/model/sub/a.json", b"1")
+    first = local_dir(url)
+    assert open(os.path.join(first, "sub", "a.json")).read() == "1"
+    fs.pipe(f"/remote-test-{tmp_path.name}/model/sub/a.json", b"2")
+    assert local_dir(url) == first and open(os.path.join(first, "sub", "a.json")).read() == "1"  # cached
+    refreshed = local_dir(url, refresh=True)
+    assert open(os.path.join(refreshed, "sub", "a.json")).read() == "2"
+    assert sorted(os.listdir(model_cache)) == [os.path.basename(first)]  # no staging or retired copies left
