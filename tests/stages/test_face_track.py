@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.io.wavfile
 import skimage.data
-from conftest import SHARED_DATA, shared_clip
+from tests.conftest import SHARED_DATA, shared_clip
 
 from stages.face_align import LIPS_OUTER, RIGID, apply_affine, canonical_points, invert
 from stages.face_smooth import jitter

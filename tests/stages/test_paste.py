@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
-from test_face_track import background, clip_frames, composite
+from tests.stages.test_face_track import background, clip_frames, composite
 
 from stages.decode import decode_frames
 from stages.encode import EncodeConfig, encode_segment
