@@ -114,6 +114,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.set or [])
         filters = FilterConfig(**{k: type(getattr(FilterConfig, k))(v) for k, v in (f.split("=", 1) for f in args.filter or [])})
+    except AttributeError as error:
+        print(f"error: unknown --filter key ({error})", file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, TypeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -360,14 +360,15 @@ class PreprocessDriver:
         self.summary.segments += 1
         self.uncommitted.append((segment.drop_payload(), records))
 
-    def _committed(self, url: str) -> None:
+    def _committed(self, url: str | None) -> None:
         """Markers for every segment whose samples are now in committed shards.
 
         The segment being added when a commit makes room stays open until the next commit (a
         segment with several tracks may straddle two shards; a kill between them redoes it).
         """
-        self.summary.shards_written += 1
-        log.info("wrote %s", url)
+        if url:
+            self.summary.shards_written += 1
+            log.info("wrote %s", url)
         for segment, records in self.uncommitted:
             write_json(join(self.run.segment_dir(segment.film), f"{segment.index}.json"), {"records": records})
             state = self.films[segment.film.uid]
@@ -404,12 +405,8 @@ class PreprocessDriver:
             write_json(self.run.shard_marker(name), {"films": sorted(shard["resolved"])})
 
     def finish(self) -> PreprocessSummary:
-        url = self.writer.commit()
-        if url:
-            self._committed(url)
-        elif self.uncommitted:  # only rejected samples since the last commit
-            self.summary.shards_written -= 1
-            self._committed("(no new shard)")
+        # Also when no shard was open: segments that gave only rejections still need their markers.
+        self._committed(self.writer.commit())
         self.run.write_dead_letters(self.dead)
         return self.summary
 
