@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
 import sys
 import tarfile
 import wave
@@ -17,7 +16,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import numpy as np
 
 DEMO_TEXT = (
     "Hola a todos. Esta es una demostración de doblaje visual. "

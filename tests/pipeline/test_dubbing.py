@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from fractions import Fraction
 from pathlib import Path
 
 import av

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import av
@@ -19,7 +15,7 @@ from pipeline.cli import EXIT_SOME_FAILED, main
 from pipeline.config import load_config
 from pipeline.run import RunOptions, run
 from pipeline.shards import PackItem, pack
-from tests.conftest import REPO, shared_clip, shared_dub
+from tests.conftest import shared_clip, shared_dub
 
 pytestmark = pytest.mark.slow
 QUIET = ["occlusion.method=none"]  # this file tests the spine; occlusion has its own tests

@@ -5,7 +5,6 @@ the boundary, and the encode stage's debug path writes overlays."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import cv2
@@ -14,12 +13,13 @@ import pytest
 import skimage.data
 from tests.stages.test_face_track import background, clip_frames, composite
 
+from pipeline.config import load_config
 from stages.decode import decode_frames
 from stages.encode import EncodeConfig, encode_segment
 from stages.face_align import warp_crop
 from stages.face_masks import union_masks
-from stages.face_track import FaceTrack, FaceTrackConfig
-from stages.inpaint import Inpaint, InpaintConfig
+from stages.face_track import FaceTrack
+from stages.inpaint import Inpaint
 from stages.media import probe_video
 from stages.paste import paste_back
 from stages.schema import FilmRef, MemberRef, Segment
@@ -108,7 +108,7 @@ def test_identity_model_through_track_inpaint_and_encode_equals_the_source(tmp_p
     segment = write_film(tmp_path / "film.mp4", frames)
     segment.frames = decode_frames(segment, "pyav", (segment.width, segment.height))
     source = segment.frames[segment.context :].copy()
-    config = SimpleNamespace(face_track=FaceTrackConfig(speaker="all"), inpaint=InpaintConfig(model="identity"))
+    config = load_config(None, ["face_track.speaker=all", "inpaint.model=identity"])
     for stage in (FaceTrack(config), Inpaint(config)):
         segment = stage.run_one(segment)
         assert segment.status.value == "ok", segment.reason
