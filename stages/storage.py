@@ -69,12 +69,17 @@ def exists(url: str) -> bool:
     return retrying(lambda: fs.exists(path), f"checking {url}")
 
 
+def _local_temporary(path: str) -> str:
+    """A unique temporary name beside `path` (same directory, so the final rename is atomic)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+
+
 def write_bytes(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     if is_local(fs):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        tmp = _local_temporary(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -88,9 +93,7 @@ def put_file(local_path: str, url: str) -> None:
     """Copy a finished local file to `url` atomically (then the local file may be deleted)."""
     fs, path = filesystem(url)
     if is_local(fs):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        tmp = _local_temporary(path)
         fs.put_file(local_path, tmp)
         os.replace(tmp, path)
     else:
