@@ -8,6 +8,7 @@ library and voices that the `espeakng-loader` wheel carries.
 from __future__ import annotations
 
 import ctypes
+import shutil
 import importlib.util
 import sys
 import tarfile
@@ -99,6 +100,8 @@ def run_demo(output: str) -> int:
     from pipeline.shards import PackItem, pack
 
     out = Path(output).resolve()
+    for previous in ("input", "dubbed", "run"):  # the demo starts over each time (its model may have changed)
+        shutil.rmtree(out / previous, ignore_errors=True)
     inputs = out / "input"
     inputs.mkdir(parents=True, exist_ok=True)
     dub = inputs / "carphone.dub.wav"
