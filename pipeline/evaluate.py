@@ -309,7 +309,7 @@ def save_still(path: str, truth: np.ndarray, outputs: dict[str, np.ndarray]) -> 
     """Middle frame: truth | each method, side by side."""
     middle = len(truth) // 2
     row = np.concatenate([truth[middle]] + [frames[middle] for frames in outputs.values()], axis=1)
-    cv2.imwrite(path, cv2.cvtColor(resize(row[None], row.shape[0])[0] if False else row, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(path, cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
 
 
 def write_html(path: str, result: dict[str, Any], folder: str) -> None:
