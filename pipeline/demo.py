@@ -111,6 +111,9 @@ def run_demo(output: str) -> int:
     shards = pack([PackItem(str(film), str(dub), "carphone")], str(inputs / "demo-{0000..0000}.tar"))
     model = default_demo_model()
     print(f"demo film: {film} ({frames} frames, {DEMO_SIZE[0]}x{DEMO_SIZE[1]}); dub: {dub} ({seconds:.1f} s of Spanish speech)")
+    if model != "identity":
+        print("note: the shipped demo checkpoint is a tiny 64-px model trained for minutes on a CPU: it shows the "
+              "whole pipeline dubbing a film, not StableDub's quality (expect a blurry mouth; see models/README.md).")
     if model == "identity":
         print("note: no trained demo checkpoint ships yet, so this demo runs the `identity` model: the pipeline "
               "tracks the face and re-renders the frames, but the lips are NOT changed.")
