@@ -186,6 +186,8 @@ def load_clips(data: str, max_clips: int = 0) -> list[Clip]:
 
 def preprocess_folder(folder: str) -> str:
     """Pack every video with its own audio as the dub and preprocess it (no filters drop anything)."""
+    import av
+
     from pipeline.config import load_config
     from pipeline.preprocess import FilterConfig, PreprocessOptions, preprocess
     from pipeline.shards import PackItem, pack
@@ -198,8 +200,10 @@ def preprocess_folder(folder: str) -> str:
         if not name.endswith((".mp4", ".mkv", ".mov")):
             continue
         video = os.path.join(folder, name)
+        with av.open(video) as container:
+            seconds = float(container.duration or 0) / av.time_base
         with open(video, "rb") as f:
-            audio = decode_audio(f, AUDIO_RATE, "mono", 0.0, 1e9)
+            audio = decode_audio(f, AUDIO_RATE, "mono", 0.0, seconds)
         wav = os.path.join(work, name.rsplit(".", 1)[0] + ".wav")
         write_wav(wav, audio)
         items.append(PackItem(video, wav, name.rsplit(".", 1)[0]))

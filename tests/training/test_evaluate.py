@@ -69,3 +69,15 @@ def test_eval_writes_metrics_and_report_with_both_baselines(corpus, tmp_path):
     assert clip["source"]["lmd"] == 0.0 and clip["source"]["identity_sim"] == pytest.approx(1.0, abs=1e-6)
     assert clip["frozen"]["psnr_mouth"] < 40 and clip["frozen"]["lmd"] > 0.5
     assert (tmp_path / "index.html").exists() and list((tmp_path / "stills").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_eval_reads_a_folder_of_mp4_files_with_their_own_audio(tmp_path):
+    from tests.conftest import shared_clip
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "frozen_298.mp4").symlink_to(shared_clip("frozen_298"))
+    result = evaluate("frozen", str(clips), str(tmp_path / "out"), sync_expert=str(tmp_path / "none"))
+    assert result["clips"] >= 1 and result["per_clip"][0]["clip"].startswith("frozen_298")
+    assert result["mean"]["source"]["psnr_mouth"] == 100.0 and result["mean"]["frozen"]["psnr_mouth"] < 40
