@@ -34,7 +34,7 @@ from pipeline.shards import expand_urls
 from stages.base import SegmentStage
 from stages.face_speaker import mouth_opening
 from stages.schema import FilmRef, Segment, Status, Track, from_row
-from stages.storage import filesystem, is_local, join, put_file, remove_temporaries, write_json
+from stages.storage import filesystem, join, put_file, remove_temporaries, write_json
 
 log = logging.getLogger("stabledub")
 
@@ -412,16 +412,10 @@ class PreprocessDriver:
 
 
 def preprocess(options: PreprocessOptions) -> PreprocessSummary:
-    from pipeline.run import init_ray
+    from pipeline.run import init_ray, open_run
 
     began = time.perf_counter()
-    urls = expand_urls(options.input)
-    if not urls:
-        raise FileNotFoundError(f"no shards match {options.input}")
-    fs, out_path = filesystem(options.output)
-    if is_local(fs):
-        os.makedirs(out_path, exist_ok=True)
-    run_dir = RunDir(options.run_dir)
+    urls, run_dir = open_run(options.input, options.output, options.run_dir)
     with Lease(run_dir.url):
         fingerprint = {**options.config.output_fingerprint(), "filters": asdict(options.filters), "audio_source": options.audio}
         fingerprint.pop("inpaint", None)

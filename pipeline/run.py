@@ -419,15 +419,20 @@ def start_metrics(port: int | None) -> Metrics | None:
     return metrics
 
 
-def run(options: RunOptions) -> RunSummary:
-    began = time.perf_counter()
-    urls = expand_urls(options.input)
+def open_run(input_pattern: str, output: str, run_dir: str) -> tuple[list[str], RunDir]:
+    """The shard URLs a run reads (refusing a pattern that matches none), with its output ready."""
+    urls = expand_urls(input_pattern)
     if not urls:
-        raise FileNotFoundError(f"no shards match {options.input}")
-    fs, out_path = filesystem(options.output)
+        raise FileNotFoundError(f"no shards match {input_pattern}")
+    fs, out_path = filesystem(output)
     if is_local(fs):
         os.makedirs(out_path, exist_ok=True)
-    run_dir = RunDir(options.run_dir)
+    return urls, RunDir(run_dir)
+
+
+def run(options: RunOptions) -> RunSummary:
+    began = time.perf_counter()
+    urls, run_dir = open_run(options.input, options.output, options.run_dir)
     with Lease(run_dir.url):
         run_dir.check_config(options.config.output_fingerprint())
         removed = remove_temporaries(run_dir.url) + remove_temporaries(options.output, recursive=False)
