@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,3 +29,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         raise FileNotFoundError(f"{SHARED_DATA} missing: tests read the real sample clips from ../shared/data")
     return SHARED_DATA
+
+
+def write_h264(path: Path, frames: np.ndarray, crf: int) -> None:
+    """Encode RGB frames (N, H, W, 3) as a 25 fps H.264 mp4 without B-frames."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": str(crf), "bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)

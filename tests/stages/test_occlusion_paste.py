@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import av
 import cv2
 import numpy as np
 import pytest
@@ -28,19 +27,13 @@ from stages.media import probe_video
 from stages.occlusion import OcclusionSegment
 from stages.paste import paste_back
 from stages.schema import FilmRef, MemberRef, Segment
+from tests.conftest import write_h264
 
 FRAMES = 16
 
 
 def write_video(path: Path, frames: np.ndarray) -> None:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"crf": "8", "bf": "0"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    write_h264(path, frames, crf=8)
 
 
 def segment_of(path: Path) -> Segment:

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from tests.conftest import write_h264
 from tests.stages.test_face_track import background, clip_frames, composite
 
 from pipeline.config import load_config
@@ -80,14 +81,7 @@ def test_colour_drift_is_matched_at_the_boundary() -> None:
 
 
 def write_film(path: Path, frames: np.ndarray) -> Segment:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"crf": "10", "bf": "0"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    write_h264(path, frames, crf=10)
     with open(path, "rb") as file:
         info = probe_video(file)
     film = FilmRef("film", str(path), MemberRef(str(path), path.name, 0, path.stat().st_size), None)
