@@ -65,6 +65,21 @@ def test_output_is_a_pipeline_that_accepts_the_audio_stage_features(trained):
     assert (trained[0] / "loss.png").stat().st_size > 1000 and (trained[0] / "training.json").exists()
 
 
+def test_exported_vae_scales_its_latents_to_unit_variance(corpus, trained):
+    """A VAE trained from scratch gets Stable Diffusion's treatment: latents * scaling_factor have std ~1."""
+    import io
+
+    from models.train import read_shard
+    from models.vae import encode, to_pixels
+    from pipeline.preprocess import shard_urls
+
+    pipe = StableDubPipeline.from_pretrained(trained[0])
+    _, members = next(read_shard(shard_urls(str(corpus["train"]))[0]))
+    crops = np.load(io.BytesIO(members["crops.npy"]))[::4, ::8, ::8]  # 256 -> 32 px, like the training windows
+    latents = encode(pipe.vae, to_pixels(crops))
+    assert pipe.vae.config.scaling_factor != 1.0 and 0.6 < float(latents.std()) < 1.6
+
+
 def test_ray_train_torch_trainer_runs_the_same_loop(corpus, tmp_path):
     config = TrainConfig(**TINY, steps=2, checkpoint_every=1, val_every=2)
     out = tmp_path / "ray"
