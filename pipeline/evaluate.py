@@ -23,12 +23,13 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from models.sync_expert import LipLandmarks
 from stages.face_align import LIPS_INNER, LIPS_OUTER, MOUTH_CORNERS
 
 METRICS = ("psnr_mouth", "ssim_mouth", "lmd", "identity_sim", "sync_score", "jitter")
 BASELINES = ("source", "frozen")
 PSNR_CAP = 100.0  # dB for identical pixels (JSON has no infinity)
-LANDMARK_SIZE = 256  # landmarks and identity are measured on crops brought to this size
+LANDMARK_SIZE = LipLandmarks.size  # landmarks and identity are measured on crops brought to this size
 LIP_POINTS = np.array([*LIPS_OUTER, *LIPS_INNER, *MOUTH_CORNERS])
 
 
@@ -75,23 +76,6 @@ def ssim_mouth(output: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float
     win = max(3, min(7, side - (1 - side % 2)))
     return float(np.mean([structural_similarity(o[rows, cols], t[rows, cols], channel_axis=2, data_range=255, win_size=win)
                           for o, t in zip(output, truth)]))
-
-
-class MouthLandmarks:
-    """MediaPipe face mesh on crops brought to LANDMARK_SIZE: lip points per frame (NaN where none)."""
-
-    def __init__(self) -> None:
-        from models.face_mediapipe import FaceMesh
-
-        self.mesh = FaceMesh(tracking=False)
-
-    def __call__(self, crops: np.ndarray) -> np.ndarray:
-        out = np.full((len(crops), len(LIP_POINTS), 2), np.nan)
-        for i, crop in enumerate(resize(crops, LANDMARK_SIZE)):
-            points = self.mesh(np.ascontiguousarray(crop))
-            if points is not None:
-                out[i] = points[LIP_POINTS, :2]
-        return out
 
 
 def lmd(output_points: np.ndarray, truth_points: np.ndarray) -> float:
@@ -233,7 +217,7 @@ class Scorer:
     def __init__(self, sync_expert: str = "") -> None:
         from models.sync_expert import load_sync_expert
 
-        self.landmarks = MouthLandmarks()
+        self.landmarks = LipLandmarks()
         self.identity = IdentityEmbedding()
         try:
             self.expert, self.expert_report = load_sync_expert(sync_expert)
@@ -241,12 +225,13 @@ class Scorer:
             self.expert, self.expert_report = None, {}
 
     def truth(self, truth: np.ndarray) -> dict[str, np.ndarray]:
-        return {"points": self.landmarks(truth), "identity": self.identity(truth[::4])}
+        return {"points": self.landmarks(truth)[:, LIP_POINTS], "identity": self.identity(truth[::4])}
 
     def __call__(self, output: np.ndarray, truth: np.ndarray, mask: np.ndarray, audio: np.ndarray, reference: dict[str, np.ndarray]) -> dict[str, Any]:
         from models.sync_expert import sync_score
 
-        points = self.landmarks(output)
+        mesh = self.landmarks(output)
+        points = mesh[:, LIP_POINTS]
         scores: dict[str, Any] = {
             "psnr_mouth": psnr_mouth(output, truth, mask),
             "ssim_mouth": ssim_mouth(output, truth, mask),
@@ -256,8 +241,9 @@ class Scorer:
             "sync_score": float("nan"),
         }
         if self.expert is not None:
-            sync = sync_score(self.expert, output, audio)
-            scores.update(sync_score=sync.lse_c, sync_distance=sync.lse_d, sync_offset=sync.offset)
+            sync = sync_score(self.expert, LipLandmarks.steady(mesh)[:, list(self.expert.config.lip_points)], audio)
+            scores.update(sync_score=sync.lse_c, sync_distance=sync.lse_d, sync_offset=sync.offset,
+                          sync_expert_auc=self.expert_report.get("cross_validated_auc", float("nan")))
         return scores
 
 
@@ -286,7 +272,7 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
     mean = {name: {k: _round(_nanmean([r[name][k] for r in per_clip])) for k in per_clip[0][name]} for name in methods}
     result = {
         "model": model, "data": data, "clips": len(per_clip), "resolution": size, "denoising_steps": steps,
-        "sync_expert": {"path": sync_expert or "models/weights/sync_expert", **{k: v for k, v in scorer.expert_report.items() if "auc" in k}},
+        "sync_expert": {"path": sync_expert or "models/weights/sync_expert", **{k: v for k, v in scorer.expert_report.items() if "auc" in k or k == "clips"}},
         "metrics": {"psnr_mouth": "dB inside the mouth region (capped at 100)", "ssim_mouth": "SSIM in the mouth box",
                     "lmd": f"lip landmark distance, px at {LANDMARK_SIZE}", "identity_sim": "cosine of dlib face embeddings",
                     "sync_score": "sync expert LSE-C (confidence; higher is better synced)", "jitter": f"lip landmark acceleration, px at {LANDMARK_SIZE}"},
@@ -340,10 +326,11 @@ def write_html(path: str, result: dict[str, Any], folder: str) -> None:
         f"<h3>{html.escape(r['clip'])}</h3><p>truth | {' | '.join(methods)}</p><img src='stills/{html.escape(r['clip'])}.png'>"
         for r in result["per_clip"]
     )
-    auc = result["sync_expert"].get("heldout_auc")
+    expert = result["sync_expert"]
+    auc = f"{expert.get('cross_validated_auc')} per frame, {expert.get('cross_validated_window_auc')} per 1 s window"
     body = (f"<html><head><meta charset='utf-8'><title>StableDub eval</title></head><body>"
             f"<h1>Self-reenactment: {html.escape(str(result['model']))}</h1>"
-            f"<p>{result['clips']} clips at {result['resolution']}px; sync expert held-out AUC: {auc}</p>"
+            f"<p>{result['clips']} clips at {result['resolution']}px; sync expert AUC on clips it never saw (true vs shifted audio; 0.5 is chance): {auc}</p>"
             f"<table border=1><tr><th>method</th>{head}</tr>{rows}</table><img src='metrics.png'>{clips}</body></html>")
     with open(path, "w") as f:
         f.write(body)
