@@ -7,7 +7,7 @@ canonical correlation analysis, the maximum-agreement solution FaceSync (Slaney 
 2000) used for exactly this task. Measured on these clips with leave-one-clip-out cross-validation,
 the alternatives generalised worse: a contrastive (InfoNCE) CNN on mouth pixels was at chance on
 held-out clips (AUC 0.47, 0.95 on its training clips), a contrastive two-tower MLP on these same
-features reached 0.55-0.58, and mouth pixels instead of landmarks 0.54 (see models/README.md).
+features reached 0.53-0.58, and mouth pixels instead of landmarks 0.50 (see models/README.md).
 
 Identity is removed before anything is learned: each track's lip coordinates and audio features are
 standardised over the track itself, so the expert sees how the mouth moves, not whose mouth it is.
