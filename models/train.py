@@ -68,6 +68,9 @@ class TrainConfig:
     steps: int = 200
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # "epsilon" matches Stable Diffusion's weights; "v_prediction" makes a model trained from scratch
+    # learn to use the masked frame early (at high noise its target is mostly the clean latent).
+    prediction_type: str = "epsilon"
     occluder_prob: float = 0.5  # windows that get a synthetic occluder pasted over the mouth
     audio_dropout: float = 0.1
     habit_dropout: float = 0.2
@@ -370,7 +373,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     audio_window, audio_dim = probe["audio"].shape[1:]
     unet, lip, vae = build_models(config, int(audio_window), int(audio_dim))
     unet.to(device), lip.to(device), vae.to(device)
-    scheduler = make_scheduler("ddpm")
+    scheduler = make_scheduler("ddpm", config.prediction_type)
     history: list[dict[str, Any]] = []
     checkpoints = checkpoint_dirs(output)
     start = 0
@@ -451,7 +454,7 @@ def _report(row: dict[str, Any], checkpoint_dir: str | None) -> None:
 
 def finish(output: str, config: TrainConfig, unet, lip, vae, history: list[dict[str, Any]], urls: list[str]) -> None:
     """Save the pipeline (diffusers folder), training.json, the loss CSV and its PNG plot."""
-    pipeline = StableDubPipeline(vae=vae.cpu(), unet=unet.cpu(), lip_habit=lip.cpu(), scheduler=make_scheduler("ddim"))
+    pipeline = StableDubPipeline(vae=vae.cpu(), unet=unet.cpu(), lip_habit=lip.cpu(), scheduler=make_scheduler("ddim", config.prediction_type))
     pipeline.save_pretrained(output)
     with open(os.path.join(output, "training.json"), "w") as f:
         json.dump({"config": asdict(config), "data": urls, "steps": config.steps}, f, indent=2)
