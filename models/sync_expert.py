@@ -300,16 +300,13 @@ class LipLandmarks:
     size = 256
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
-        import cv2
-
         from models.face_mediapipe import FaceMesh
+        from models.images import resize_square
 
         mesh = FaceMesh(tracking=True)  # one per sequence: tracking state never crosses from one clip to the next
         out = np.full((len(crops), 468, 2), np.nan)
         try:
-            for i, crop in enumerate(crops):
-                if crop.shape[0] != self.size:
-                    crop = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA if crop.shape[0] > self.size else cv2.INTER_CUBIC)
+            for i, crop in enumerate(resize_square(crops, self.size)):
                 points = mesh(np.ascontiguousarray(crop))
                 if points is not None:
                     out[i] = points[:468, :2]

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from models.images import resize_square
 from models.sync_expert import LipLandmarks
 from stages.face_align import LIPS_INNER, LIPS_OUTER, MOUTH_CORNERS
 
@@ -42,13 +43,6 @@ class Clip:
     mask: np.ndarray  # (N, S, S) uint8
     occlusion: np.ndarray
     audio: np.ndarray  # (N, W, F)
-
-
-def resize(stack: np.ndarray, size: int) -> np.ndarray:
-    if stack.shape[1] == size:
-        return stack
-    interpolation = cv2.INTER_AREA if stack.shape[1] > size else cv2.INTER_CUBIC
-    return np.stack([cv2.resize(x, (size, size), interpolation=interpolation) for x in stack])
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -110,7 +104,7 @@ class IdentityEmbedding:
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         out = []
-        for crop in resize(crops, LANDMARK_SIZE):
+        for crop in resize_square(crops, LANDMARK_SIZE):
             crop = np.ascontiguousarray(crop)
             box = self.dlib.rectangle(24, 24, LANDMARK_SIZE - 24, LANDMARK_SIZE - 24)  # the aligned face fills the crop
             out.append(np.array(self.net.compute_face_descriptor(crop, self.shape(crop, box))))
@@ -261,7 +255,7 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
     scorer = Scorer(sync_expert)
     per_clip: list[dict[str, Any]] = []
     for clip in clips:
-        clip = Clip(clip.name, resize(clip.crops, size), resize(clip.mask, size), resize(clip.occlusion, size), clip.audio)
+        clip = Clip(clip.name, resize_square(clip.crops, size), resize_square(clip.mask, size), resize_square(clip.occlusion, size), clip.audio)
         reference = scorer.truth(clip.crops)
         outputs = {name: method(clip) for name, method in methods.items()}
         row: dict[str, Any] = {"clip": clip.name, "frames": len(clip.crops)}
