@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import av
 import cv2
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from stages.occlusion import OcclusionConfig, occluder_probability, occlusion_ma
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(os.environ.get("STABLEDUB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CACHE_DIR = Path("/tmp/stabledub-occlusion-crops")
+CACHE_DIR = Path(os.environ.get("STABLEDUB_OCCLUSION_CACHE", "/tmp/stabledub-occlusion-crops"))
 # Real occluders in front of the mouth: review only, never training data.
 OCCLUDER_CLIPS = ("vfhq_L1WuDAMZTgo", "vfhq_5Gza-oJ3nYM", "vfhq__zR17WTPsYw", "vfhq_Jai7x2uHBJ8", "vfhq_ZFz2jQpkS-E")
 EVAL_CLIPS = ("vfhq_MhV2NIHmUjM", "vfhq_oy2ZeXz3Bjw", "frozen_298", "tlou_79")
@@ -66,6 +65,8 @@ def train_clips(root: Path | None = None) -> list[str]:
 
 
 def read_frames(path: Path, max_frames: int | None = None, step: int = 1) -> np.ndarray:
+    import av  # here, not at the top: training from cached crops runs where PyAV is not installed
+
     frames = []
     with av.open(str(path)) as container:
         for i, frame in enumerate(container.decode(video=0)):
@@ -174,6 +175,28 @@ def cast_shade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image.astype(np.float32) * shade[..., None], 0, 255).astype(np.uint8)
 
 
+def vary_face(image: np.ndarray, region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The face itself made to look like faces the few training clips lack, before any occluder is
+    pasted (label 0): wrinkled or sharply lit skin (detail boost), stubble over the lower face, and
+    another skin tone (the whole image's hue turned). Held-out faces with these were marked."""
+    out = image.astype(np.float32)
+    if rng.random() < 0.5:  # unsharp mask at a skin-texture scale: wrinkles, pores, hard light
+        sigma = rng.uniform(1.0, 4.0)
+        out = out + rng.uniform(0.6, 2.5) * (out - cv2.GaussianBlur(out, (0, 0), sigma))
+    if rng.random() < 0.3:  # stubble: fine dark dots where a beard grows (inside the region)
+        h, w = region.shape
+        dots = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), rng.uniform(0.5, 1.0))
+        density = cv2.GaussianBlur((region > 127).astype(np.float32), (0, 0), w * 0.04)
+        spots = (dots > rng.uniform(0.2, 0.6)).astype(np.float32) * density
+        out = out * (1.0 - rng.uniform(0.25, 0.6) * spots[..., None])
+    if rng.random() < 0.3:
+        hsv = cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.int32)
+        hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-12, 13))) % 180
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.6), 0, 255)
+        out = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def roi_views(crops: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     """Crops and masks resampled to the inference ROI (one per group of frames, as one per track at
     inference). In training the ROI moves and zooms a little so the net does not depend on one
@@ -190,7 +213,7 @@ def roi_views(crops: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Ge
 def make_batch(
     pool: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, batch: int, size: int,
     styles: OccluderStyles = TRAIN_STYLES, sequence: int = 1, train: bool = True,
-    clean_fraction: float = 0.3, shade_fraction: float = 0.0, recolour_fraction: float = 0.0,
+    clean_fraction: float = 0.3, shade_fraction: float = 0.0, recolour_fraction: float = 0.0, vary_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ROI images (B, 3, R, R) in 0..1 and occluder targets (B, 1, R, R) from random crops of the
     pool. Occluders are composited in ROI space: the same compositor, a quarter of the pixels."""
@@ -202,6 +225,10 @@ def make_batch(
         take = min(sequence, batch - filled, len(crops))
         start = int(rng.integers(0, len(crops) - take + 1))
         views, view_masks = roi_views(crops[start : start + take], masks[start : start + take], size, rng if train else None)
+        if train and vary_fraction > 0 and rng.random() < vary_fraction:
+            # one look per group: a track's face does not change from frame to frame
+            seed = int(rng.integers(1 << 31))
+            views = np.stack([vary_face(v, m, np.random.default_rng(seed)) for v, m in zip(views, view_masks)])
         comp = composite_occluders(views, view_masks, rng, styles, sequence=take > 1, clean_fraction=clean_fraction)
         flip = train and rng.random() < 0.5
         for j in range(take):
@@ -236,31 +263,67 @@ def pooled_iou(prob: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred & true).sum()) / max(1.0, float((pred | true).sum()))
 
 
+class TrainingBatches(torch.utils.data.IterableDataset):
+    """The run's batches, composited in DataLoader workers: worker w makes the batches of steps
+    w+1, w+1+W, ... with its own generator, and the loader's round robin hands them out in step order."""
+
+    def __init__(self, pool: list[tuple[np.ndarray, np.ndarray]], args: argparse.Namespace, size: int) -> None:
+        self.pool, self.args, self.size = pool, args, size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+        rng = np.random.default_rng([self.args.seed, worker])
+        a = self.args
+        for step in range(worker + 1, a.steps + 1, workers):
+            # the first steps at a coarser ROI (cheaper), the last ones at the inference size
+            size = a.coarse_size if step <= a.coarse_fraction * a.steps else self.size
+            yield make_batch(self.pool, rng, a.batch, size, sequence=int(rng.choice([1, 4, 8])), clean_fraction=a.clean_fraction,
+                             shade_fraction=a.shade_fraction, recolour_fraction=a.recolour_fraction, vary_fraction=a.vary_fraction)
+
+
+def learning_rate(progress: float, peak: float, warmup: float = 0.1) -> float:
+    """One cycle: linear warm-up to `peak` over the first `warmup` of the run, then a cosine to ~0."""
+    if progress < warmup:
+        return peak * (0.04 + 0.96 * progress / warmup)
+    return peak * (1e-3 + (1 - 1e-3) * 0.5 * (1 + np.cos(np.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
-    rng = np.random.default_rng(args.seed)
+    device = torch.device(args.device)
     began, cpu_began = time.perf_counter(), time.process_time()
     pool = usable_clips(train_clips(), step=args.frame_step)
     log.info("%d training clips, %d crops (%.0f s)", len(pool), sum(len(c) for c, _ in pool), time.perf_counter() - began)
     val = heldout_sequences(VAL_CLIPS, VAL_SEED, TRAIN_STYLES, per_clip=8, clean=4, max_frames=None)
-    net = OcclusionNet(widths=tuple(args.widths)).to(memory_format=torch.channels_last)
-    size = net.config.input_size
+    net = OcclusionNet(widths=tuple(args.widths)).to(device, memory_format=torch.channels_last)
+    batches = torch.utils.data.DataLoader(TrainingBatches(pool, args, net.config.input_size), batch_size=None,
+                                          num_workers=args.workers, pin_memory=device.type == "cuda",
+                                          prefetch_factor=4 if args.workers else None, persistent_workers=False)
     optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     history = []
-    for step in range(1, args.steps + 1):
+    trained = time.perf_counter()
+    for step, (x, y) in enumerate(batches, start=1):
+        # progress by steps or by the time budget, whichever runs out first: a run on a lent machine
+        # ends on time with its schedule finished
+        progress = step / args.steps
+        if args.max_seconds:
+            progress = max(progress, (time.perf_counter() - trained) / args.max_seconds)
+        if progress > 1.0:
+            log.info("time budget spent at step %d of %d", step - 1, args.steps)
+            break
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(progress, args.lr)
         net.train()
-        # most steps at a coarser ROI (half the cost), the last ones at the inference size
-        step_size = args.coarse_size if step <= args.coarse_fraction * args.steps else size
-        x, y = make_batch(pool, rng, args.batch, step_size, sequence=int(rng.choice([1, 4, 8])), clean_fraction=args.clean_fraction,
-                          shade_fraction=args.shade_fraction, recolour_fraction=args.recolour_fraction)
-        loss = loss_fn(net(x).logits, y)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(net(x).logits, y.to(device, non_blocking=True))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        schedule.step()
         if step % args.log_every == 0 or step == args.steps:
             net.eval()
             scores = score_heldout(net, val)
@@ -268,7 +331,7 @@ def train(args: argparse.Namespace) -> dict:
                             "seconds": time.perf_counter() - began})
             log.info("step %d loss %.4f val IoU %.3f FP %.2f%% %s (%.0f s)", step, float(loss.detach()), scores.iou,
                      100 * scores.false_positive, scores.per_kind, time.perf_counter() - began)
-    net.eval()
+    net = net.cpu().eval()
     calibration = calibrate(net, val)
     chosen = choose_threshold(calibration, args.max_false_positive)
     # Fold the calibrated threshold into the head's bias: the stage's fixed 0.5 is then the
@@ -278,7 +341,8 @@ def train(args: argparse.Namespace) -> dict:
     net.save_pretrained(args.out)
     record = {"args": vars(args), "history": history, "train_clips": train_clips(), "val_clips": list(VAL_CLIPS),
               "calibration": calibration, "threshold_folded_into_head_bias": chosen,
-              "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began}
+              "steps_run": step, "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     (Path(args.out) / "training.json").write_text(json.dumps(record, indent=1, default=str))
     return record
 
@@ -380,10 +444,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clean-fraction", type=float, default=0.3, help="training crops left without occluder")
     parser.add_argument("--shade-fraction", type=float, default=0.25, help="training crops given a shadow or light gradient (label 0)")
     parser.add_argument("--recolour-fraction", type=float, default=0.5, help="occluders given a random hue")
+    parser.add_argument("--vary-fraction", type=float, default=0.5,
+                        help="groups of crops whose face gets wrinkles, stubble or another tone before compositing (label 0)")
     parser.add_argument("--max-false-positive", type=float, default=0.01,
                         help="validation false-positive area allowed when calibrating the threshold (goal: 0.02)")
     parser.add_argument("--widths", type=int, nargs=4, default=(16, 32, 64, 96))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes compositing batches (0: in the training process)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--max-seconds", type=float, default=0.0,
+                        help="time budget of the training loop; the schedule ends with it (0: none, run all steps)")
     parser.add_argument("--log-every", type=int, default=500)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

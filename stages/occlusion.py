@@ -77,10 +77,10 @@ def occluder_probability(net, crops: np.ndarray, masks: np.ndarray, batch_size: 
     out = np.empty((len(crops), size, size), np.float32)
     with torch.inference_mode():
         for i in range(0, len(rois), batch_size):
-            x = torch.from_numpy(rois[i : i + batch_size]).permute(0, 3, 1, 2).float().div_(255.0)
+            x = torch.from_numpy(rois[i : i + batch_size]).to(net.device).permute(0, 3, 1, 2).float().div_(255.0)
             logits = net(x.contiguous(memory_format=torch.channels_last)).logits
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-            out[i : i + batch_size] = torch.sigmoid(logits)[:, 0].numpy()
+            out[i : i + batch_size] = torch.sigmoid(logits)[:, 0].cpu().numpy()
     return out, affine
 
 
