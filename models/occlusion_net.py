@@ -3,7 +3,8 @@
 It sees a square region of interest around a crop's lower-face mask (`roi_affine`), resampled to
 its config's `input_size`, and returns occluder logits at half that resolution (upsampled by the caller). The ROI
 makes it independent of crop size and of how much of the face the tracker's crop holds, and spends
-the compute where occluders matter. About 0.34 M parameters (1.3 MB); a few core-ms per crop.
+the compute where occluders matter. The shipped widths (24, 48, 96, 128): 0.69 M parameters (2.8 MB),
+7.5 core-ms per 256² crop on CPU.
 """
 
 from __future__ import annotations
