@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from models.occluders import HELDOUT_STYLES, TRAIN_STYLES, Composite, OccluderStyles, composite_occluders, mouth_frame
-from models.occlusion_net import OcclusionNet, roi_affine
+from models.occlusion_net import OcclusionNet, load_occlusion_net, roi_affine
 from stages.occlusion import OcclusionConfig, occluder_probability, occlusion_mask, smooth_along_track, to_crop
 
 log = logging.getLogger(__name__)
@@ -300,8 +300,8 @@ class TrainingBatches(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
-        rng = np.random.default_rng([self.args.seed, worker])
         a = self.args
+        rng = np.random.default_rng([a.seed, worker])
         for step in range(worker + 1, a.steps + 1, workers):
             # the first steps at a coarser ROI (cheaper), the last ones at the inference size
             size = a.coarse_size if step <= a.coarse_fraction * a.steps else self.size
@@ -332,11 +332,10 @@ def train(args: argparse.Namespace) -> dict:
     began, cpu_began = time.perf_counter(), time.process_time()
     pool = usable_clips(train_clips(), step=args.frame_step)
     log.info("%d training clips, %d crops (%.0f s)", len(pool), sum(len(c) for c, _ in pool), time.perf_counter() - began)
-    val = heldout_sequences(VAL_CLIPS, VAL_SEED, TRAIN_STYLES, per_clip=8, clean=4, max_frames=None)
-    if args.init:  # fine-tune a trained net (its widths, not --widths)
-        net = OcclusionNet.from_pretrained(args.init, low_cpu_mem_usage=False).to(device, memory_format=torch.channels_last)
-    else:
-        net = OcclusionNet(widths=tuple(args.widths)).to(device, memory_format=torch.channels_last)
+    val = validation_sequences()
+    # --init fine-tunes a trained net (its widths, not --widths)
+    net = load_occlusion_net(args.init) if args.init else OcclusionNet(widths=tuple(args.widths))
+    net = net.to(device, memory_format=torch.channels_last)
     batches = batch_loader(TrainingBatches(pool, args, net.config.input_size), args.workers, pin_memory=device.type == "cuda")
     optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     history = []
@@ -381,10 +380,10 @@ def calibrate(net: OcclusionNet, val: list[tuple[np.ndarray, np.ndarray, Composi
     """Validation scores over thresholds, at the stage's temporal smoothing (training-side clips,
     seeds and styles)."""
     rows = []
-    sigma = OcclusionConfig().temporal_sigma
     for threshold in np.round(np.arange(0.2, 0.91, 0.05), 2):
-        scores = score_heldout(net, val, OcclusionConfig(threshold=threshold, temporal_sigma=sigma))
-        rows.append({"threshold": float(threshold), "temporal_sigma": sigma, "iou": round(scores.iou, 4),
+        settings = OcclusionConfig(threshold=float(threshold))
+        scores = score_heldout(net, val, settings)
+        rows.append({"threshold": settings.threshold, "temporal_sigma": settings.temporal_sigma, "iou": round(scores.iou, 4),
                      "false_positive": round(scores.false_positive, 4)})
         log.info("calibration %s", rows[-1])
     return rows
@@ -416,9 +415,8 @@ def recalibrate(weights: str, max_false_positive: float) -> dict:
     record = json.loads((folder / "training.json").read_text())
     if record.get("threshold_folded_into_head_bias", 0.5) != 0.5:
         raise SystemExit(f"{folder}: a threshold of {record['threshold_folded_into_head_bias']} is folded in already")
-    net = OcclusionNet.from_pretrained(str(folder), low_cpu_mem_usage=False).eval()
-    val = heldout_sequences(VAL_CLIPS, VAL_SEED, TRAIN_STYLES, per_clip=8, clean=4, max_frames=None)
-    calibration, chosen = calibrate_and_fold(net, val, max_false_positive)
+    net = load_occlusion_net(str(folder))
+    calibration, chosen = calibrate_and_fold(net, validation_sequences(), max_false_positive)
     net.save_pretrained(str(folder))
     record.update({"calibration_at_training": record.get("calibration"), "calibration": calibration,
                    "threshold_folded_into_head_bias": chosen, "recalibrated": {"max_false_positive": max_false_positive}})
@@ -452,6 +450,11 @@ def heldout_sequences(
             comp = composite_occluders(crops[part], masks[part], rng, styles, sequence=True, clean_fraction=1.0 if k >= per_clip else 0.0)
             out.append((crops[part], masks[part], comp))
     return out
+
+
+def validation_sequences() -> list[tuple[np.ndarray, np.ndarray, Composite]]:
+    """The training-side validation split: VAL_CLIPS composited with training styles and seeds."""
+    return heldout_sequences(VAL_CLIPS, VAL_SEED, TRAIN_STYLES, per_clip=8, clean=4, max_frames=None)
 
 
 def score_heldout(net: OcclusionNet, sequences: list[tuple[np.ndarray, np.ndarray, Composite]],
