@@ -17,7 +17,6 @@ import io
 import tarfile
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +108,7 @@ def main() -> None:
         print(f"workload: {seconds:.1f} s of speech, {len(segments)} segments, {frames} frames at {FPS:.3f} fps")
         print(f"decode dub slice (WAV, decode stage's cost): {decode_ms:.3f} core-ms/frame")
 
-        stage = AudioFeaturize(types.SimpleNamespace(audio=AudioConfig()))
+        stage = AudioFeaturize(AudioConfig())
         audio = segments[0].audio
         for label, work in (("log-mel", stage.encoder.encode), ("silero VAD", stage.vad.probabilities)):
             work(audio)
@@ -122,7 +121,7 @@ def main() -> None:
         print(f"audio stage, log-mel: {logmel:.3f} core-ms/frame (goal <= 2)")
         if args.whisper_shape:
             path = whisper_checkpoint(args.whisper_shape, Path(tmp))
-            whisper = AudioFeaturize(types.SimpleNamespace(audio=AudioConfig(encoder="whisper", whisper_path=path)))
+            whisper = AudioFeaturize(AudioConfig(encoder="whisper", whisper_path=path))
             cost = core_ms_per_frame(whisper, segments[:4], repeats=1)
             print(f"audio stage, whisper-{args.whisper_shape} shape: {cost:.3f} core-ms/frame")
     print(f"RESULT audio_core_ms {logmel:.3f}")

@@ -59,7 +59,7 @@ def main() -> None:
         ratios: dict[str, float] = {}
         for backend, bare in (("pyav", bare_pyav), ("decord", bare_decord)):
             config = load_config(None, [f"decode.backend={backend}", "decode.max_side=4096"])
-            stage = Decode(config)
+            stage = Decode(config.decode, downmix=config.audio.downmix)
             bare_times, stage_times = [], []
             frames_bare = frames_stage = 0
             for _ in range(REPEATS):

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import cv2
@@ -47,7 +46,7 @@ def segment_frames(frames: np.ndarray, side: int, x: int, y: int) -> np.ndarray:
 
 
 def main() -> None:
-    stage = FaceTrack(SimpleNamespace(face_track=FaceTrackConfig()))
+    stage = FaceTrack(FaceTrackConfig())
     clip = source_frames(SEGMENT_FRAMES * len(PLACES))
     wall = cpu = 0.0
     frames_done = 0

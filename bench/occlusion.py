@@ -2,8 +2,8 @@
 
     python bench/occlusion.py [--review /tmp/occlusion_review]
 
-Held out from training: the clips (models.occlusion_train.EVAL_CLIPS), the seeds and the occluder
-styles (models.occluders.HELDOUT_STYLES). Goals: occluder IoU >= 0.85 inside the region to
+Held out from training: the clips (training.occlusion.EVAL_CLIPS), the seeds and the occluder
+styles (training.occluders.HELDOUT_STYLES). Goals: occluder IoU >= 0.85 inside the region to
 regenerate, false-positive area on clean faces <= 2% of it, <= 10 core-ms per 256x256 crop.
 `--review DIR` also writes overlays of the real clips with microphones in front of the mouth.
 """
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from models.occlusion_net import load_occlusion_net
-from models.occlusion_train import DATA_DIR, OCCLUDER_CLIPS, clip_crops, heldout_sequences, score_heldout
-from stages.occlusion import SHIPPED_WEIGHTS, OcclusionConfig, segment_occluders
+from training.occlusion import DATA_DIR, OCCLUDER_CLIPS, clip_crops, heldout_sequences, score_heldout
+from models.occlusion_net import SHIPPED_OCCLUSION_WEIGHTS
+from stages.occlusion import OcclusionConfig, segment_occluders
 
 
 def core_ms_per_crop(net, crops: np.ndarray, masks: np.ndarray, settings: OcclusionConfig, repeats: int = 5) -> float:
@@ -69,7 +70,7 @@ def write_review(net, settings: OcclusionConfig, folder: Path, every: int = 12) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", default=str(SHIPPED_WEIGHTS))
+    parser.add_argument("--weights", default=str(SHIPPED_OCCLUSION_WEIGHTS))
     parser.add_argument("--review", default="", help="folder for real-clip overlays (outside the repo)")
     args = parser.parse_args()
     torch.set_num_threads(1)

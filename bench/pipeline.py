@@ -74,7 +74,7 @@ def main() -> None:
         (shard,) = pack(items, str(tmp / "b-{0000..0000}.tar"))
 
         segments = []
-        cpu_stages = [Decode(config), FaceTrack(config), OcclusionSegment(config), AudioFeaturize(config)]
+        cpu_stages = [Decode(config.decode, downmix=config.audio.downmix), FaceTrack(config.face_track), OcclusionSegment(config.occlusion), AudioFeaturize(config.audio)]
         for film in index_shard_rows({"shard_url": shard}, str(tmp / "prep")):
             for row in plan_film_rows(film, str(tmp / "prep"), config.segment.target_seconds, config.segment.max_seconds,
                                       config.segment.overlap_frames):
@@ -84,7 +84,7 @@ def main() -> None:
                 segments.append(segment)
         frames = sum(s.frame_count for s in segments)
         torch.set_num_threads(1)
-        inpaint = Inpaint(config)
+        inpaint = Inpaint(config.inpaint, audio=config.audio)
         began = time.perf_counter()
         for segment in segments:
             done = inpaint.run_one(copy.deepcopy(segment))

@@ -21,7 +21,7 @@ from typing import Protocol
 import fsspec
 import numpy as np
 
-SAMPLE_RATE = 16000
+AUDIO_RATE = 16000  # Hz: every analysis of audio (features, VAD, speaker choice, sync) runs at this rate
 ENCODERS = ("logmel", "whisper")
 WHISPER_LAYERS = ("all", "last")
 LOG_FLOOR = -8.0  # log10 mel power floor (Whisper clamps at its window's max - 8; this is fixed)
@@ -42,7 +42,7 @@ class AudioEncoder(Protocol):
 
 
 @lru_cache(maxsize=4)
-def slaney_mel_filters(n_fft: int, n_mels: int, rate: int = SAMPLE_RATE) -> np.ndarray:
+def slaney_mel_filters(n_fft: int, n_mels: int, rate: int = AUDIO_RATE) -> np.ndarray:
     """(n_mels, n_fft // 2 + 1) triangular filters on the Slaney mel scale, area-normalised (as Whisper)."""
 
     def hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -125,9 +125,9 @@ class WhisperEncoderFeatures:
     def encode(self, audio: np.ndarray) -> np.ndarray:
         torch = self._torch
         audio = np.asarray(audio, np.float32)
-        chunk = _WHISPER_CHUNK_S * SAMPLE_RATE
+        chunk = _WHISPER_CHUNK_S * AUDIO_RATE
         pieces = [audio[i : i + chunk] for i in range(0, max(len(audio), 1), chunk)]
-        mel = self._extractor(pieces, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+        mel = self._extractor(pieces, sampling_rate=AUDIO_RATE, return_tensors="np").input_features
         with torch.inference_mode():
             out = self._encoder(torch.from_numpy(mel).to(self._device), output_hidden_states=self._layers == "all")
             states = torch.cat(out.hidden_states, dim=-1) if self._layers == "all" else out.last_hidden_state

@@ -10,6 +10,7 @@ the compute where occluders matter. The shipped widths (24, 48, 96, 128): 0.69 M
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
+
+from models.remote import local_dir
 
 ROI_MARGIN = 1.15  # ROI side over the mask's bounding box side: context for hands and mic bodies
 
@@ -83,10 +86,12 @@ class OcclusionNet(ModelMixin, ConfigMixin):
         return OcclusionNetOutput(logits=self.head(y))
 
 
-def load_occlusion_net(url: str) -> OcclusionNet:
-    """Load a `save_pretrained` folder from a local path or any fsspec URL (cached locally)."""
-    from models.remote import local_dir
+SHIPPED_OCCLUSION_WEIGHTS = str(Path(__file__).resolve().parent / "weights" / "occlusion")
 
-    net = OcclusionNet.from_pretrained(local_dir(url), low_cpu_mem_usage=False)
+
+def load_occlusion_net(url: str = "") -> OcclusionNet:
+    """Load a `save_pretrained` folder from a local path or any fsspec URL (cached locally); empty:
+    the weights that ship with the package."""
+    net = OcclusionNet.from_pretrained(local_dir(url or SHIPPED_OCCLUSION_WEIGHTS), low_cpu_mem_usage=False)
     net.eval()
     return net.to(memory_format=torch.channels_last)

@@ -22,7 +22,7 @@ import numpy as np
 from stages.media import open_member
 from stages.schema import MemberRef
 
-AUDIO_RATE = 48000
+OUTPUT_AUDIO_RATE = 48000
 AUDIO_CHUNK = 1024
 
 
@@ -57,11 +57,11 @@ def _open_source(source: str | MemberRef):
 
 def _dub_chunks(file: IO[bytes], plan: AudioPlan, result: AudioResult) -> Iterator[np.ndarray]:
     """Stereo float32 chunks of exactly the film's duration, aligned by timestamps."""
-    total = int(round(plan.duration * AUDIO_RATE))
+    total = int(round(plan.duration * OUTPUT_AUDIO_RATE))
     emitted = 0
     with av.open(file, mode="r", metadata_errors="ignore") as container:
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=AUDIO_RATE)
+        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=OUTPUT_AUDIO_RATE)
         skip = 0
         decoded = 0
         started = False
@@ -71,11 +71,11 @@ def _dub_chunks(file: IO[bytes], plan: AudioPlan, result: AudioResult) -> Iterat
                 started = True
                 first = (frame.time or 0.0) + plan.offset
                 if first > 0:  # dub starts late: lead with silence
-                    lead = min(total, int(round(first * AUDIO_RATE)))
+                    lead = min(total, int(round(first * OUTPUT_AUDIO_RATE)))
                     yield from _silence(lead)
                     emitted += lead
                 else:
-                    skip = int(round(-first * AUDIO_RATE))
+                    skip = int(round(-first * OUTPUT_AUDIO_RATE))
             for out in resampler.resample(frame):
                 data = out.to_ndarray()
                 decoded += data.shape[1]
@@ -86,17 +86,17 @@ def _dub_chunks(file: IO[bytes], plan: AudioPlan, result: AudioResult) -> Iterat
                 if take > 0:
                     yield data[:, :take]
                     emitted += take
-                result.cut_seconds += (data.shape[1] - max(take, 0)) / AUDIO_RATE
-    result.dub_seconds = decoded / AUDIO_RATE
+                result.cut_seconds += (data.shape[1] - max(take, 0)) / OUTPUT_AUDIO_RATE
+    result.dub_seconds = decoded / OUTPUT_AUDIO_RATE
     if emitted < total:
-        result.padded_seconds = (total - emitted) / AUDIO_RATE
+        result.padded_seconds = (total - emitted) / OUTPUT_AUDIO_RATE
         yield from _silence(total - emitted)
 
 
 def _silence(samples: int) -> Iterator[np.ndarray]:
     """Stereo silence in one-second chunks: padding a long film must not allocate its whole length."""
-    for start in range(0, samples, AUDIO_RATE):
-        yield np.zeros((2, min(AUDIO_RATE, samples - start)), np.float32)
+    for start in range(0, samples, OUTPUT_AUDIO_RATE):
+        yield np.zeros((2, min(OUTPUT_AUDIO_RATE, samples - start)), np.float32)
 
 
 def _audio_packets(stream: av.AudioStream, chunks: Iterator[np.ndarray]) -> Iterator[tuple[float, int, av.Packet]]:
@@ -108,12 +108,12 @@ def _audio_packets(stream: av.AudioStream, chunks: Iterator[np.ndarray]) -> Iter
         frame = None
         if block is not None:
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format="fltp", layout="stereo")
-            frame.sample_rate = AUDIO_RATE
+            frame.sample_rate = OUTPUT_AUDIO_RATE
             frame.pts = sample
-            frame.time_base = Fraction(1, AUDIO_RATE)
+            frame.time_base = Fraction(1, OUTPUT_AUDIO_RATE)
             sample += block.shape[1]
         for packet in stream.encode(frame):
-            t = float(packet.pts * packet.time_base) if packet.pts is not None else sample / AUDIO_RATE
+            t = float(packet.pts * packet.time_base) if packet.pts is not None else sample / OUTPUT_AUDIO_RATE
             yield t, 1, packet
 
     for chunk in chunks:
@@ -132,7 +132,7 @@ def _mux(video_inputs: list[str | MemberRef], dub: MemberRef, plan: AudioPlan, o
     with open_member(dub) as dub_file, av.open(output, mode="w", format="mp4") as out:
         with _open_source(video_inputs[0]) as handle, av.open(handle, mode="r", metadata_errors="ignore") as first:
             video_out = out.add_stream_from_template(first.streams.video[0])
-        audio_out = out.add_stream("aac", rate=AUDIO_RATE, layout="stereo")
+        audio_out = out.add_stream("aac", rate=OUTPUT_AUDIO_RATE, layout="stereo")
         audio_out.bit_rate = 192_000
         video = _video_packets(video_inputs)
         audio = _audio_packets(audio_out, _dub_chunks(dub_file, plan, result))

@@ -108,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
-    from pipeline.preprocess import FilterConfig, PreprocessOptions, preprocess
+    from training.preprocess import FilterConfig, PreprocessOptions, preprocess
     from pipeline.rundir import RunDirError
 
     try:
@@ -133,7 +133,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import TrainConfig, train
+    from training.train import TrainConfig, train
 
     try:
         config = TrainConfig.load(args.config, dict(_yaml_pairs(args.set or [])))
@@ -150,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate
+    from training.evaluate import evaluate
 
     try:
         result = evaluate(args.model, args.data, args.output, sync_expert=args.sync_expert, max_clips=args.max_clips,
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train StableDub on training shards (Ray Train); resumes from OUTPUT_MODEL/checkpoints")
     t.add_argument("data", help="directory, pattern or file of training shards")
     t.add_argument("output_model", help="output folder (diffusers StableDubPipeline)")
-    t.add_argument("--config", help="YAML training config (keys of models.train.TrainConfig)")
+    t.add_argument("--config", help="YAML training config (keys of training.train.TrainConfig)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config value")
     t.add_argument("--no-ray", action="store_true", help="run the training loop in this process (no Ray Train)")
     t.set_defaults(func=cmd_train)

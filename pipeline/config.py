@@ -18,6 +18,7 @@ from stages.encode import EncodeConfig
 from stages.face_track import FaceTrackConfig
 from stages.inpaint import InpaintConfig
 from stages.occlusion import OcclusionConfig
+from pipeline.stage_table import STAGE_NAMES, STAGES, StageResources
 
 
 class ConfigError(ValueError):
@@ -31,30 +32,8 @@ class SegmentConfig:
     max_seconds: float = 4.0  # cut even without a keyframe beyond this (seek decodes from one)
 
 
-@dataclass
-class StageResources:
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0  # inpaint: -1 = one GPU per actor when the cluster has GPUs, else CPU
-    min_actors: int = 1
-    max_actors: int = 1
-    batch_size: int = 1
-    memory_gb: float = 0.0  # Ray `memory=` reservation per actor (0: none)
-
-
 def _default_resources() -> dict[str, StageResources]:
-    # Laptop defaults: fractional CPU reservations so all six pools fit on two cores (a pool that
-    # cannot place its first actor starves the operators after it). Clusters set real numbers.
-    return {
-        "decode": StageResources(num_cpus=0.25, max_actors=2),
-        "face_track": StageResources(num_cpus=0.25, max_actors=2),
-        "occlusion": StageResources(num_cpus=0.125),
-        "audio": StageResources(num_cpus=0.125),
-        "inpaint": StageResources(num_cpus=0.25, num_gpus=-1.0),
-        "encode": StageResources(num_cpus=0.25, max_actors=2),
-    }
-
-
-STAGE_NAMES = ("decode", "face_track", "occlusion", "audio", "inpaint", "encode")
+    return {spec.name: dataclasses.replace(spec.resources) for spec in STAGES}
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from pipeline.config import STAGE_NAMES
+from pipeline.stage_table import STAGE_NAMES
 from stages.schema import Segment, Status
 
 if TYPE_CHECKING:

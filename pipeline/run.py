@@ -18,36 +18,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.assemble import AudioPlan, assemble_film, copy_film
-from pipeline.config import STAGE_NAMES, PipelineConfig
+from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
-from pipeline.planner import index_shard_rows, plan_film_rows
+from pipeline.plan import build_dataset, init_ray, open_run
 from pipeline.rundir import RunDir
-from pipeline.shards import expand_urls
-from stages.audio import AudioFeaturize
-from stages.decode import Decode
-from stages.encode import Encode, segment_url
-from stages.face_track import FaceTrack
-from stages.inpaint import Inpaint
-from stages.occlusion import OcclusionSegment
+from pipeline.stage_table import STAGES
 from stages.schema import FilmRef, Segment, Status, from_row
-from stages.storage import filesystem, is_local, join, put_file, read_json, remove_temporaries, write_json
+from stages.storage import filesystem, join, put_file, read_json, remove_temporaries, write_json
 
 if TYPE_CHECKING:
     from pipeline.metrics import Metrics
 
 log = logging.getLogger("stabledub")
-
-SEGMENT_BLOCK_BYTES = 1 << 20
-
-STAGES = {
-    "decode": Decode,
-    "face_track": FaceTrack,
-    "occlusion": OcclusionSegment,
-    "audio": AudioFeaturize,
-    "inpaint": Inpaint,
-    "encode": Encode,
-}
-
 
 @dataclass
 class RunOptions:
@@ -118,65 +100,6 @@ class ShardState:
     @property
     def name(self) -> str:
         return self.url.rstrip("/").rsplit("/", 1)[-1]
-
-
-def init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-
-
-def inpaint_gpus(requested: float) -> float:
-    """-1 means auto: one GPU per inpaint actor when the cluster has GPUs, else CPU."""
-    if requested >= 0:
-        return requested
-    import ray
-
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
-def build_dataset(urls: list[str], config: PipelineConfig, run_dir: str, retry_failed: bool):
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    # A decoded segment is megabytes, so this makes every segment its own block from decode on.
-    # Otherwise a film's segments share one block: each stage sees one task per film, nothing
-    # pipelines inside a film, and the GPU pool's queue (what both autoscalers read) stays short.
-    context.target_max_block_size = SEGMENT_BLOCK_BYTES
-    ds = ray.data.from_items([{"shard_url": u} for u in urls], override_num_blocks=max(1, len(urls)))
-    ds = ds.flat_map(index_shard_rows, fn_kwargs={"run_dir": run_dir, "retry_failed": retry_failed}, num_cpus=0.1)
-    ds = ds.flat_map(
-        plan_film_rows,
-        fn_kwargs={
-            "run_dir": run_dir,
-            "target_seconds": config.segment.target_seconds,
-            "max_seconds": config.segment.max_seconds,
-            "overlap": config.segment.overlap_frames,
-            "downmix": config.audio.downmix,
-        },
-        num_cpus=0.1,
-    )
-    for name in STAGE_NAMES:
-        res = config.resources[name]
-        kwargs: dict[str, Any] = {"config": config}
-        if name == "encode":
-            kwargs["run_dir"] = run_dir
-        gpus = inpaint_gpus(res.num_gpus) if name == "inpaint" else res.num_gpus
-        ds = ds.map_batches(
-            STAGES[name],
-            fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-            num_cpus=res.num_cpus,
-            num_gpus=gpus or None,
-            memory=res.memory_gb * 2**30 or None,
-            batch_size=res.batch_size,
-            batch_format="numpy",
-            zero_copy_batch=False,
-        )
-    del context
-    return ds
 
 
 class Driver:
@@ -268,7 +191,7 @@ class Driver:
     def _assemble(self, state: FilmState) -> dict[str, Any]:
         film = state.film
         assert film.video is not None and film.dub is not None
-        records = [read_json(segment_url(self.run.url, state.segments[i]) + ".json") for i in range(state.count or 0)]
+        records = [read_json(self.run.segment_url(state.segments[i]) + ".json") for i in range(state.count or 0)]
         changed = sum(r["counts"].get("frames_changed", 0) for r in records)
         plan = AudioPlan(duration=film.duration, offset=float(film.metadata.get("dub_offset", 0.0) or 0.0))
         target = self.run.film_url(film, ".mp4")
@@ -414,20 +337,9 @@ def start_metrics(port: int | None) -> Metrics | None:
         return None
     from pipeline.metrics import Metrics
 
-    metrics = Metrics.start(port, stage_of_operator={cls.__name__: name for name, cls in STAGES.items()})
+    metrics = Metrics.start(port, stage_of_operator={spec.operator_name: spec.name for spec in STAGES})
     metrics.watch_ray_data()
     return metrics
-
-
-def open_run(input_pattern: str, output: str, run_dir: str) -> tuple[list[str], RunDir]:
-    """The shard URLs a run reads (refusing a pattern that matches none), with its output ready."""
-    urls = expand_urls(input_pattern)
-    if not urls:
-        raise FileNotFoundError(f"no shards match {input_pattern}")
-    fs, out_path = filesystem(output)
-    if is_local(fs):
-        os.makedirs(out_path, exist_ok=True)
-    return urls, RunDir(run_dir)
 
 
 def run(options: RunOptions) -> RunSummary:
@@ -444,7 +356,7 @@ def run(options: RunOptions) -> RunSummary:
         ray.data.DataContext.get_current().enable_progress_bars = options.progress
         metrics = start_metrics(options.metrics_port)
         try:
-            ds = build_dataset(urls, options.config, run_dir.url, options.retry_failed)
+            ds = build_dataset(urls, options.config, run_dir, retry_failed=options.retry_failed)
             driver = Driver(options, run_dir, metrics)
             for row in ds.iter_rows():
                 driver.add(from_row(row))

@@ -2,7 +2,8 @@
 
 Layout (any fsspec URL):
     config.json                        the output-affecting config; a rerun must match it
-    segments/<shard>/<key>/<n>.mp4     encoded segment; <n>.json beside it is written last (done)
+    segments/<shard>/<key>/<n>.mp4     encoded segment (n: 5 digits); <n>.json beside it is written
+                                       last (done); preprocess writes only the <n>.json markers
     films/<shard>/<key>.mp4            assembled film; <key>.json (its report) is written last
     shards/<shard>.json                the output shard was committed (written last)
     dead_letters.jsonl                 every film or shard that failed, with its reason
@@ -17,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from stages.schema import FilmRef
+from stages.schema import FilmRef, Segment
 from stages.storage import exists, filesystem, join, read_bytes, read_json, write_bytes, write_json
 
 
@@ -57,6 +58,10 @@ class RunDir:
 
     def segment_dir(self, film: FilmRef) -> str:
         return self.path("segments", film.shard_name, film.safe_key)
+
+    def segment_url(self, segment: Segment) -> str:
+        """Where a segment's outputs go, without extension: `.mp4` (dubbing) and the `.json` marker."""
+        return join(self.segment_dir(segment.film), f"{segment.index:05d}")
 
     def done_segments(self, film: FilmRef) -> set[int]:
         fs, path = filesystem(self.segment_dir(film))

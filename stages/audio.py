@@ -22,7 +22,7 @@ from models.audio_encoder import (
     whisper_config,
     whisper_feature_dim,
 )
-from stages.audio_io import AUDIO_RATE
+from models.audio_encoder import AUDIO_RATE
 from stages.base import SegmentStage, StageError
 from stages.schema import Segment
 
@@ -44,6 +44,9 @@ class AudioConfig:
     silence_min_s: float = 0.5  # non-speech at least this long is a long silence: keep the mouth closed
     silence_pad_s: float = 0.1  # frames this close to speech are never marked silent (lips lead the sound)
     device: str = "cpu"  # torch device for the Whisper encoder
+    # dub: featurize the dub (dubbing); own: the film's own audio (`stabledub preprocess --audio own`:
+    # a corpus of people speaking with their own voice). A film without audio keeps the dub.
+    source: str = "dub"
 
 
 class AudioMismatchError(ValueError):
@@ -53,10 +56,9 @@ class AudioMismatchError(ValueError):
 class AudioFeaturize(SegmentStage):
     name = "audio"
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: AudioConfig) -> None:
         super().__init__(config)
-        self.settings: AudioConfig = config.audio
-        s = self.settings
+        self.settings = s = config
         self.encoder: AudioEncoder = load_audio_encoder(s.encoder, s.n_mels, s.whisper_path, s.whisper_layers, s.device)
         self.window = window_frames(s.window_s, self.encoder.frame_rate)
         self.vad = SileroVAD()
@@ -65,7 +67,8 @@ class AudioFeaturize(SegmentStage):
         if segment.audio is None:
             raise StageError("segment has no dub audio slice (the decode stage must run first)")
         s = self.settings
-        audio = np.asarray(segment.audio, np.float32)
+        own = s.source == "own" and segment.source_audio is not None
+        audio = np.asarray(segment.source_audio if own else segment.audio, np.float32)
         if s.normalize:
             audio = audio * np.float32(10.0 ** (loudness_gain_db(audio) / 20.0))
         segment.audio_features = feature_windows(self.encoder, audio, segment.audio_start, segment.pts, self.window)

@@ -21,11 +21,11 @@ from av.audio.stream import AudioStream
 from av.container import InputContainer
 from scipy.signal import resample_poly
 
+from models.audio_encoder import AUDIO_RATE
 from stages.base import StageError
 from stages.media import open_member
 from stages.schema import Segment
 
-AUDIO_RATE = 16000
 AUDIO_MARGIN_S = 1.0  # audio decoded either side of a segment: feature windows and VAD warm-up
 # Slices start on a grid of 2560 samples (a whole number of log-mel hops, Whisper frames and VAD
 # chunks), so every segment computes a frame's features on the same absolute grid: overlapping

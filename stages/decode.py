@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.base import SegmentStage, StageError
-from stages.media import decode_audio, open_member, open_reader, working_size
-from stages.audio_io import AUDIO_RATE, decode_dub_slice
+from stages.media import open_member, open_reader, working_size
+from stages.audio_io import AUDIO_RATE, decode_audio, decode_dub_slice
 from stages.schema import Segment, frame_tolerance
 
 
@@ -23,10 +23,11 @@ class DecodeConfig:
 class Decode(SegmentStage):
     name = "decode"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: DecodeConfig, *, downmix: str = "centre") -> None:
+        """`downmix`: how the dub's channels become one (the audio stage's `audio.downmix`)."""
         super().__init__(config)
-        self.settings: DecodeConfig = config.decode
-        self.downmix: str = getattr(getattr(config, "audio", None), "downmix", "centre")  # the audio stage owns it
+        self.settings = config
+        self.downmix = downmix
 
     def process(self, segment: Segment) -> Segment:
         film = segment.film

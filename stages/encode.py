@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -20,7 +21,7 @@ from stages.media import open_member, open_reader
 from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_back
 from stages.schema import Segment, frame_tolerance
-from stages.storage import join, put_file, write_json
+from stages.storage import put_file, write_json
 
 
 @dataclass
@@ -31,10 +32,6 @@ class EncodeConfig:
     feather: float = 2.0  # paste-back feather (crop pixels)
     threads: int = 0
     debug: bool = False  # also write <segment>.debug.mp4 and .debug.png with face track overlays
-
-
-def segment_url(run_dir: str, segment: Segment) -> str:
-    return join(run_dir, "segments", segment.film.shard_name, segment.film.safe_key, f"{segment.index:05d}")
 
 
 def encoder_options(settings: EncodeConfig) -> dict[str, str]:
@@ -49,13 +46,15 @@ def pixel_format(width: int, height: int) -> str:
 class Encode(SegmentStage):
     name = "encode"
 
-    def __init__(self, config, run_dir: str) -> None:
+    def __init__(self, config: EncodeConfig, *, segment_url: Callable[[Segment], str]) -> None:
+        """`segment_url(segment)`: where its video and completion marker go (URL without extension;
+        the run directory's layout)."""
         super().__init__(config)
-        self.settings: EncodeConfig = config.encode
-        self.run_dir = run_dir
+        self.settings = config
+        self.segment_url = segment_url
 
     def process(self, segment: Segment) -> Segment:
-        target = segment_url(self.run_dir, segment)
+        target = self.segment_url(segment)
         with tempfile.TemporaryDirectory(prefix="stabledub-encode-") as tmp:
             local = os.path.join(tmp, "segment.mp4")
             changed = encode_segment(segment, local, self.settings)
@@ -70,7 +69,7 @@ class Encode(SegmentStage):
 
     def commit(self, segment: Segment) -> None:
         # The completion marker is written last, after the segment file, with every stage's timings.
-        write_json(segment_url(self.run_dir, segment) + ".json", segment_record(segment))
+        write_json(self.segment_url(segment) + ".json", segment_record(segment))
 
 
 def segment_record(segment: Segment) -> dict:

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 from scipy.ndimage import maximum_filter1d
 
-from stages.face_align import LIPS_OUTER, LOWER_OVAL, NOSE_BASE, eye_distance
+from models.face_landmarks import LIPS_OUTER, LOWER_OVAL, NOSE_BASE
+from stages.face_align import eye_distance
 
 
 def fine_mask(landmarks: np.ndarray, crop_size: int) -> np.ndarray:

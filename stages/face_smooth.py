@@ -48,7 +48,7 @@ def runs(frame_index: np.ndarray) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def jitter(points: np.ndarray, scale: float) -> float:
+def shake_percent(points: np.ndarray, scale: float) -> float:
     """High-frequency shake of (T, K, 2) points: RMS second difference, in percent of `scale`.
 
     A second difference is zero for a point moving at constant speed, so slow head motion barely

@@ -11,9 +11,9 @@ import numpy as np
 from scipy.signal import butter, sosfiltfilt
 from scipy.stats import rankdata
 
-from stages.face_align import LIPS_INNER, MOUTH_CORNERS
+from models.audio_encoder import AUDIO_RATE
+from models.face_landmarks import LIPS_INNER, MOUTH_CORNERS
 
-AUDIO_RATE = 16000
 SPEECH_BAND = (250.0, 3400.0)  # Hz: voice, without hum, rumble and hiss
 SILENCE_DB = -55.0  # frame energy below this (dBFS) is silence whatever the dynamic range
 
@@ -49,7 +49,7 @@ def has_speech(energy: np.ndarray) -> bool:
     return bool(loud > SILENCE_DB and loud - quiet > 6.0)
 
 
-def sync_score(opening: np.ndarray, energy: np.ndarray, max_lag: int = 2) -> float:
+def opening_energy_correlation(opening: np.ndarray, energy: np.ndarray, max_lag: int = 2) -> float:
     """Best rank (Spearman) correlation of mouth opening with speech energy over small frame offsets.
 
     Ranks, because how wide a mouth opens for how loud a syllable differs from person to person.

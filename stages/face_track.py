@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.base import SegmentStage
+from models.face_landmarks import CHEEKS, RIGID
 from stages.face_align import (
-    CHEEKS,
-    RIGID,
     affine_from_centred,
     apply_affine,
     canonical_points,
@@ -30,8 +29,8 @@ from stages.face_align import (
     yaw_degrees,
 )
 from stages.face_masks import coarse_mask, fine_mask, union_masks
-from stages.face_smooth import jitter, runs, smooth
-from stages.face_speaker import has_speech, mouth_opening, speech_energy, sync_score
+from stages.face_smooth import runs, shake_percent, smooth
+from stages.face_speaker import has_speech, mouth_opening, speech_energy, opening_energy_correlation
 from stages.face_tracker import FaceTracker, RawTrack, TrackerSettings, shot_ids
 from stages.schema import Segment, Track
 
@@ -71,10 +70,9 @@ class FaceTrackConfig:
 class FaceTrack(SegmentStage):
     name = "face_track"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: FaceTrackConfig) -> None:
         super().__init__(config)
-        self.settings: FaceTrackConfig = config.face_track
-        s = self.settings
+        self.settings = s = config
         if s.speaker not in SPEAKER_MODES:
             raise ValueError(f"face_track.speaker: {s.speaker!r} is not one of {SPEAKER_MODES}")
         self.tracker = FaceTracker(
@@ -161,8 +159,8 @@ def build_track(
         "yaw": round(yaw, 1),
         "detections": len(raw.detected),
         "interpolated": interpolated,
-        "jitter_raw": round(jitter(raw_points[:, RIGID], unit), 3),
-        "jitter": round(jitter(points[:, RIGID], unit), 3),
+        "jitter_raw": round(shake_percent(raw_points[:, RIGID], unit), 3),
+        "jitter": round(shake_percent(points[:, RIGID], unit), 3),
     }
     if len(frame_index) < s.min_track_frames:
         info["skipped"] = "short"
@@ -213,7 +211,7 @@ def active_speaker(members: list[Track], energy: np.ndarray, min_sync: float, mi
         assert track.landmarks is not None
         opening = mouth_opening(track.landmarks)
         track.info["mouth_motion"] = round(float(opening.std()), 4)
-        track.info["sync"] = round(sync_score(opening, energy[track.frame_index]), 3) if talking else None
+        track.info["sync"] = round(opening_energy_correlation(opening, energy[track.frame_index]), 3) if talking else None
     candidates = [t for t in members if talking and t.info["mouth_motion"] >= min_motion]
     if not candidates:
         return []

@@ -1,6 +1,7 @@
 """Diffusion inpaint stage: regenerate the lower face of every dubbed track (GPU actors).
 
-The model is loaded once per actor: a built-in (`identity`, `grey`), a user class by import path
+The model is loaded once per actor: a built-in (`identity`: the crops unchanged, so paste-back must be
+lossless; `grey`: the mask region mid-grey, so occluder pixels must survive), a user class by import path
 (`package.module:Class`), or a StableDub checkpoint (a `save_pretrained` folder, local or any
 fsspec URL) run through `StableDubPipeline` on the actor's GPU in bf16, or on CPU in fp32.
 For each speaking track the stage picks an appearance reference and a lip-habit clip from the
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import cv2
 import numpy as np
 
+from stages.audio import AudioConfig, check_model_audio
 from stages.base import SegmentStage
 from stages.schema import Segment, Track
+from stages.storage import exists, join
 
 
 @dataclass
@@ -37,15 +40,33 @@ class InpaintConfig:
     seed: int = 0  # noise seed; combined with segment and track ids so reruns give identical bytes
 
 
+class InpaintModel(Protocol):
+    def __call__(self, track: Track, segment: Segment) -> np.ndarray: ...
+
+
+class IdentityModel:
+    def __call__(self, track: Track, segment: Segment) -> np.ndarray:
+        return track.crops.copy()
+
+
+class GreyModel:
+    def __call__(self, track: Track, segment: Segment) -> np.ndarray:
+        out = track.crops.copy()
+        out[track.mask > 0] = 128
+        return out
+
+
+BUILTIN = {"identity": IdentityModel, "grey": GreyModel}
+
+
 class Inpaint(SegmentStage):
     name = "inpaint"
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: InpaintConfig, *, audio: AudioConfig | None = None) -> None:
+        """`audio`: the run's audio features, checked against the ones the model was trained on."""
         super().__init__(config)
-        from models.registry import load_model
-
-        self.settings: InpaintConfig = config.inpaint
-        self.model = load_model(self.settings.model, self.settings, audio_config=config.audio)
+        self.settings = config
+        self.model = load_model(config.model, config, audio)
 
     def process(self, segment: Segment) -> Segment:
         generated = kept = 0
@@ -114,7 +135,7 @@ def pick_references(segment: Segment, track: Track, clip_frames: int) -> tuple[n
 class StableDubInpainter:
     """Runs a StableDub checkpoint on one track at a time (the inpaint stage's model)."""
 
-    def __init__(self, url: str, settings: InpaintConfig, audio_config: Any = None) -> None:
+    def __init__(self, url: str, settings: InpaintConfig, audio: AudioConfig | None = None) -> None:
         import torch
 
         from models.pipeline_stabledub import StableDubPipeline
@@ -130,11 +151,9 @@ class StableDubInpainter:
         self.pipeline.to(self.device, dtype)
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.use_scheduler(settings.scheduler)
-        if audio_config is not None:
-            from stages.audio import check_model_audio
-
+        if audio is not None:
             spec = self.pipeline.audio_spec
-            check_model_audio({"audio_encoder": spec["encoder"], "audio_window": spec["window"], "audio_dim": spec["dim"]}, audio_config)
+            check_model_audio({"audio_encoder": spec["encoder"], "audio_window": spec["window"], "audio_dim": spec["dim"]}, audio)
         self.size = int(self.pipeline.unet.config.sample_size) * 8
 
     def _resize(self, images: np.ndarray, size: int) -> np.ndarray:
@@ -171,3 +190,24 @@ class StableDubInpainter:
         out = track.crops.astype(np.int16)
         out[region] += change[region]
         return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def load_model(name_or_url: str, settings: InpaintConfig | None = None, audio: AudioConfig | None = None) -> InpaintModel:
+    """A built-in by name, a user class by `module:Class`, else a StableDub checkpoint path/URL."""
+    if name_or_url in BUILTIN:
+        return BUILTIN[name_or_url]()
+    if ":" in name_or_url and "://" not in name_or_url and not name_or_url.startswith("/"):
+        # "package.module:ClassName": a user's own model class, constructed without arguments
+        import importlib
+
+        module_name, _, class_name = name_or_url.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), class_name)()
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"model {name_or_url!r}: cannot import {class_name} from {module_name}: {error}") from None
+    if not exists(join(name_or_url, "model_index.json")):
+        raise ValueError(
+            f"unknown model {name_or_url!r}: not a built-in ({', '.join(sorted(BUILTIN))}), not module:Class, "
+            "and no StableDub checkpoint (model_index.json) there"
+        )
+    return StableDubInpainter(name_or_url, settings or InpaintConfig(), audio)

@@ -240,16 +240,3 @@ def open_reader(file: IO[bytes], backend: str = "pyav", threads: int = 0) -> PyA
     except KeyError:
         raise ValueError(f"unknown decode backend {backend!r}; choose from {sorted(BACKENDS)}") from None
     return cls(file, threads=threads)
-
-
-def decode_audio(
-    file: IO[bytes], sample_rate: int = 16000, layout: str = "mono", start: float = 0.0, stop: float | None = None
-) -> np.ndarray:
-    """Decode the first audio stream to float32 at `sample_rate`, trimmed to [start, stop) by time.
-
-    Samples are placed by their timestamps (`stages.audio_io`), not counted, so encoder padding
-    (AAC priming) does not shift the signal; mono prefers the centre channel of a surround mix.
-    """
-    from stages.audio_io import decode_audio as decode  # audio_io imports this module (open_member)
-
-    return decode(file, sample_rate, layout, start, stop)

@@ -10,7 +10,6 @@ edges keep their source pixels, feathered, and kept only inside the region to re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,9 +17,6 @@ from scipy.ndimage import gaussian_filter1d
 
 from stages.base import SegmentStage
 from stages.schema import Segment
-
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights" / "occlusion"
-
 
 @dataclass
 class OcclusionConfig:
@@ -37,9 +33,9 @@ class OcclusionConfig:
 class OcclusionSegment(SegmentStage):
     name = "occlusion"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: OcclusionConfig) -> None:
         super().__init__(config)
-        self.settings: OcclusionConfig = config.occlusion
+        self.settings = config
         if self.settings.method not in ("net", "none"):
             raise ValueError(f"occlusion.method {self.settings.method!r}: use 'net' or 'none'")
         self.net = None
@@ -50,7 +46,7 @@ class OcclusionSegment(SegmentStage):
 
             if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)
-            self.net = load_occlusion_net(self.settings.weights or str(SHIPPED_WEIGHTS))
+            self.net = load_occlusion_net(self.settings.weights)
 
     def process(self, segment: Segment) -> Segment:
         occluded = 0

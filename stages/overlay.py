@@ -12,7 +12,8 @@ from fractions import Fraction
 import cv2
 import numpy as np
 
-from stages.face_align import LIPS_OUTER, LOWER_OVAL, RIGID, apply_affine, invert
+from models.face_landmarks import LIPS_OUTER, LOWER_OVAL, RIGID
+from stages.face_align import apply_affine, invert
 from stages.schema import Segment, Track
 
 SPEAKER = (40, 220, 60)  # RGB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from models.registry import IdentityModel
+from stages.inpaint import IdentityModel
 
 
 class CrashOnceModel(IdentityModel):

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 
 from models.occlusion_net import ROI_MARGIN, OcclusionNet, load_occlusion_net, roi_affine
-from stages.occlusion import SHIPPED_WEIGHTS
+from models.occlusion_net import SHIPPED_OCCLUSION_WEIGHTS
 
 
 def test_shipped_weights_load_are_small_and_predict_half_resolution_logits() -> None:
-    files = {p.name: p.stat().st_size for p in Path(SHIPPED_WEIGHTS).iterdir()}
+    files = {p.name: p.stat().st_size for p in Path(SHIPPED_OCCLUSION_WEIGHTS).iterdir()}
     assert "config.json" in files and "diffusion_pytorch_model.safetensors" in files
     assert sum(files.values()) < 10 * 1024 * 1024
-    net = load_occlusion_net(str(SHIPPED_WEIGHTS))
+    net = load_occlusion_net(str(SHIPPED_OCCLUSION_WEIGHTS))
     assert not net.training
     size = net.config.input_size
     with torch.inference_mode():

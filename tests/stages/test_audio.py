@@ -3,7 +3,6 @@ voice activity where there is speech and long-silence marks where there is none.
 
 from __future__ import annotations
 
-import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def segments_of(dub: MemberRef, pts: np.ndarray, cut: int) -> list[Segment]:
 
 @pytest.fixture(scope="module")
 def stage() -> AudioFeaturize:
-    return AudioFeaturize(types.SimpleNamespace(audio=AudioConfig(normalize=False)))
+    return AudioFeaturize(AudioConfig(normalize=False))
 
 
 def featurize(stage: AudioFeaturize, segment: Segment) -> Segment:
@@ -118,7 +117,7 @@ def test_vad_finds_speech_and_marks_inserted_silence(tmp_path, name, folder):
     pts = np.arange(0, len(dub) / AUDIO_RATE - 0.1, 1 / 25)
     film = FilmRef("film", "", None, shard_with(tmp_path, "film.dub.wav", wav_bytes(dub)), {})
     segment = Segment(film, 0, 1, 0, len(pts), 0, pts, 0.0, 64, 64, (1, 25))
-    segment = featurize(AudioFeaturize(types.SimpleNamespace(audio=AudioConfig())), segment)
+    segment = featurize(AudioFeaturize(AudioConfig()), segment)
 
     activity, silence = segment.voice_activity, segment.silence
     assert activity.shape == silence.shape == (len(pts),)

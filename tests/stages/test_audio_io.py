@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
+from models.audio_encoder import AUDIO_RATE
 from stages.audio_io import (
-    AUDIO_RATE,
     AudioInfo,
+    decode_audio,
     decode_dub_slice,
     dub_alignment_notes,
     probe_audio,
     read_audio,
 )
 from stages.base import StageError
-from stages.media import decode_audio
 from stages.schema import FilmRef, MemberRef, Segment
 
 DATA = Path(os.environ.get("STABLEDUB_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -159,7 +159,7 @@ def test_resampling_keeps_timing_at_8k_and_48k(tmp_path):
         assert lag == 0 and corr > (0.9 if rate == 8000 else 0.999)
 
 
-def test_media_decode_audio_keeps_its_signature(tmp_path):
+def test_decode_audio_keeps_its_signature(tmp_path):
     reference = speech()[: 2 * AUDIO_RATE]
     path = encode(tmp_path / "stereo.flac", np.stack([reference, -reference]), "flac", 44100, "stereo")
     stereo = decode_audio(str(path), AUDIO_RATE, "stereo", 0.5, 1.5)

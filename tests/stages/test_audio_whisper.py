@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import types
 from pathlib import Path
 
 import fsspec
@@ -47,7 +46,7 @@ def speech_segment(seconds: float = 3.0) -> Segment:
 
 
 def run(config: AudioConfig) -> Segment:
-    return AudioFeaturize(types.SimpleNamespace(audio=config)).run_one(speech_segment())
+    return AudioFeaturize(config).run_one(speech_segment())
 
 
 def test_whisper_features_one_window_per_frame(checkpoint):
@@ -83,7 +82,7 @@ def test_whisper_loads_from_an_fsspec_url_and_from_an_encoder_only_checkpoint(ch
 
 def test_whisper_without_a_path_is_a_clear_config_error():
     with pytest.raises(ValueError, match="needs audio.whisper_path"):
-        AudioFeaturize(types.SimpleNamespace(audio=AudioConfig(encoder="whisper")))
+        AudioFeaturize(AudioConfig(encoder="whisper"))
 
 
 def test_log_mel_is_whispers_front_end():

@@ -5,7 +5,6 @@ landmark jitter, and the masks and alignment hold their contracts."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import av
 import cv2
@@ -15,8 +14,9 @@ import scipy.io.wavfile
 import skimage.data
 from tests.conftest import SHARED_DATA, shared_clip
 
-from stages.face_align import LIPS_OUTER, RIGID, apply_affine, canonical_points, invert
-from stages.face_smooth import jitter
+from models.face_landmarks import LIPS_OUTER, RIGID
+from stages.face_align import apply_affine, canonical_points, invert
+from stages.face_smooth import shake_percent
 from stages.face_track import FaceTrack, FaceTrackConfig, fill_gaps
 from stages.face_tracker import RawTrack
 from stages.schema import FilmRef, Segment
@@ -70,7 +70,7 @@ def segment_of(frames: np.ndarray, audio: np.ndarray | None = None, metadata: di
 
 @pytest.fixture(scope="module")
 def stage() -> FaceTrack:
-    return FaceTrack(SimpleNamespace(face_track=FaceTrackConfig()))
+    return FaceTrack(FaceTrackConfig())
 
 
 def centre_x(track) -> float:
@@ -141,15 +141,15 @@ def test_speaker_modes_all_largest_and_metadata_ids(stage) -> None:
     a, b = clip_frames("vfhq_MhV2NIHmUjM", 12), clip_frames("vfhq_oy2ZeXz3Bjw", 12)
     frames = composite([(a, 700, 100, 200), (b, 400, 1200, 300)])
     for mode, expected in (("all", [True, True]), ("largest", [True, False])):
-        custom = FaceTrack(SimpleNamespace(face_track=FaceTrackConfig(speaker=mode, min_track_frames=4)))
+        custom = FaceTrack(FaceTrackConfig(speaker=mode, min_track_frames=4))
         segment = custom.process(segment_of(frames.copy()))
         assert [t.speaking for t in sorted(eligible(segment), key=centre_x)] == expected
-    custom = FaceTrack(SimpleNamespace(face_track=FaceTrackConfig(speaker="ids", min_track_frames=4)))
+    custom = FaceTrack(FaceTrackConfig(speaker="ids", min_track_frames=4))
     right = max(eligible(custom.process(segment_of(frames.copy()))), key=centre_x).track_id
     segment = custom.process(segment_of(frames.copy(), metadata={"dub_track_ids": [right]}))
     assert [t.speaking for t in sorted(eligible(segment), key=centre_x)] == [False, True]
     with pytest.raises(ValueError):
-        FaceTrack(SimpleNamespace(face_track=FaceTrackConfig(speaker="loudest")))
+        FaceTrack(FaceTrackConfig(speaker="loudest"))
 
 
 def test_tracks_end_at_a_shot_cut(stage) -> None:
@@ -177,7 +177,7 @@ def test_long_misses_stay_holes() -> None:
 
 
 def test_tiny_faces_are_left_untouched() -> None:
-    custom = FaceTrack(SimpleNamespace(face_track=FaceTrackConfig(min_face=200)))
+    custom = FaceTrack(FaceTrackConfig(min_face=200))
     segment = custom.process(segment_of(composite([(clip_frames("vfhq_MhV2NIHmUjM", 10), 256, 800, 400)])))
     assert segment.tracks and not any(t.speaking for t in segment.tracks)
     assert segment.counts["tracks_skipped_small"] == len(segment.tracks)
@@ -193,7 +193,7 @@ def test_smoothing_lowers_landmark_jitter_on_a_still_head(stage) -> None:
     assert track.info["jitter"] < 0.5 * track.info["jitter_raw"], track.info
     # the crop itself barely moves: the rigid points stay within a small fraction of a pixel
     rigid = track.landmarks[:, RIGID]
-    assert jitter(rigid, 64.0) < 0.5 and np.abs(rigid - rigid.mean(axis=0)).max() < 1.0
+    assert shake_percent(rigid, 64.0) < 0.5 and np.abs(rigid - rigid.mean(axis=0)).max() < 1.0
 
 
 def test_smoothing_lowers_landmark_jitter_on_real_clips(stage) -> None:

@@ -46,7 +46,7 @@ def segment_and_config(tmp_path_factory):
     (film,) = index_shard_rows({"shard_url": shard}, str(tmp / "run"))
     row = plan_film_rows(film, str(tmp / "run"), 2.0, 4.0, 4)[1]
     segment = from_row(row)
-    for stage in (Decode(config), FaceTrack(config), OcclusionSegment(config), AudioFeaturize(config)):
+    for stage in (Decode(config.decode, downmix=config.audio.downmix), FaceTrack(config.face_track), OcclusionSegment(config.occlusion), AudioFeaturize(config.audio)):
         segment = stage.run_one(segment)
     assert segment.status.value == "ok", segment.reason
     assert segment.tracks and segment.tracks[0].speaking
@@ -58,7 +58,7 @@ def test_stage_regenerates_only_inside_the_mask_and_is_deterministic(segment_and
 
     segment, config = segment_and_config
     torch.set_num_threads(1)
-    stage = Inpaint(config)
+    stage = Inpaint(config.inpaint, audio=config.audio)
     first = stage.run_one(copy.deepcopy(segment))
     again = stage.run_one(copy.deepcopy(segment))
     assert first.status.value == "ok", first.reason
@@ -87,7 +87,7 @@ def test_long_silence_keeps_the_original_mouth_with_a_ramp(segment_and_config):
     ramp = weight[(local >= 20) & (local < 20 + fade)]
     assert (np.diff(ramp) < 0).all() and 0 < ramp.min() < ramp.max() < 1
     torch.set_num_threads(1)
-    out = Inpaint(config).run_one(silent)
+    out = Inpaint(config.inpaint, audio=config.audio).run_one(silent)
     kept = out.tracks[0].frame_index >= 20 + fade
     assert np.array_equal(out.tracks[0].generated[kept], out.tracks[0].crops[kept])
     assert out.counts["frames_kept_silent"] == int(kept.sum())
@@ -107,4 +107,4 @@ def test_a_model_trained_on_other_audio_features_is_refused_clearly(segment_and_
     model = save_tiny_checkpoint(tmp_path / "other", audio_window=16, audio_dim=80)
     wrong = load_config(None, [f"inpaint.model={model}"])
     with pytest.raises(AudioMismatchError, match="audio_window: model expects 16"):
-        Inpaint(wrong)
+        Inpaint(wrong.inpaint, audio=wrong.audio)

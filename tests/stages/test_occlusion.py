@@ -3,20 +3,19 @@ faces, keeps its mask inside the region to regenerate, and smooths it along a tr
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from models.occluders import HELDOUT_STYLES, composite_occluders
-from models.occlusion_train import EVAL_CLIPS, EVAL_SEED, clip_crops, score_heldout
+from training.occluders import HELDOUT_STYLES, composite_occluders
+from training.occlusion import EVAL_CLIPS, EVAL_SEED, clip_crops, score_heldout
 from stages.occlusion import OcclusionConfig, OcclusionSegment, smooth_along_track
 from stages.schema import FilmRef, Segment, Track
 
 
 @pytest.fixture(scope="module")
 def stage() -> OcclusionSegment:
-    return OcclusionSegment(SimpleNamespace(occlusion=OcclusionConfig()))
+    return OcclusionSegment(OcclusionConfig())
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,7 @@ def test_stage_marks_occluded_tracks_only_inside_the_region_to_regenerate(stage,
 
 
 def test_method_none_marks_nothing() -> None:
-    stage = OcclusionSegment(SimpleNamespace(occlusion=OcclusionConfig(method="none")))
+    stage = OcclusionSegment(OcclusionConfig(method="none"))
     crops = np.zeros((3, 64, 64, 3), np.uint8)
     masks = np.full((3, 64, 64), 255, np.uint8)
     segment = stage.process(segment_with([track_of(crops, masks)]))
@@ -75,7 +74,7 @@ def test_method_none_marks_nothing() -> None:
 
 def test_unknown_method_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="occlusion.method"):
-        OcclusionSegment(SimpleNamespace(occlusion=OcclusionConfig(method="magic")))
+        OcclusionSegment(OcclusionConfig(method="magic"))
 
 
 def test_smoothing_removes_a_one_frame_flicker_and_keeps_a_steady_occluder() -> None:

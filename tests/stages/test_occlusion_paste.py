@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 
-from models.occluders import HELDOUT_STYLES, composite_occluders
-from models.occlusion_train import DATA_DIR, EVAL_CLIPS, EVAL_SEED, read_frames
-from models.registry import GreyModel
+from training.occluders import HELDOUT_STYLES, composite_occluders
+from training.occlusion import DATA_DIR, EVAL_CLIPS, EVAL_SEED, read_frames
+from stages.inpaint import GreyModel
 from pipeline.config import load_config
 from stages.decode import decode_frames
 from stages.encode import EncodeConfig, encode_segment
@@ -54,7 +53,7 @@ def occluded_film(tmp_path_factory) -> dict:
     and the microphone's and the lower face's frame-space masks."""
     frames = read_frames(DATA_DIR / "video" / f"{EVAL_CLIPS[1]}.mp4", FRAMES)
     height, width = frames.shape[1:3]
-    tracker = FaceTrack(SimpleNamespace(face_track=FaceTrackConfig(speaker="all")))
+    tracker = FaceTrack(FaceTrackConfig(speaker="all"))
     clean = Segment(film=FilmRef("clean", "memory://", None, None), index=0, count=1, start=0, stop=FRAMES, context_start=0,
                     pts=np.arange(FRAMES) / 25.0, seek_pts=0.0, width=width, height=height, time_base=(1, 25), frames=frames)
     track = tracker.process(clean).tracks[0]
@@ -111,7 +110,7 @@ def test_the_stage_chain_keeps_the_microphone_under_a_grey_model(occluded_film, 
     segment = segment_of(occluded_film["path"])
     segment.frames = decode_frames(segment, "pyav", (segment.width, segment.height))
     segment.working_scale = 1.0
-    for stage in (FaceTrack(config), OcclusionSegment(config), Inpaint(config)):
+    for stage in (FaceTrack(config.face_track), OcclusionSegment(config.occlusion), Inpaint(config.inpaint, audio=config.audio)):
         segment = stage.run_one(segment)
         assert segment.status.value == "ok", segment.reason
     assert len(segment.tracks) == 1 and len(segment.tracks[0].frame_index) == FRAMES

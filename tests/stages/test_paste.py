@@ -103,7 +103,7 @@ def test_identity_model_through_track_inpaint_and_encode_equals_the_source(tmp_p
     segment.frames = decode_frames(segment, "pyav", (segment.width, segment.height))
     source = segment.frames[segment.context :].copy()
     config = load_config(None, ["face_track.speaker=all", "inpaint.model=identity"])
-    for stage in (FaceTrack(config), Inpaint(config)):
+    for stage in (FaceTrack(config.face_track), Inpaint(config.inpaint, audio=config.audio)):
         segment = stage.run_one(segment)
         assert segment.status.value == "ok", segment.reason
     assert any(t.generated is not None for t in segment.tracks)

@@ -26,7 +26,7 @@ def one_thread():
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """Preprocessed training shards of CLIP with its own audio, plus a film with a silent dub."""
     from pipeline.config import load_config
-    from pipeline.preprocess import PreprocessOptions, preprocess
+    from training.preprocess import PreprocessOptions, preprocess
     from pipeline.shards import PackItem, pack
 
     root = tmp_path_factory.mktemp("corpus")

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from models.train import read_shard
-from pipeline.preprocess import FIELDS, estimate_av_offset, preprocess, shard_urls, shift_frames
+from training.preprocess import FIELDS, estimate_av_offset, preprocess, shift_frames
+from training.shards import read_shard, shard_urls
 
 pytestmark = pytest.mark.slow
 

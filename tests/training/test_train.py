@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.pipeline_stabledub import StableDubPipeline
-from models.train import TrainConfig, train, write_loss_log
+from training.train import TrainConfig, train, write_loss_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -69,9 +69,8 @@ def test_exported_vae_scales_its_latents_to_unit_variance(corpus, trained):
     """A VAE trained from scratch gets Stable Diffusion's treatment: latents * scaling_factor have std ~1."""
     import io
 
-    from models.train import read_shard
     from models.vae import encode, to_pixels
-    from pipeline.preprocess import shard_urls
+    from training.shards import read_shard, shard_urls
 
     pipe = StableDubPipeline.from_pretrained(trained[0])
     _, members = next(read_shard(shard_urls(str(corpus["train"]))[0]))

@@ -18,19 +18,16 @@ Without a VAE checkpoint (`vae` empty) the run first fits the VAE preset on the 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
 import shutil
-import tarfile
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,10 +35,12 @@ import torch.nn.functional as F
 from models.conditioning import regenerate_region, to_latent_resolution
 from models.lip_habit import LipHabitEncoder
 from models.losses import LossWeights, TrainingBatch, training_losses
-from models.occluders import composite_occluders
+from models.images import resize_square
 from models.pipeline_stabledub import StableDubPipeline, make_scheduler
 from models.unet import StableDubUNet
 from models.vae import build_vae, encode, load_vae, to_pixels
+from training.occluders import composite_occluders
+from training.shards import decode_arrays, read_shard, shard_urls
 
 log = logging.getLogger("stabledub.train")
 
@@ -104,28 +103,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- data
-def read_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of one webdataset tar, streamed in member order."""
-    from stages.storage import filesystem
-
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            name, _, ext = base.partition(".")
-            if key is not None and name != key:
-                yield key, members
-                members = {}
-            key = name
-            f = tar.extractfile(info)
-            members[ext] = f.read() if f else b""
-        if key is not None:
-            yield key, members
-
-
 def held_out(key: str, percent: int) -> bool:
     return zlib.crc32(key.encode()) % 100 < percent
 
@@ -146,13 +123,7 @@ def sample_stream(urls: list[str], seed: int, epoch: int, buffer: int, keep) -> 
 
 
 def decode_sample(members: dict[str, bytes]) -> dict[str, np.ndarray]:
-    return {name: np.load(io.BytesIO(members[f"{name}.npy"])) for name in ARRAYS}
-
-
-def resize(stack: np.ndarray, size: int) -> np.ndarray:
-    if stack.shape[1] == size:
-        return stack
-    return np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in stack])
+    return decode_arrays(members, ARRAYS)
 
 
 @dataclass
@@ -178,15 +149,15 @@ def make_window(sample: dict[str, np.ndarray], config: TrainConfig, rng: np.rand
     reference = int(rng.choice(outside)) if len(outside) else int(rng.integers(n))
     lip_start = int(rng.integers(0, max(1, n - config.lip_frames + 1)))
     lip = np.clip(np.arange(lip_start, lip_start + config.lip_frames), 0, n - 1)
-    crops, mask = resize(sample["crops"][span], size), resize(sample["mask"][span], size)
-    occlusion = resize(sample["occlusion"][span], size)
+    crops, mask = resize_square(sample["crops"][span], size), resize_square(sample["mask"][span], size)
+    occlusion = resize_square(sample["occlusion"][span], size)
     if rng.random() < config.occluder_prob:
         composite = composite_occluders(crops, mask, rng, sequence=True)
         crops, occlusion = composite.crops, np.maximum(occlusion, composite.occlusion)
     return Window(
-        crops=crops, mask=mask, coarse=resize(sample["coarse_mask"][span], size), occlusion=occlusion,
-        audio=sample["audio"][span].astype(np.float32), reference=resize(sample["crops"][[reference]], size),
-        lip_crops=resize(sample["crops"][lip], size), lip_audio=sample["audio"][lip].astype(np.float32),
+        crops=crops, mask=mask, coarse=resize_square(sample["coarse_mask"][span], size), occlusion=occlusion,
+        audio=sample["audio"][span].astype(np.float32), reference=resize_square(sample["crops"][[reference]], size),
+        lip_crops=resize_square(sample["crops"][lip], size), lip_audio=sample["audio"][lip].astype(np.float32),
     )
 
 
@@ -495,8 +466,6 @@ def write_loss_log(history: list[dict[str, Any]], csv_path: str, png_path: str) 
 
 def train(data: str, output: str, config: TrainConfig, use_ray: bool = True, stop_after: int | None = None) -> str:
     """Train on DATA shards into OUTPUT (a diffusers folder); resumes from OUTPUT/checkpoints."""
-    from pipeline.preprocess import shard_urls
-
     urls = shard_urls(data)
     if not urls:
         raise FileNotFoundError(f"no training shards in {data}")

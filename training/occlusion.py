@@ -1,8 +1,8 @@
 """Train the occlusion segmenter on synthetic occluders pasted over real face crops.
 
-    python -m models.occlusion_train --out OUT --device cuda --workers 14 --steps 80000 \
+    python -m training.occlusion --out OUT --device cuda --workers 14 --steps 80000 \
         --max-seconds 420 --batch 48 --widths 24 48 96 128 --coarse-fraction 0
-    python -m models.occlusion_train --init OUT --out models/weights/occlusion --lr 1e-3 \
+    python -m training.occlusion --init OUT --out models/weights/occlusion --lr 1e-3 \
         --steps 1500 --batch 24 --coarse-fraction 0
 
 made the shipped weights: a GPU run that ends on its time budget (its schedule ends with it), then
@@ -12,7 +12,7 @@ then 128² on one core. Face crops come from the sample clips in ../shared/data/
 FaceTrack stage and cached outside the repo (STABLEDUB_OCCLUSION_CACHE; keyed by the tracker's
 source: a new tracker re-crops, and retraining follows its crops). Clips with real occluders are
 never trained on (their microphones would be labelled "no occluder"); the evaluation clips, seeds
-and occluder styles (models.occluders.HELDOUT_STYLES) are held out for bench/occlusion.py. Two more
+and occluder styles (training.occluders.HELDOUT_STYLES) are held out for bench/occlusion.py. Two more
 clips (VAL_CLIPS) are kept out of training as a training-side validation split: composited with
 training styles and seeds, they watch the run and calibrate the threshold, which is folded into the
 head's bias (`--recalibrate WEIGHTS` does only that, for a net trained with the threshold at 0.5).
@@ -33,16 +33,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.occluders import HELDOUT_STYLES, TRAIN_STYLES, Composite, OccluderStyles, composite_occluders, mouth_frame
 from models.occlusion_net import OcclusionNet, load_occlusion_net, roi_affine
 from stages.occlusion import OcclusionConfig, occluder_probability, occlusion_mask, smooth_along_track, to_crop
+from training.occluders import HELDOUT_STYLES, TRAIN_STYLES, Composite, OccluderStyles, composite_occluders, mouth_frame
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,7 @@ VAL_CLIPS = ("tlou_64", "vfhq_f8FMX-lWRTg")
 TRAIN_SEED = 0
 VAL_SEED = 5_000
 EVAL_SEED = 10_000  # bench seeds start here; training never draws from them
+CROP_CACHE_VERSION = 1
 
 
 def data_dir() -> Path:
@@ -86,7 +86,7 @@ def track_crops(frames: np.ndarray, crop_size: int = 256) -> tuple[np.ndarray, n
     from stages.face_track import FaceTrack, FaceTrackConfig
     from stages.schema import FilmRef, Segment
 
-    stage = FaceTrack(SimpleNamespace(face_track=FaceTrackConfig(crop_size=crop_size)))
+    stage = FaceTrack(FaceTrackConfig(crop_size=crop_size))
     n, h, w = frames.shape[:3]
     segment = Segment(
         film=FilmRef(key="crops", shard_url="memory://", video=None, dub=None), index=0, count=1, start=0, stop=n,
@@ -102,10 +102,9 @@ def track_crops(frames: np.ndarray, crop_size: int = 256) -> tuple[np.ndarray, n
 def clip_crops(name: str, max_frames: int | None = None, step: int = 1, root: Path | None = None,
                cache: Path | None = CACHE_DIR) -> tuple[np.ndarray, np.ndarray]:
     """Face crops (N, 256, 256, 3) and masks of one sample clip, cached (outside the repo) by the
-    clip, the frame selection and the face tracker's source, so a new tracker re-crops."""
+    clip, the frame selection and CROP_CACHE_VERSION (bump it when the face track stage changes its crops)."""
     path = (root or DATA_DIR) / "video" / f"{name}.mp4"
-    tracker = Path(__file__).resolve().parents[1] / "stages" / "face_track.py"
-    key = hashlib.sha1(f"{name}:{max_frames}:{step}".encode() + tracker.read_bytes()).hexdigest()[:16]
+    key = hashlib.sha1(f"{name}:{max_frames}:{step}:{CROP_CACHE_VERSION}".encode()).hexdigest()[:16]
     cached = cache / f"{name}-{key}.npz" if cache else None
     if cached and cached.exists():
         data = np.load(cached)

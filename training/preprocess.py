@@ -13,13 +13,9 @@ those segments, and films and input shards whose markers are all written.
 
 from __future__ import annotations
 
-import io
-import json
+import dataclasses
 import logging
-import os
 import re
-import tarfile
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,18 +24,16 @@ import numpy as np
 
 from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
-from pipeline.planner import index_shard_rows, plan_film_rows
+from pipeline.plan import build_dataset, init_ray, open_run
 from pipeline.rundir import RunDir
-from pipeline.shards import expand_urls
-from stages.base import SegmentStage
+from pipeline.stage_table import PREPROCESS_STAGES
 from stages.face_speaker import mouth_opening
 from stages.schema import FilmRef, Segment, Status, Track, from_row
-from stages.storage import filesystem, join, put_file, remove_temporaries, write_json
+from stages.storage import join, remove_temporaries, write_json
+from training.shards import ShardWriter, TrackSample, next_shard_index
 
 log = logging.getLogger("stabledub")
 
-PREPROCESS_STAGES = ("decode", "face_track", "occlusion", "audio")
-SHARD_PATTERN = "train-{:06d}.tar"
 FIELDS = ("crops", "mask", "fine_mask", "coarse_mask", "landmarks", "occlusion", "audio", "vad", "silence", "frames")
 
 
@@ -115,22 +109,6 @@ def shift_frames(values: np.ndarray, lag: int) -> np.ndarray:
     return values[index]
 
 
-@dataclass
-class TrackSample:
-    key: str
-    arrays: dict[str, np.ndarray]
-    meta: dict[str, Any]
-
-    def to_members(self) -> dict[str, bytes]:
-        members = {}
-        for name, value in self.arrays.items():
-            buffer = io.BytesIO()
-            np.save(buffer, value, allow_pickle=False)
-            members[f"{name}.npy"] = buffer.getvalue()
-        members["json"] = json.dumps(self.meta, sort_keys=True, default=float).encode()
-        return members
-
-
 def sample_key(film: FilmRef, segment: Segment, track: Track) -> str:
     # webdataset splits a member name at the first dot of its base name: keys carry none.
     return re.sub(r"[^A-Za-z0-9_\-]", "_", film.safe_key) + f"__s{segment.index:04d}_t{track.track_id}"
@@ -193,48 +171,6 @@ def track_sample(segment: Segment, track: Track, filters: FilterConfig) -> tuple
     return TrackSample(sample_key(segment.film, segment, track), arrays, meta), "", meta
 
 
-class UseOwnAudio(SegmentStage):
-    """Featurize the film's own audio instead of its dub member (`--audio own`)."""
-
-    name = "own_audio"
-
-    def process(self, segment: Segment) -> Segment:
-        if segment.source_audio is not None:
-            segment.audio = segment.source_audio
-        return segment
-
-
-def build_preprocess_dataset(urls: list[str], options: PreprocessOptions):
-    """The `run` plan up to the audio stage (same functions, same resources)."""
-    import ray
-
-    from pipeline.run import SEGMENT_BLOCK_BYTES, STAGES
-
-    config = options.config
-    ray.data.DataContext.get_current().target_max_block_size = SEGMENT_BLOCK_BYTES
-    ds = ray.data.from_items([{"shard_url": u} for u in urls], override_num_blocks=max(1, len(urls)))
-    ds = ds.flat_map(index_shard_rows, fn_kwargs={"run_dir": options.run_dir}, num_cpus=0.1)
-    ds = ds.flat_map(
-        plan_film_rows,
-        fn_kwargs={"run_dir": options.run_dir, "target_seconds": config.segment.target_seconds,
-                   "max_seconds": config.segment.max_seconds, "overlap": config.segment.overlap_frames,
-                   "downmix": config.audio.downmix},
-        num_cpus=0.1,
-    )
-    stages: list[tuple[str, type]] = [(name, STAGES[name]) for name in PREPROCESS_STAGES]
-    if options.audio == "own":
-        stages.insert(3, ("audio", UseOwnAudio))
-    for name, stage in stages:
-        res = config.resources[name]
-        ds = ds.map_batches(
-            stage, fn_constructor_kwargs={"config": config},
-            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, batch_size=res.batch_size,
-            batch_format="numpy", zero_copy_batch=False,
-        )
-    return ds
-
-
 @dataclass
 class PreprocessSummary:
     films_ok: int = 0
@@ -253,51 +189,6 @@ class PreprocessSummary:
         return (f"films ok {self.films_ok} / failed {self.films_failed} (skipped, done earlier: {self.films_skipped}); "
                 f"samples {self.samples} ({self.frames} frames) in {self.shards_written} new shard(s); "
                 f"rejected: {rejected}; wall {self.wall_seconds:.1f} s")
-
-
-class ShardWriter:
-    """Appends samples to a local tar; commits it (atomically) to the output before it passes the cap."""
-
-    def __init__(self, output: str, shard_bytes: int, first_index: int) -> None:
-        self.output, self.shard_bytes, self.index = output, shard_bytes, first_index
-        self.tmp = tempfile.TemporaryDirectory(prefix="stabledub-train-")
-        self.tar: tarfile.TarFile | None = None
-        self.size = 0
-        self.samples = 0
-
-    def add(self, sample: TrackSample) -> str | None:
-        """Add one sample; returns the URL of a shard committed to make room for it, if any."""
-        members = sample.to_members()
-        size = sum(len(v) + 1024 for v in members.values())
-        committed = self.commit() if self.tar is not None and self.size + size > self.shard_bytes else None
-        if self.tar is None:
-            self.tar = tarfile.open(os.path.join(self.tmp.name, "shard.tar"), "w", format=tarfile.PAX_FORMAT)
-            self.size = self.samples = 0
-        for ext, body in members.items():
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mtime = len(body), 0
-            self.tar.addfile(info, io.BytesIO(body))
-        self.size += size
-        self.samples += 1
-        return committed
-
-    def commit(self) -> str | None:
-        if self.tar is None:
-            return None
-        self.tar.close()
-        self.tar = None
-        url = join(self.output, SHARD_PATTERN.format(self.index))
-        put_file(os.path.join(self.tmp.name, "shard.tar"), url)
-        self.index += 1
-        return url
-
-
-def next_shard_index(output: str) -> int:
-    fs, path = filesystem(output)
-    if not fs.exists(path):
-        return 0
-    numbers = [int(m.group(1)) for p in fs.ls(path, detail=False) if (m := re.search(r"train-(\d{6})\.tar$", p))]
-    return max(numbers) + 1 if numbers else 0
 
 
 class PreprocessDriver:
@@ -370,7 +261,7 @@ class PreprocessDriver:
             self.summary.shards_written += 1
             log.info("wrote %s", url)
         for segment, records in self.uncommitted:
-            write_json(join(self.run.segment_dir(segment.film), f"{segment.index}.json"), {"records": records})
+            write_json(self.run.segment_url(segment) + ".json", {"records": records})
             state = self.films[segment.film.uid]
             state["done"].add(segment.index)
             state["tracks"] += records
@@ -412,8 +303,6 @@ class PreprocessDriver:
 
 
 def preprocess(options: PreprocessOptions) -> PreprocessSummary:
-    from pipeline.run import init_ray, open_run
-
     began = time.perf_counter()
     urls, run_dir = open_run(options.input, options.output, options.run_dir)
     with Lease(run_dir.url):
@@ -428,7 +317,8 @@ def preprocess(options: PreprocessOptions) -> PreprocessSummary:
 
         ray.data.DataContext.get_current().enable_progress_bars = options.progress
         driver = PreprocessDriver(options, run_dir)
-        for row in build_preprocess_dataset(urls, options).iter_rows():
+        config = dataclasses.replace(options.config, audio=dataclasses.replace(options.config.audio, source=options.audio))
+        for row in build_dataset(urls, config, run_dir, stages=PREPROCESS_STAGES).iter_rows():
             driver.add(from_row(row))
         summary = driver.finish()
     summary.wall_seconds = time.perf_counter() - began
@@ -436,13 +326,4 @@ def preprocess(options: PreprocessOptions) -> PreprocessSummary:
     print(summary.line())
     return summary
 
-
-def shard_urls(data: str) -> list[str]:
-    """Training shards of a preprocess output: a directory (every train-*.tar), a pattern or a file."""
-    if data.endswith(".tar") or "{" in data:
-        return expand_urls(data)
-    fs, path = filesystem(data)
-    found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-    protocol = data.split("://", 1)[0] + "://" if "://" in data else ""
-    return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]
 

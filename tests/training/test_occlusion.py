@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import torch
 
-from models.occluders import mouth_frame
-from models.occlusion_train import (
+from training.occluders import mouth_frame
+from training.occlusion import (
     EVAL_CLIPS, OCCLUDER_CLIPS, VAL_CLIPS, TrainingBatches, batch_loader, cast_shade, choose_threshold, learning_rate, moustache,
     recolour_occluder, train_clips, vary_face,
 )

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.occluders import HELDOUT_STYLES, KINDS, TRAIN_STYLES, composite_occluders, mouth_frame
+from training.occluders import HELDOUT_STYLES, KINDS, TRAIN_STYLES, composite_occluders, mouth_frame
 
 
 def face_like(n: int, size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

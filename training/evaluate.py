@@ -12,7 +12,6 @@ floor of sync). DIR gets metrics.json and index.html with plots and side-by-side
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import os
@@ -23,15 +22,22 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from models.audio_encoder import AUDIO_RATE
+from models.face_landmarks import LMD_POINTS
 from models.images import resize_square
-from models.sync_expert import LipLandmarks
-from stages.face_align import LIPS_INNER, LIPS_OUTER, MOUTH_CORNERS
+from models.pipeline_stabledub import StableDubPipeline
+from models.sync_expert import load_sync_expert, sync_score
+from pipeline.config import load_config
+from pipeline.shards import PackItem, pack
+from stages.audio_io import decode_audio
+from training.preprocess import FilterConfig, PreprocessOptions, preprocess
+from training.shards import decode_arrays, read_shard, shard_urls
+from training.sync_expert import LipLandmarks
 
 METRICS = ("psnr_mouth", "ssim_mouth", "lmd", "identity_sim", "sync_score", "jitter")
 BASELINES = ("source", "frozen")
 PSNR_CAP = 100.0  # dB for identical pixels (JSON has no infinity)
 LANDMARK_SIZE = LipLandmarks.size  # landmarks and identity are measured on crops brought to this size
-LIP_POINTS = np.array([*LIPS_OUTER, *LIPS_INNER, *MOUTH_CORNERS])
 
 
 @dataclass
@@ -78,7 +84,7 @@ def lmd(output_points: np.ndarray, truth_points: np.ndarray) -> float:
     return float(np.nanmean(distance)) if np.isfinite(distance).any() else float("nan")
 
 
-def jitter(points: np.ndarray) -> float:
+def lip_jitter(points: np.ndarray) -> float:
     """Mean magnitude of the lips' second temporal difference (pixels per frame², LANDMARK_SIZE crop)."""
     centred = points - np.nanmean(points, axis=1, keepdims=True) + np.nanmean(points, axis=(0, 1))
     accel = np.linalg.norm(centred[2:] - 2 * centred[1:-1] + centred[:-2], axis=-1)
@@ -128,8 +134,6 @@ def model_method(path: str, steps: int, seed: int = 0) -> tuple[Callable[[Clip],
     """A StableDubPipeline as a method, and its crop size."""
     import torch
 
-    from models.pipeline_stabledub import StableDubPipeline
-
     pipe = StableDubPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * 8
@@ -145,15 +149,12 @@ def model_method(path: str, steps: int, seed: int = 0) -> tuple[Callable[[Clip],
 # ---------------------------------------------------------------------------------------- data
 def load_clips(data: str, max_clips: int = 0) -> list[Clip]:
     """Track samples of training shards, or a folder of mp4 files (preprocessed here first)."""
-    from models.train import read_shard
-    from pipeline.preprocess import shard_urls
-
     if os.path.isdir(data) and any(n.endswith((".mp4", ".mkv", ".mov")) for n in os.listdir(data)):
         data = preprocess_folder(data)
     clips = []
     for url in shard_urls(data):
         for key, members in read_shard(url):
-            arrays = {n: np.load(io.BytesIO(members[f"{n}.npy"])) for n in ("crops", "mask", "occlusion", "audio")}
+            arrays = decode_arrays(members, ("crops", "mask", "occlusion", "audio"))
             clips.append(Clip(key, arrays["crops"], arrays["mask"], arrays["occlusion"], arrays["audio"].astype(np.float32)))
             if max_clips and len(clips) >= max_clips:
                 return clips
@@ -165,12 +166,6 @@ def load_clips(data: str, max_clips: int = 0) -> list[Clip]:
 def preprocess_folder(folder: str) -> str:
     """Pack every video with its own audio as the dub and preprocess it (no filters drop anything)."""
     import av
-
-    from pipeline.config import load_config
-    from pipeline.preprocess import FilterConfig, PreprocessOptions, preprocess
-    from pipeline.shards import PackItem, pack
-    from stages.audio_io import AUDIO_RATE
-    from stages.media import decode_audio
 
     work = tempfile.mkdtemp(prefix="stabledub-eval-")
     items = []
@@ -195,8 +190,6 @@ def preprocess_folder(folder: str) -> str:
 def write_wav(path: str, audio: np.ndarray) -> None:
     import wave
 
-    from stages.audio_io import AUDIO_RATE
-
     with wave.open(path, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
@@ -209,8 +202,6 @@ class Scorer:
     """Every metric of one method's output on one clip (detectors and the sync expert loaded once)."""
 
     def __init__(self, sync_expert: str = "") -> None:
-        from models.sync_expert import load_sync_expert
-
         self.landmarks = LipLandmarks()
         self.identity = IdentityEmbedding()
         try:
@@ -219,19 +210,17 @@ class Scorer:
             self.expert, self.expert_report = None, {}
 
     def truth(self, truth: np.ndarray) -> dict[str, np.ndarray]:
-        return {"points": self.landmarks(truth)[:, LIP_POINTS], "identity": self.identity(truth[::4])}
+        return {"points": self.landmarks(truth)[:, LMD_POINTS], "identity": self.identity(truth[::4])}
 
     def __call__(self, output: np.ndarray, truth: np.ndarray, mask: np.ndarray, audio: np.ndarray, reference: dict[str, np.ndarray]) -> dict[str, Any]:
-        from models.sync_expert import sync_score
-
         mesh = self.landmarks(output)
-        points = mesh[:, LIP_POINTS]
+        points = mesh[:, LMD_POINTS]
         scores: dict[str, Any] = {
             "psnr_mouth": psnr_mouth(output, truth, mask),
             "ssim_mouth": ssim_mouth(output, truth, mask),
             "lmd": lmd(points, reference["points"]),
             "identity_sim": identity_sim(self.identity(output[::4]), reference["identity"]),
-            "jitter": jitter(points),
+            "jitter": lip_jitter(points),
             "sync_score": float("nan"),
         }
         if self.expert is not None:

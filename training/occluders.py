@@ -1,6 +1,6 @@
 """Synthetic occluders pasted over the mouth of aligned face crops, with their ground-truth masks.
 
-One compositor serves two trainings: the occlusion segmenter (models/occlusion_train.py) learns to
+One compositor serves two trainings: the occlusion segmenter (training/occlusion.py) learns to
 find occluders from these composites, and the inpainting model's occlusion-aware training uses the
 same composites so it learns to keep occluders in front of the mouth it regenerates.
 

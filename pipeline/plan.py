@@ -1,0 +1,108 @@
+"""The Ray Data plan: shards -> film segments -> the stages of the stage table, with their resources.
+
+`run` (dubbing) and `preprocess` (training corpora) both build their datasets here, from
+`pipeline/stage_table.py`; they differ only in which stages they take.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.planner import index_shard_rows, plan_film_rows
+from pipeline.rundir import RunDir
+from pipeline.shards import expand_urls
+from pipeline.stage_table import STAGES, StageSpec
+from stages.storage import filesystem, is_local
+
+# A decoded segment is megabytes, so this makes every segment its own block from decode on.
+# Otherwise a film's segments share one block: each stage sees one task per film, nothing
+# pipelines inside a film, and the GPU pool's queue (what both autoscalers read) stays short.
+SEGMENT_BLOCK_BYTES = 1 << 20
+
+
+def init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+
+
+def resolve_gpus(requested: float) -> float:
+    """-1 means auto: one GPU per actor when the cluster has GPUs, else CPU."""
+    if requested >= 0:
+        return requested
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def stage_kwargs(spec: StageSpec, config: PipelineConfig, plan_values: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of one stage: its config section and its declared extras."""
+    kwargs: dict[str, Any] = {"config": getattr(config, spec.name)}
+    for keyword, path in spec.config_extras.items():
+        value: Any = config
+        for part in path.split("."):
+            value = getattr(value, part)
+        kwargs[keyword] = value
+    for keyword in spec.plan_extras:
+        kwargs[keyword] = plan_values[keyword]
+    return kwargs
+
+
+def build_stage(spec: StageSpec, config: PipelineConfig, **plan_values: Any):
+    """One stage built as the plan builds it (for tests, benchmarks and tools outside Ray)."""
+    return spec.stage(**stage_kwargs(spec, config, plan_values))
+
+
+def build_dataset(
+    urls: list[str], config: PipelineConfig, run: RunDir, stages: Sequence[StageSpec] = STAGES,
+    retry_failed: bool = False,
+):
+    """shards -> film rows -> segment rows -> each stage of `stages` as an actor pool."""
+    import ray
+
+    ray.data.DataContext.get_current().target_max_block_size = SEGMENT_BLOCK_BYTES
+    ds = ray.data.from_items([{"shard_url": u} for u in urls], override_num_blocks=max(1, len(urls)))
+    ds = ds.flat_map(index_shard_rows, fn_kwargs={"run_dir": run.url, "retry_failed": retry_failed}, num_cpus=0.1)
+    ds = ds.flat_map(
+        plan_film_rows,
+        fn_kwargs={
+            "run_dir": run.url,
+            "target_seconds": config.segment.target_seconds,
+            "max_seconds": config.segment.max_seconds,
+            "overlap": config.segment.overlap_frames,
+            "downmix": config.audio.downmix,
+        },
+        num_cpus=0.1,
+    )
+    plan_values = {"segment_url": run.segment_url}
+    for spec in stages:
+        res = config.resources[spec.name]
+        ds = ds.map_batches(
+            spec.stage,
+            fn_constructor_kwargs=stage_kwargs(spec, config, plan_values),
+            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+            num_cpus=res.num_cpus,
+            num_gpus=resolve_gpus(res.num_gpus) or None,
+            memory=res.memory_gb * 2**30 or None,
+            batch_size=res.batch_size,
+            batch_format="numpy",
+            zero_copy_batch=False,
+        )
+    return ds
+
+
+def open_run(input_pattern: str, output: str, run_dir: str) -> tuple[list[str], RunDir]:
+    """The shard URLs a run reads (refusing a pattern that matches none), with its output ready."""
+    urls = expand_urls(input_pattern)
+    if not urls:
+        raise FileNotFoundError(f"no shards match {input_pattern}")
+    fs, out_path = filesystem(output)
+    if is_local(fs):
+        os.makedirs(out_path, exist_ok=True)
+    return urls, RunDir(run_dir)

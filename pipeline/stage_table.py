@@ -1,0 +1,92 @@
+"""The stages of the pipeline, in order, in one table.
+
+Everything that needs the list of stages reads it from here: the config (one section and one
+resources entry per stage), the Ray plan of `run` and of `preprocess`, the metrics. Adding a stage
+is the stage file, one `StageSpec` line below and its config section in `PipelineConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stages.audio import AudioFeaturize
+from stages.base import SegmentStage
+from stages.decode import Decode
+from stages.encode import Encode
+from stages.face_track import FaceTrack
+from stages.inpaint import Inpaint
+from stages.occlusion import OcclusionSegment
+
+
+@dataclass
+class StageResources:
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0  # -1: one GPU per actor when the cluster has GPUs, else CPU
+    min_actors: int = 1
+    max_actors: int = 1
+    batch_size: int = 1
+    memory_gb: float = 0.0  # Ray `memory=` reservation per actor (0: none)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: its class, what it is built from, what it needs, and what it does to a segment."""
+
+    name: str  # also the name of its config section and of its `resources` entry
+    stage: type[SegmentStage]
+    # Laptop defaults: fractional CPU reservations so all pools fit on two cores (a pool that cannot
+    # place its first actor starves the operators after it). Clusters set real numbers.
+    resources: StageResources
+    reads: tuple[str, ...]  # Segment fields it needs
+    writes: tuple[str, ...]  # Segment fields it fills (`tracks.x`: a field of every track)
+    # Constructor keywords taken from other config sections: keyword -> "section" or "section.key".
+    config_extras: dict[str, str] = field(default_factory=dict)
+    # Constructor keywords only the plan knows (e.g. where the run directory puts segments).
+    plan_extras: tuple[str, ...] = ()
+    dubbing_only: bool = False  # `preprocess` (training corpora) stops before it
+
+    @property
+    def operator_name(self) -> str:
+        """How Ray Data names this stage's operator (`MapBatches(<class name>)`)."""
+        return self.stage.__name__
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        "decode", Decode, StageResources(num_cpus=0.25, max_actors=2),
+        reads=("film",), writes=("frames", "pts", "audio", "source_audio"),
+        config_extras={"downmix": "audio.downmix"},
+    ),
+    StageSpec(
+        "face_track", FaceTrack, StageResources(num_cpus=0.25, max_actors=2),
+        reads=("frames", "audio"), writes=("tracks",),
+    ),
+    StageSpec(
+        "occlusion", OcclusionSegment, StageResources(num_cpus=0.125),
+        reads=("tracks",), writes=("tracks.occlusion",),
+    ),
+    StageSpec(
+        "audio", AudioFeaturize, StageResources(num_cpus=0.125),
+        reads=("audio", "source_audio"),
+        writes=("audio_features", "source_audio_features", "voice_activity", "silence"),
+    ),
+    StageSpec(
+        "inpaint", Inpaint, StageResources(num_cpus=0.25, num_gpus=-1.0),
+        reads=("tracks", "audio_features", "source_audio_features", "silence"), writes=("tracks.generated",),
+        config_extras={"audio": "audio"}, dubbing_only=True,
+    ),
+    StageSpec(
+        "encode", Encode, StageResources(num_cpus=0.25, max_actors=2),
+        reads=("tracks",), writes=("output_path",),
+        plan_extras=("segment_url",), dubbing_only=True,
+    ),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in STAGES)
+PREPROCESS_STAGES: tuple[StageSpec, ...] = tuple(spec for spec in STAGES if not spec.dubbing_only)
+
+
+def stage_spec(name: str) -> StageSpec:
+    for spec in STAGES:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no stage {name!r}; stages: {', '.join(STAGE_NAMES)}")

@@ -1,0 +1,1 @@
+"""Training wing: corpus preprocessing, training, occluder compositing, expert fitting, evaluation."""
