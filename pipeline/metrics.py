@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from pipeline.stage_table import STAGE_NAMES
 from stages.schema import Segment, Status
 
 if TYPE_CHECKING:
@@ -28,16 +27,6 @@ log = logging.getLogger(__name__)
 
 RATE_WINDOW_SECONDS = 60.0
 POLL_SECONDS = 0.5
-
-
-def failed_stage(reason: str) -> str:
-    """The stage a failure reason names (`"face_track: no faces"`), else where it came from."""
-    head = reason.split(":", 1)[0].strip()
-    if head in STAGE_NAMES:
-        return head
-    if head.startswith("assembly"):
-        return "assemble"
-    return "plan"  # planner and shard-level failures carry no stage prefix
 
 
 class Metrics:
@@ -105,12 +94,12 @@ class Metrics:
     # ------------------------------------------------------------------ driver API
     def observe_segment(self, segment: Segment) -> None:
         """Count one row that reached the driver: per stage it went through, and where it failed."""
+        failed_in = segment.failed_stage if segment.status is Status.FAILED else None
         if segment.is_marker:
-            if segment.status is Status.FAILED:
-                self.segments.labels("plan", "failed").inc()
+            if failed_in is not None:
+                self.segments.labels(failed_in, "failed").inc()
             return
         frames = segment.frame_count
-        failed_in = failed_stage(segment.reason) if segment.status is Status.FAILED else None
         for stage, seconds in segment.timings.items():
             self.busy.labels(stage).inc(max(seconds, 0.0))
             status = "failed" if stage == failed_in else "ok"
@@ -125,10 +114,11 @@ class Metrics:
             with self._lock:
                 self._generated.append((time.monotonic(), generated))
 
-    def film_done(self, ok: bool, reason: str = "", skipped: bool = False) -> None:
+    def film_done(self, ok: bool, stage: str = "", skipped: bool = False) -> None:
+        """One film finished; `stage` is the one that failed it (`Segment.failed_stage`)."""
         self.films.labels("skipped" if skipped else "ok" if ok else "failed").inc()
         if not ok:
-            self.films_failed.labels(failed_stage(reason)).inc()
+            self.films_failed.labels(stage).inc()
 
     def inpaint_frames_per_second(self) -> float:
         now = time.monotonic()

@@ -16,12 +16,17 @@ from pipeline.rundir import RunDir
 from pipeline.shards import ShardError, index_shard
 from stages.audio_io import describe_error, dub_alignment_notes, probe_audio
 from stages.media import open_member, probe_video
-from stages.storage import retrying
 from stages.schema import FilmRef, Segment, Status, from_row, marker, to_row
+from stages.storage import retrying
 
 
-def shard_marker(url: str, status: Status, reason: str = "") -> Segment:
-    return marker(FilmRef(key="", shard_url=url, video=None, dub=None), status, reason)
+def failed_marker(film: FilmRef, reason: str) -> Segment:
+    """A film (or, with an empty key, a shard) the planner gives up on."""
+    return marker(film, Status.OK).fail(reason, stage="plan")
+
+
+def shard_film(url: str) -> FilmRef:
+    return FilmRef(key="", shard_url=url, video=None, dub=None)
 
 
 def index_shard_rows(item: dict[str, Any], run_dir: str, retry_failed: bool = False) -> list[dict[str, Any]]:
@@ -29,19 +34,19 @@ def index_shard_rows(item: dict[str, Any], run_dir: str, retry_failed: bool = Fa
     run = RunDir(run_dir)
     name = url.rstrip("/").rsplit("/", 1)[-1]
     if run.shard_done(name):
-        return [to_row(shard_marker(url, Status.DONE, "output shard already written by an earlier run"))]
+        return [to_row(marker(shard_film(url), Status.DONE, "output shard already written by an earlier run"))]
     try:
         index = retrying(lambda: index_shard(url), f"indexing {url}")
     except ShardError as error:
-        return [to_row(shard_marker(url, Status.FAILED, str(error)))]
+        return [to_row(failed_marker(shard_film(url), str(error)))]
     except Exception as error:  # noqa: BLE001 - storage errors fail the shard, not the run
-        return [to_row(shard_marker(url, Status.FAILED, f"cannot read shard {url}: {type(error).__name__}: {error}"))]
+        return [to_row(failed_marker(shard_film(url), f"cannot read shard {url}: {type(error).__name__}: {error}"))]
     rows = []
     for entry in index.films:
         film = entry.film
         film.shard_films = len(index.films)
         if entry.problem:
-            rows.append(to_row(marker(film, Status.FAILED, entry.problem)))
+            rows.append(to_row(failed_marker(film, entry.problem)))
             continue
         report = run.film_report(film)
         if report is not None and (report.get("status") == "ok" or not retry_failed):
@@ -90,7 +95,7 @@ def plan_film_rows(
         with open_member(film.video) as member:
             info = probe_video(member)
     except Exception as error:  # noqa: BLE001 - any container problem is this film's failure
-        return [to_row(marker(film, Status.FAILED, f"cannot read video {film.video.name}: {error}"))]
+        return [to_row(failed_marker(film, f"cannot read video {film.video.name}: {error}"))]
     pts, keyframe = info.pts, info.keyframe
     step = float(np.median(np.diff(pts))) if len(pts) > 1 else 1 / 25
     film.frames = len(pts)
@@ -101,7 +106,7 @@ def plan_film_rows(
             dub = probe_audio(member)
         film.notes += dub_alignment_notes(film.duration, dub, float(film.metadata.get("dub_offset", 0.0) or 0.0), downmix)
     except Exception as error:  # noqa: BLE001
-        return [to_row(marker(film, Status.FAILED, f"cannot read dub audio {film.dub.name}: {describe_error(error)}"))]
+        return [to_row(failed_marker(film, f"cannot read dub audio {film.dub.name}: {describe_error(error)}"))]
     starts = cut_points(pts, keyframe, target_seconds, max_seconds)
     stops = starts[1:] + [len(pts)]
     done = RunDir(run_dir).done_segments(film)

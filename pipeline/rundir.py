@@ -5,7 +5,8 @@ Layout (any fsspec URL):
     segments/<shard>/<key>/<n>.mp4     encoded segment (n: 5 digits); <n>.json beside it is written
                                        last (done); preprocess writes only the <n>.json markers
     films/<shard>/<key>.mp4            assembled film; <key>.json (its report) is written last
-    shards/<shard>.json                the output shard was committed (written last)
+    shards/<shard>.json                every film of the shard resolved and, for `run`, the output
+                                       shard committed (written last)
     dead_letters.jsonl                 every film or shard that failed, with its reason
     summary.json                       the last run's summary
 Markers are written after the data they vouch for, so a killed run never leaves a marker without
@@ -19,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.schema import FilmRef, Segment
-from stages.storage import exists, filesystem, join, read_bytes, read_json, write_bytes, write_json
+from stages.storage import (
+    exists,
+    filesystem,
+    join,
+    read_bytes,
+    read_json,
+    write_bytes,
+    write_json,
+)
 
 
 class RunDirError(RuntimeError):
@@ -72,6 +81,13 @@ class RunDir:
 
     def shard_marker(self, shard_name: str) -> str:
         return self.path("shards", f"{shard_name}.json")
+
+    def write_shard_marker(self, shard_name: str, films: list[str], output: str = "") -> None:
+        """The shard is finished: its films resolved and (when `run` wrote one) its output shard committed."""
+        body: dict[str, Any] = {"films": films}
+        if output:
+            body["output"] = output
+        write_json(self.shard_marker(shard_name), body)
 
     def shard_done(self, shard_name: str) -> bool:
         return exists(self.shard_marker(shard_name))

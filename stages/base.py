@@ -44,17 +44,17 @@ class SegmentStage:
         try:
             segment = self.process(segment)
         except StageError as error:
-            segment.fail(f"{self.name}: {error}")
+            segment.fail(f"{self.name}: {error}", stage=self.name)
         except Exception as error:  # noqa: BLE001 - any crash in one film must not stop the catalog
             log.warning("%s failed on %s: %s", self.name, segment.film.uid, traceback.format_exc())
-            segment.fail(f"{self.name}: {type(error).__name__}: {error}")
+            segment.fail(f"{self.name}: {type(error).__name__}: {error}", stage=self.name)
         segment.timings[self.name] = segment.timings.get(self.name, 0.0) + time.perf_counter() - began
         segment.workers[self.name] = WORKER
         if segment.status is Status.OK:
             try:
                 self.commit(segment)
             except Exception as error:  # noqa: BLE001
-                segment.fail(f"{self.name}: committing output: {type(error).__name__}: {error}")
+                segment.fail(f"{self.name}: committing output: {type(error).__name__}: {error}", stage=self.name)
         return segment
 
     def commit(self, segment: Segment) -> None:

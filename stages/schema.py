@@ -125,6 +125,7 @@ class Segment:
     time_base: tuple[int, int]  # video stream time base (numerator, denominator)
     status: Status = Status.OK
     reason: str = ""
+    failed_stage: str = ""  # who failed it: a stage name, "plan" or "assemble"
     frames: np.ndarray | None = None  # (T, h, w, 3) uint8 at working resolution (decode -> face)
     working_scale: float = 1.0  # working-resolution pixels per full-resolution pixel
     audio: np.ndarray | None = None  # mono float32 16 kHz dub audio covering pts (+ margins)
@@ -167,9 +168,10 @@ class Segment:
         self.tracks = []
         return self
 
-    def fail(self, reason: str) -> "Segment":
+    def fail(self, reason: str, *, stage: str) -> "Segment":
         self.status = Status.FAILED
         self.reason = reason
+        self.failed_stage = stage
         return self.drop_payload()
 
 

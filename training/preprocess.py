@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
+from pipeline.ledger import FilmState, Ledger, ShardState, Summary
 from pipeline.plan import build_dataset, init_ray, open_run
 from pipeline.rundir import RunDir
 from pipeline.stage_table import PREPROCESS_STAGES
@@ -172,84 +173,56 @@ def track_sample(segment: Segment, track: Track, filters: FilterConfig) -> tuple
 
 
 @dataclass
-class PreprocessSummary:
-    films_ok: int = 0
-    films_failed: int = 0
-    films_skipped: int = 0
-    shards_skipped: int = 0  # input shards finished by an earlier run
+class PreprocessSummary(Summary):
+    # `shards_written` counts new training shards; `shards_skipped`/`shards_failed` input shards.
     segments: int = 0
     samples: int = 0
-    frames: int = 0
-    shards_written: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
-    wall_seconds: float = 0.0
 
-    def line(self) -> str:
+    def detail_parts(self) -> list[str]:
         rejected = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
-        return (f"films ok {self.films_ok} / failed {self.films_failed} (skipped, done earlier: {self.films_skipped}); "
-                f"samples {self.samples} ({self.frames} frames) in {self.shards_written} new shard(s); "
-                f"rejected: {rejected}; wall {self.wall_seconds:.1f} s")
+        return [f"samples {self.samples} ({self.frames} frames) in {self.shards_written} new shard(s)", f"rejected: {rejected}"]
 
 
-class PreprocessDriver:
-    """Consumes finished segments, writes samples, and writes completion markers after each commit."""
+class PreprocessDriver(Ledger):
+    """Turns finished segments into training samples; a segment is finished, and its marker written,
+    once the training shard holding its samples is committed."""
 
     def __init__(self, options: PreprocessOptions, run: RunDir) -> None:
-        self.options, self.run = options, run
+        super().__init__(run, PreprocessSummary())
+        self.options = options
         self.writer = ShardWriter(options.output, options.shard_bytes, next_shard_index(options.output))
-        self.summary = PreprocessSummary()
         self.uncommitted: list[tuple[Segment, list[dict[str, Any]]]] = []  # segments waiting for their shard's commit
-        self.films: dict[str, dict[str, Any]] = {}  # film uid -> {"film", "count", "done", "tracks", "failed"}
-        self.shards: dict[str, dict[str, Any]] = {}  # input shard url -> {"expected", "resolved"}
-        self.dead: list[dict[str, Any]] = run.dead_letters()
+        self.tracks: dict[str, list[dict[str, Any]]] = {}  # film uid -> records of its committed segments
 
-    def add(self, segment: Segment) -> None:
-        film = segment.film
-        if not film.key:  # whole input shard: done earlier or unusable
-            if segment.status is Status.DONE:
-                self.summary.shards_skipped += 1
-            else:
-                self.dead.append({"shard": film.shard_name, "key": "", "reason": segment.reason, "time": time.time()})
+    def segment_arrived(self, shard: ShardState, state: FilmState, segment: Segment) -> None:
+        if segment.status is not Status.OK:  # done by an earlier run, or failed: nothing to sample
+            self.segment_finished(shard, state, segment)
             return
-        shard = self.shards.setdefault(film.shard_url, {"expected": film.shard_films, "resolved": set()})
-        state = self.films.setdefault(film.uid, {"film": film, "count": None, "done": set(), "tracks": [], "failed": ""})
-        if segment.is_marker:
-            if segment.status is Status.DONE:
-                self.summary.films_skipped += 1
-            else:
-                self._film_failed(state, segment.reason)
-            shard["resolved"].add(film.key)
-            self._maybe_finish_shard(film.shard_url)
-            return
-        state["count"] = segment.count
-        if segment.status is Status.DONE:
-            state["done"].add(segment.index)
-            self._maybe_finish_film(state)
-            return
-        if segment.status is Status.FAILED:
-            state["failed"] = state["failed"] or f"segment {segment.index}: {segment.reason}"
-            state["done"].add(segment.index)
-            self._maybe_finish_film(state)
-            return
-        records = []
-        for track in segment.tracks:
-            sample, reason, meta = track_sample(segment, track, self.options.filters)
-            record = {"segment": segment.index, "track": track.track_id, "status": "kept" if sample else "rejected", "reason": reason,
-                      "key": sample.key if sample else "", **{k: meta.get(k) for k in ("frames", "av_offset", "speech_fraction", "face_px")}}
-            records.append(record)
-            if sample is None:
-                self.summary.rejected[reason] = self.summary.rejected.get(reason, 0) + 1
-                continue
-            committed = self.writer.add(sample)
-            self.summary.samples += 1
-            self.summary.frames += len(sample.arrays["crops"])
-            if committed:
-                self._committed(committed)
+        records = [self._sample(segment, track) for track in segment.tracks]
         if not segment.tracks:
             records.append({"segment": segment.index, "status": "rejected", "reason": "no face"})
-            self.summary.rejected["no face"] = self.summary.rejected.get("no face", 0) + 1
+            self._reject("no face")
         self.summary.segments += 1
         self.uncommitted.append((segment.drop_payload(), records))
+
+    def _sample(self, segment: Segment, track: Track) -> dict[str, Any]:
+        """Write one track's sample (or count its rejection); the record of what became of it."""
+        sample, reason, meta = track_sample(segment, track, self.options.filters)
+        record = {"segment": segment.index, "track": track.track_id, "status": "kept" if sample else "rejected", "reason": reason,
+                  "key": sample.key if sample else "", **{k: meta.get(k) for k in ("frames", "av_offset", "speech_fraction", "face_px")}}
+        if sample is None:
+            self._reject(reason)
+            return record
+        committed = self.writer.add(sample)
+        self.summary.samples += 1
+        self.summary.frames += len(sample.arrays["crops"])
+        if committed:
+            self._committed(committed)
+        return record
+
+    def _reject(self, reason: str) -> None:
+        self.summary.rejected[reason] = self.summary.rejected.get(reason, 0) + 1
 
     def _committed(self, url: str | None) -> None:
         """Markers for every segment whose samples are now in committed shards.
@@ -260,45 +233,26 @@ class PreprocessDriver:
         if url:
             self.summary.shards_written += 1
             log.info("wrote %s", url)
-        for segment, records in self.uncommitted:
+        uncommitted, self.uncommitted = self.uncommitted, []
+        for segment, records in uncommitted:
             write_json(self.run.segment_url(segment) + ".json", {"records": records})
-            state = self.films[segment.film.uid]
-            state["done"].add(segment.index)
-            state["tracks"] += records
-            self._maybe_finish_film(state)
-        self.uncommitted = []
+            self.tracks.setdefault(segment.film.uid, []).extend(records)
+            self.segment_finished(*self.state_of(segment.film), segment)
 
-    def _maybe_finish_film(self, state: dict[str, Any]) -> None:
-        film: FilmRef = state["film"]
-        if state["count"] is None or len(state["done"]) < state["count"]:
-            return
-        if state["failed"]:
-            self._film_failed(state, state["failed"])
-        else:
-            tracks = state["tracks"]
-            write_json(self.run.film_url(film, ".json"), {"key": film.key, "status": "ok", "tracks": tracks,
-                                                           "kept": sum(t["status"] == "kept" for t in tracks)})
-            self.summary.films_ok += 1
-        state["count"] = None  # reported once
-        self.shards[film.shard_url]["resolved"].add(film.key)
-        self._maybe_finish_shard(film.shard_url)
+    def film_complete(self, shard: ShardState, state: FilmState) -> None:
+        film = state.film
+        tracks = self.tracks.pop(film.uid, [])
+        report = {"key": film.key, "status": "ok", "tracks": tracks, "kept": sum(t["status"] == "kept" for t in tracks)}
+        write_json(self.run.film_url(film, ".json"), report)
+        self.film_ok(shard, state, report)
 
-    def _film_failed(self, state: dict[str, Any], reason: str) -> None:
-        film: FilmRef = state["film"]
-        write_json(self.run.film_url(film, ".json"), {"key": film.key, "status": "failed", "reason": reason})
-        self.dead.append({"shard": film.shard_name, "key": film.key, "reason": reason, "time": time.time()})
-        self.summary.films_failed += 1
-
-    def _maybe_finish_shard(self, url: str) -> None:
-        shard = self.shards[url]
-        if len(shard["resolved"]) >= shard["expected"]:
-            name = url.rstrip("/").rsplit("/", 1)[-1]
-            write_json(self.run.shard_marker(name), {"films": sorted(shard["resolved"])})
+    def shard_complete(self, shard: ShardState) -> None:
+        self.shard_finished(shard)
 
     def finish(self) -> PreprocessSummary:
         # Also when no shard was open: segments that gave only rejections still need their markers.
         self._committed(self.writer.commit())
-        self.run.write_dead_letters(self.dead)
+        self.close()
         return self.summary
 
 

@@ -54,7 +54,6 @@ def main() -> int:
     args = parser.parse_args()
 
     SlowInpaint.seconds_per_segment = args.seconds_per_segment
-    run_module.STAGES["inpaint"] = SlowInpaint
     run_module.init_ray()
     began = time.time()
     timeline: list[dict[str, float]] = []
@@ -68,7 +67,8 @@ def main() -> int:
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     config = load_config(args.config, args.set)
-    options = run_module.RunOptions(input=args.input, output=args.output, config=config, progress=False)
+    stages = run_module.replace_stage(run_module.STAGES, "inpaint", SlowInpaint)
+    options = run_module.RunOptions(input=args.input, output=args.output, config=config, progress=False, stages=stages)
     summary = run_module.run(options)
     run_end = time.time() - began
     gone_at = None

@@ -13,19 +13,21 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.metrics import Metrics, failed_stage
+from pipeline.metrics import Metrics
+from pipeline.planner import failed_marker
+from stages.base import SegmentStage, StageError
 from pipeline.shards import PackItem, pack
-from stages.schema import FilmRef, Segment, Status, marker
+from stages.schema import FilmRef, Segment, Status
 from tests.cluster.fake_cluster import free_port
 from tests.conftest import REPO, shared_clip, shared_dub
 
 
-def segment(status: Status = Status.OK, reason: str = "", timings: dict[str, float] | None = None) -> Segment:
+def segment(status: Status = Status.OK, reason: str = "", timings: dict[str, float] | None = None, failed_stage: str = "") -> Segment:
     film = FilmRef(key="f", shard_url="/s/films-0000.tar", video=None, dub=None)
     return Segment(
         film=film, index=0, count=1, start=0, stop=10, context_start=0, pts=np.zeros(10), seek_pts=0.0,
-        width=64, height=64, time_base=(1, 25), status=status, reason=reason, timings=timings or {},
-        counts={"frames_generated": 10} if status is Status.OK else {},
+        width=64, height=64, time_base=(1, 25), status=status, reason=reason, failed_stage=failed_stage,
+        timings=timings or {}, counts={"frames_generated": 10} if status is Status.OK else {},
     )
 
 
@@ -37,20 +39,40 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return out
 
 
-def test_failure_reasons_name_the_stage_that_failed():
-    assert failed_stage("face_track: no face found") == "face_track"
-    assert failed_stage("encode: committing output: OSError: disk full") == "encode"
-    assert failed_stage("assembly: ValueError: bad") == "assemble"
-    assert failed_stage("cannot read video f.mp4: truncated") == "plan"
+class Failing(SegmentStage):
+    name = "face_track"
+
+    def __init__(self, error: Exception | None = None, commit_error: Exception | None = None) -> None:
+        super().__init__()
+        self.error, self.commit_error = error, commit_error
+
+    def process(self, segment: Segment) -> Segment:
+        if self.error:
+            raise self.error
+        return segment
+
+    def commit(self, segment: Segment) -> None:
+        if self.commit_error:
+            raise self.commit_error
+
+
+def test_failed_rows_carry_the_stage_that_failed_them():
+    assert Failing(StageError("no face found")).run_one(segment()).failed_stage == "face_track"
+    assert Failing(ValueError("bad")).run_one(segment()).failed_stage == "face_track"
+    committed = Failing(commit_error=OSError("disk full")).run_one(segment())
+    assert committed.status is Status.FAILED and committed.failed_stage == "face_track"
+    assert Failing().run_one(segment()).failed_stage == ""
+    planned = failed_marker(FilmRef("g", "/s/x.tar", None, None), "cannot read video f.mp4: truncated")
+    assert planned.status is Status.FAILED and planned.failed_stage == "plan"
 
 
 def test_segments_count_per_stage_and_failures_go_to_the_failing_stage():
     metrics = Metrics()
     metrics.observe_segment(segment(timings={"decode": 0.5, "face_track": 1.5, "inpaint": 2.0}))
-    metrics.observe_segment(segment(Status.FAILED, "face_track: boom", {"decode": 0.25, "face_track": 0.1}))
-    metrics.observe_segment(marker(FilmRef("g", "/s/x.tar", None, None), Status.FAILED, "cannot read video"))
+    metrics.observe_segment(segment(Status.FAILED, "boom", {"decode": 0.25, "face_track": 0.1}, failed_stage="face_track"))
+    metrics.observe_segment(failed_marker(FilmRef("g", "/s/x.tar", None, None), "cannot read video"))
     metrics.film_done(True)
-    metrics.film_done(False, "face_track: boom")
+    metrics.film_done(False, "face_track")
     metrics.film_done(True, skipped=True)
     got = samples(metrics)
     assert got[("stabledub_segments_total", (("stage", "decode"), ("status", "ok")))] == 2
