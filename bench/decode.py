@@ -25,8 +25,9 @@ from pipeline.planner import index_shard_rows, plan_film_rows  # noqa: E402
 from pipeline.shards import PackItem, pack  # noqa: E402
 from stages.decode import Decode  # noqa: E402
 from stages.schema import from_row  # noqa: E402
+from training.shared_data import SHARED_DATA  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 CLIPS = ["vfhq_1vYEVO9838Y", "tlou_47", "frozen_366"]
 REPEATS = 5
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("STABLEDUB_SHARED_DATA", REPO.parent / "shared" / "data"))
+from training.shared_data import REPO, SHARED_DATA
 
 
 def shared_clip(name: str) -> Path:

@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from models.occlusion_net import OcclusionNet, load_occlusion_net, roi_affine
 from stages.occlusion import OcclusionConfig, occluder_probability, occlusion_mask, smooth_along_track, to_crop
 from training.occluders import HELDOUT_STYLES, TRAIN_STYLES, Composite, OccluderStyles, composite_occluders, mouth_frame
+from training.shared_data import SHARED_DATA
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(os.environ.get("STABLEDUB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_DIR = SHARED_DATA
 CACHE_DIR = Path(os.environ.get("STABLEDUB_OCCLUSION_CACHE", "/tmp/stabledub-occlusion-crops"))
 # Real occluders in front of the mouth: review only, never training data.
 OCCLUDER_CLIPS = ("vfhq_L1WuDAMZTgo", "vfhq_5Gza-oJ3nYM", "vfhq__zR17WTPsYw", "vfhq_Jai7x2uHBJ8", "vfhq_ZFz2jQpkS-E")
