@@ -8,7 +8,9 @@ import av
 import numpy as np
 import pytest
 
-from training.shared_data import REPO, SHARED_DATA
+from training.shared_data import SHARED_DATA
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_clip(name: str) -> Path:
