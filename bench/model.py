@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models.devices import resolve_device, resolve_dtype  # noqa: E402
 from models.unet import StableDubUNet  # noqa: E402
 
 BASELINE = {"mid_spatial_mixer": "attention", "temporal_mixer": "attention"}
@@ -99,10 +100,10 @@ def pipeline_throughput(crop: int, steps: int = 20, frames: int = 16) -> None:
     import numpy as np
 
     from models.lip_habit import LipHabitEncoder
-    from models.pipeline_stabledub import StableDubPipeline, default_dtype, make_scheduler
+    from models.pipeline_stabledub import StableDubPipeline, make_scheduler
     from models.vae import build_vae
 
-    dtype = default_dtype("cuda")
+    dtype = resolve_dtype("auto", "cuda")
     pipe = StableDubPipeline(
         vae=build_vae("sd"),
         unet=StableDubUNet.from_preset("sd"),
@@ -136,9 +137,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: fair on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    device = resolve_device("auto").type
+    cuda = device == "cuda"
+    dtype = resolve_dtype("auto", device)
     where = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()}, {args.threads} thread(s), {os.cpu_count()} cores"
     print(f"device: {where}; dtype {dtype}; torch {torch.__version__}")
 

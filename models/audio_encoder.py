@@ -103,13 +103,15 @@ class WhisperEncoderFeatures:
         import torch
         from transformers import WhisperFeatureExtractor
 
+        from models.devices import resolve_device  # imports torch, which LogMelEncoder users do not need
+
         if layers not in WHISPER_LAYERS:
             raise ValueError(f"whisper_layers {layers!r}: choose from {WHISPER_LAYERS}")
         local = localize(path)
         self._torch = torch
-        self._device = device
+        self._device = resolve_device(device)
         self._layers = layers
-        self._encoder = _load_whisper_encoder(local).to(device).eval()
+        self._encoder = _load_whisper_encoder(local).to(self._device).eval()
         config = self._encoder.config
         self.dim = whisper_feature_dim(config.d_model, config.encoder_layers, layers)
         try:
