@@ -3,8 +3,8 @@
 Per configuration, both UNets (same widths and depth; the baseline has self-attention where the
 hybrid has spatial Mamba and temporal attention where it has temporal Mamba) run the same window
 side by side in one process, alternating, and the best of `--repeats` forwards is kept (CPU time
-on CPU, wall time on CUDA). Prints UNet forward seconds per frame and the ratio baseline / hybrid; the last line is the SD-sized model at
-512x512 crops:  RESULT hybrid_speedup <ratio>.
+on CPU, wall time on CUDA). Prints UNet forward seconds per frame and the ratio baseline / hybrid;
+the last line is the SD-sized model at 512x512 crops:  RESULT hybrid_speedup <ratio>.
 
 On a CUDA machine it also runs the whole pipeline (SD-sized UNet and VAE, random weights, bf16,
 20 DDIM steps, a 16-frame window) at 256 and 512 and prints frames/s and peak GPU memory.
@@ -88,7 +88,9 @@ def compare(preset: str, crop: int, frames: int, repeats: int, device: str, dtyp
                 best[name] = min(best[name], seconds)
     params = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
     for name in models:
-        print(f"{preset}@{crop}: {name:9s} {params[name]:7.1f}M params  {best[name] / frames:8.3f} s/frame  ({frames}-frame window)", flush=True)
+        per_frame = best[name] / frames
+        size = f"{params[name]:7.1f}M params"
+        print(f"{preset}@{crop}: {name:9s} {size}  {per_frame:8.3f} s/frame  ({frames}-frame window)", flush=True)
     del models
     gc.collect()
     return best["attention"] / best["hybrid"]

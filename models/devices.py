@@ -8,14 +8,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto": the GPU when there is one, else the CPU; any other name is a torch device ("cpu", "cuda:1")."""
+    """`auto`: the GPU when there is one, else the CPU; any other name is a torch device ("cpu", "cuda:1")."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """"auto": bfloat16 on CUDA (fp32's range at half the memory, so no fp16 overflow), float32 elsewhere
+    """`auto`: bfloat16 on CUDA (fp32's range at half the memory, so no fp16 overflow), float32 elsewhere
     (CPU half precision is slow and inexact); else one of DTYPES by name."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
