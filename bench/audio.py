@@ -26,8 +26,9 @@ from scipy.io import wavfile
 from stages.audio import AudioConfig, AudioFeaturize
 from stages.audio_io import AUDIO_RATE, decode_dub_slice
 from stages.schema import FilmRef, MemberRef, Segment
+from training.shared_data import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 FPS = 24000 / 1001
 SEGMENT_FRAMES = 48
 OVERLAP = 4

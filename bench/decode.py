@@ -25,8 +25,9 @@ from pipeline.planner import index_shard_rows, plan_film_rows  # noqa: E402
 from pipeline.shards import PackItem, pack  # noqa: E402
 from stages.decode import Decode  # noqa: E402
 from stages.schema import from_row  # noqa: E402
+from training.shared_data import SHARED_DATA  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 CLIPS = ["vfhq_1vYEVO9838Y", "tlou_47", "frozen_366"]
 REPEATS = 5
 
@@ -73,7 +74,8 @@ def main() -> None:
             bare_fps = frames_bare / float(np.median(bare_times))
             stage_fps = frames_stage / float(np.median(stage_times))
             ratios[backend] = stage_fps / bare_fps
-            print(f"{backend:7s} bare {bare_fps:7.1f} fps   stage {stage_fps:7.1f} fps   ratio {ratios[backend]:.3f}   ({frames_bare} frames, 512x512)")
+            speeds = f"bare {bare_fps:7.1f} fps   stage {stage_fps:7.1f} fps"
+            print(f"{backend:7s} {speeds}   ratio {ratios[backend]:.3f}   ({frames_bare} frames, 512x512)")
         print(f"PyAV stage vs decord stage: {ratios['pyav'] and (ratios['pyav'] / ratios['decord']):.2f} (ratios)")
         print(f"RESULT decode_ratio_decord {ratios['decord']:.3f}")
         print(f"RESULT decode_ratio {ratios['pyav']:.3f}")

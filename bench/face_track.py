@@ -8,7 +8,6 @@ Falls back to a still photograph moving across the frame when ../shared/data is 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.face_track import FaceTrack, FaceTrackConfig  # noqa: E402
 from stages.schema import FilmRef, Segment  # noqa: E402
+from training.shared_data import SHARED_DATA  # noqa: E402
 
-CLIP = Path(os.environ.get("STABLEDUB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "video" / "vfhq_oy2ZeXz3Bjw.mp4"
+CLIP = SHARED_DATA / "video" / "vfhq_oy2ZeXz3Bjw.mp4"
 SEGMENT_FRAMES = 50
 PLACES = [(512, 1200, 300), (320, 200, 500), (160, 900, 100)]  # (side, x, y) per segment
 

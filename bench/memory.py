@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.run import RunOptions, run  # noqa: E402
 from pipeline.shards import PackItem, pack  # noqa: E402
+from training.shared_data import SHARED_DATA  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 CLIPS = sorted((DATA / "video").glob("vfhq_*.mp4"))
 SIZE = 256
 MINUTES = (1.0, float(os.environ.get("STABLEDUB_BENCH_LONG_MINUTES", "20")))

@@ -3,8 +3,8 @@
 Per configuration, both UNets (same widths and depth; the baseline has self-attention where the
 hybrid has spatial Mamba and temporal attention where it has temporal Mamba) run the same window
 side by side in one process, alternating, and the best of `--repeats` forwards is kept (CPU time
-on CPU, wall time on CUDA). Prints UNet forward seconds per frame and the ratio baseline / hybrid; the last line is the SD-sized model at
-512x512 crops:  RESULT hybrid_speedup <ratio>.
+on CPU, wall time on CUDA). Prints UNet forward seconds per frame and the ratio baseline / hybrid;
+the last line is the SD-sized model at 512x512 crops:  RESULT hybrid_speedup <ratio>.
 
 On a CUDA machine it also runs the whole pipeline (SD-sized UNet and VAE, random weights, bf16,
 20 DDIM steps, a 16-frame window) at 256 and 512 and prints frames/s and peak GPU memory.
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models.devices import resolve_device, resolve_dtype  # noqa: E402
 from models.unet import StableDubUNet  # noqa: E402
 
 BASELINE = {"mid_spatial_mixer": "attention", "temporal_mixer": "attention"}
@@ -87,7 +88,9 @@ def compare(preset: str, crop: int, frames: int, repeats: int, device: str, dtyp
                 best[name] = min(best[name], seconds)
     params = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
     for name in models:
-        print(f"{preset}@{crop}: {name:9s} {params[name]:7.1f}M params  {best[name] / frames:8.3f} s/frame  ({frames}-frame window)", flush=True)
+        per_frame = best[name] / frames
+        size = f"{params[name]:7.1f}M params"
+        print(f"{preset}@{crop}: {name:9s} {size}  {per_frame:8.3f} s/frame  ({frames}-frame window)", flush=True)
     del models
     gc.collect()
     return best["attention"] / best["hybrid"]
@@ -99,10 +102,10 @@ def pipeline_throughput(crop: int, steps: int = 20, frames: int = 16) -> None:
     import numpy as np
 
     from models.lip_habit import LipHabitEncoder
-    from models.pipeline_stabledub import StableDubPipeline, default_dtype, make_scheduler
+    from models.pipeline_stabledub import StableDubPipeline, make_scheduler
     from models.vae import build_vae
 
-    dtype = default_dtype("cuda")
+    dtype = resolve_dtype("auto", "cuda")
     pipe = StableDubPipeline(
         vae=build_vae("sd"),
         unet=StableDubUNet.from_preset("sd"),
@@ -136,9 +139,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: fair on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    device = resolve_device("auto").type
+    cuda = device == "cuda"
+    dtype = resolve_dtype("auto", device)
     where = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()}, {args.threads} thread(s), {os.cpu_count()} cores"
     print(f"device: {where}; dtype {dtype}; torch {torch.__version__}")
 

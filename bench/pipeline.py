@@ -38,8 +38,9 @@ from stages.face_track import FaceTrack  # noqa: E402
 from stages.inpaint import Inpaint  # noqa: E402
 from stages.occlusion import OcclusionSegment  # noqa: E402
 from stages.schema import from_row  # noqa: E402
+from training.shared_data import SHARED_DATA  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 CLIPS = ["vfhq_1vYEVO9838Y", "vfhq_GX80GoZmROw", "vfhq_3t9KvS55n5M", "tlou_64", "frozen_366"]
 
 

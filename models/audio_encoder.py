@@ -62,6 +62,33 @@ def slaney_mel_filters(n_fft: int, n_mels: int, rate: int = AUDIO_RATE) -> np.nd
     return filters.astype(np.float32)
 
 
+MelBin = tuple[int, int, int, np.ndarray]  # FFT bin, first and end mel band it feeds, its weights there
+
+
+def mel_bins(filters: np.ndarray) -> list[MelBin]:
+    """The (n_mels, bins) filters as, per FFT bin that feeds any band, the band range and weights."""
+    out = []
+    for k, column in enumerate(filters.T):
+        bands = np.flatnonzero(column)
+        if len(bands):
+            out.append((k, int(bands[0]), int(bands[-1]) + 1, column[bands[0] : bands[-1] + 1].copy()))
+    return out
+
+
+def mel_power(power: np.ndarray, bins: list[MelBin], n_mels: int) -> np.ndarray:
+    """(frames, bins) power -> (frames, n_mels) mel power, each frame on its own.
+
+    Not `power @ filters`: BLAS picks its kernel, and with it the order of the sums, by the matrix
+    shape (OpenBLAS has a small-matrix path on AVX-512), so one frame came out 1 ulp apart in slices
+    of different lengths. Element-wise multiply-adds in a fixed bin order give every frame the same
+    bits wherever it sits, on any CPU."""
+    by_bin = np.ascontiguousarray(power.T)  # contiguous rows: the loop below is memory-bound
+    mel = np.zeros((n_mels, len(power)), np.float32)
+    for k, lo, hi, weights in bins:
+        mel[lo:hi] += weights[:, None] * by_bin[k]
+    return np.ascontiguousarray(mel.T)
+
+
 class LogMelEncoder:
     """Whisper-style log-mel frames, 100 per second, frame k centred at k * 10 ms."""
 
@@ -73,7 +100,7 @@ class LogMelEncoder:
 
     def __init__(self, n_mels: int = 80) -> None:
         self.dim = n_mels
-        self._filters_t = np.ascontiguousarray(slaney_mel_filters(self.n_fft, n_mels).T)
+        self._bins = mel_bins(slaney_mel_filters(self.n_fft, n_mels))
         self._window = np.hanning(self.n_fft + 1)[:-1].astype(np.float32)  # periodic Hann, as torch.stft
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
@@ -83,7 +110,7 @@ class LogMelEncoder:
         frames = np.lib.stride_tricks.sliding_window_view(padded, self.n_fft)[:: self.hop][:count]
         spectrum = np.fft.rfft(frames * self._window, axis=1)
         power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
-        mel = np.log10(np.maximum(power @ self._filters_t, 1e-10))
+        mel = np.log10(np.maximum(mel_power(power, self._bins, self.dim), 1e-10))
         return ((np.maximum(mel, LOG_FLOOR) + 4.0) / 4.0).astype(np.float32)
 
 
@@ -103,13 +130,15 @@ class WhisperEncoderFeatures:
         import torch
         from transformers import WhisperFeatureExtractor
 
+        from models.devices import resolve_device  # imports torch, which LogMelEncoder users do not need
+
         if layers not in WHISPER_LAYERS:
             raise ValueError(f"whisper_layers {layers!r}: choose from {WHISPER_LAYERS}")
         local = localize(path)
         self._torch = torch
-        self._device = device
+        self._device = resolve_device(device)
         self._layers = layers
-        self._encoder = _load_whisper_encoder(local).to(device).eval()
+        self._encoder = _load_whisper_encoder(local).to(self._device).eval()
         config = self._encoder.config
         self.dim = whisper_feature_dim(config.d_model, config.encoder_layers, layers)
         try:

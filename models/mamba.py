@@ -331,8 +331,7 @@ class MambaLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Time-major throughout: the scan steps over the outer axis, and moving whole rows of
         # channels is cheap where transposing channels against time is not.
-        length = x.shape[1]
-        groups, inner = self.directions, self.d_inner
+        groups = self.directions
         hidden, gate = self.in_proj(x.transpose(0, 1)).chunk(2, dim=-1)  # (L, b, inner) each
         if groups == 2:
             hidden = torch.stack([hidden, hidden.flip(0)], dim=2)

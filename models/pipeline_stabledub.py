@@ -41,6 +41,12 @@ NOISE_SCHEDULE: dict[str, Any] = {
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's input normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+SHIPPED_DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "demo")
+
+
+def shipped_demo_checkpoint() -> str | None:
+    """The small demo checkpoint that ships with the package, or None where a slim install left it out."""
+    return SHIPPED_DEMO_CHECKPOINT if os.path.exists(os.path.join(SHIPPED_DEMO_CHECKPOINT, "model_index.json")) else None
 
 
 def make_scheduler(name: str = "ddim", prediction_type: str = "epsilon") -> DDIMScheduler | DPMSolverMultistepScheduler | DDPMScheduler:
@@ -52,14 +58,6 @@ def make_scheduler(name: str = "ddim", prediction_type: str = "epsilon") -> DDIM
     if name == "ddim":
         return DDIMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=False)
     raise ValueError(f"unknown scheduler {name!r}: one of ddim, dpm++, ddpm")
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that have it, else fp16."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def window_spans(frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -273,7 +271,6 @@ class StableDubPipeline(DiffusionPipeline):
             frames, masks, occlusion, audio_features, reference, lip_frames, lip_audio, num_inference_steps, window, overlap
         )
         device = self._execution_device
-        dtype = self.unet.dtype
         count = len(frames)
         if reference is None:
             reference = frames[count // 2 : count // 2 + 1]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import av
 
+from models.pipeline_stabledub import shipped_demo_checkpoint
+
 DEMO_TEXT = (
     "Hola a todos. Esta es una demostración de doblaje visual. "
     "Los labios de esta persona siguen ahora la nueva voz en español, fotograma a fotograma."
@@ -133,8 +135,7 @@ def run_demo(output: str) -> int:
 
 def default_demo_model() -> str:
     """The shipped demo checkpoint when present, else the identity model."""
-    checkpoint = Path(__file__).resolve().parent.parent / "models" / "weights" / "demo"
-    return str(checkpoint) if (checkpoint / "model_index.json").exists() else "identity"
+    return shipped_demo_checkpoint() or "identity"
 
 
 if __name__ == "__main__":

@@ -136,19 +136,13 @@ class StableDubInpainter:
     """Runs a StableDub checkpoint on one track at a time (the inpaint stage's model)."""
 
     def __init__(self, url: str, settings: InpaintConfig, audio: AudioConfig | None = None) -> None:
-        import torch
-
+        from models.devices import resolve_device, resolve_dtype
         from models.pipeline_stabledub import StableDubPipeline
 
         self.settings = settings
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
-        self.device = torch.device(device)
+        self.device = resolve_device(settings.device)
         self.pipeline = StableDubPipeline.from_pretrained(url)
-        self.pipeline.to(self.device, dtype)
+        self.pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.use_scheduler(settings.scheduler)
         if audio is not None:

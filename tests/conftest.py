@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
+from training.shared_data import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("STABLEDUB_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def shared_clip(name: str) -> Path:

@@ -39,13 +39,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.devices import resolve_device
 from models.occlusion_net import OcclusionNet, load_occlusion_net, roi_affine
 from stages.occlusion import OcclusionConfig, occluder_probability, occlusion_mask, smooth_along_track, to_crop
 from training.occluders import HELDOUT_STYLES, TRAIN_STYLES, Composite, OccluderStyles, composite_occluders, mouth_frame
+from training.shared_data import SHARED_DATA
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(os.environ.get("STABLEDUB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA_DIR = SHARED_DATA
 CACHE_DIR = Path(os.environ.get("STABLEDUB_OCCLUSION_CACHE", "/tmp/stabledub-occlusion-crops"))
 # Real occluders in front of the mouth: review only, never training data.
 OCCLUDER_CLIPS = ("vfhq_L1WuDAMZTgo", "vfhq_5Gza-oJ3nYM", "vfhq__zR17WTPsYw", "vfhq_Jai7x2uHBJ8", "vfhq_ZFz2jQpkS-E")
@@ -327,7 +329,7 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     began, cpu_began = time.perf_counter(), time.process_time()
     pool = usable_clips(train_clips(), step=args.frame_step)
     log.info("%d training clips, %d crops (%.0f s)", len(pool), sum(len(c) for c, _ in pool), time.perf_counter() - began)
@@ -512,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs=4, default=(24, 48, 96, 128))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes compositing batches (0: in the training process)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--max-seconds", type=float, default=0.0,
                         help="time budget of the training loop; the schedule ends with it (0: none, run all steps)")
     parser.add_argument("--log-every", type=int, default=500)

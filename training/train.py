@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from models.conditioning import regenerate_region, to_latent_resolution
+from models.devices import resolve_device, resolve_dtype
 from models.lip_habit import LipHabitEncoder
 from models.losses import LossWeights, TrainingBatch, training_losses
 from models.images import resize_square
@@ -334,7 +335,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         rank, world = context.get_world_rank(), context.get_world_size()
     except Exception:  # noqa: BLE001 - not inside Ray Train: a plain single-process run
         pass
-    device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto" if config.use_gpu else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(config.threads)
 
@@ -379,7 +380,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     val_windows = [make_window(val_source.next_sample(), config, np.random.default_rng([config.seed, 2_000_000 + i]))
                    for i in range(config.val_windows)]
     weights = LossWeights(config.lcf_weight, config.temporal_weight)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=resolve_dtype("auto", device)) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     began = time.perf_counter()
     for step in range(start, config.steps):
         if stop_after is not None and step >= stop_after:

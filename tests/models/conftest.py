@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-SHARED_DATA = Path(os.environ.get("STABLEDUB_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+from training.shared_data import SHARED_DATA
 
 
 @pytest.fixture

@@ -96,8 +96,20 @@ def test_features_are_centred_on_each_frames_pts(tmp_path, stage, label, times, 
         centre = np.round(segment.pts * encoder.frame_rate).astype(int) + pad
         expected = reference[np.clip(centre[:, None] + np.arange(-(window // 2), window - window // 2), 0, None)]
         assert np.abs(features - expected).max() < 1e-3, label
-    # context frames of the second segment get exactly the first segment's features
+    # context frames of the second segment get exactly the first segment's features (bitwise by
+    # construction: see models.audio_encoder.mel_power)
     assert np.array_equal(segments[1].audio_features[:OVERLAP], segments[0].audio_features[-OVERLAP:])
+
+
+def test_log_mel_frames_have_the_same_bits_in_every_slice_that_holds_them():
+    audio = speech()[: 12 * AUDIO_RATE]
+    encoder = LogMelEncoder()
+    whole = encoder.encode(audio)
+    edge = encoder.n_fft // encoder.hop  # frames that see the slice's reflected edge
+    for first, seconds in [(0, 1.03), (37, 2.0), (101, 5.11), (250, 9.5), (3, 0.3)]:
+        part = encoder.encode(audio[first * encoder.hop :][: int(seconds * AUDIO_RATE)])
+        inner = slice(edge, len(part) - edge)
+        assert np.array_equal(part[inner], whole[first:][inner]), (first, seconds)
 
 
 def test_log_mel_frame_k_is_centred_at_k_hops():

@@ -24,8 +24,9 @@ from stages.audio_io import (
 )
 from stages.base import StageError
 from stages.schema import FilmRef, MemberRef, Segment
+from training.shared_data import SHARED_DATA
 
-DATA = Path(os.environ.get("STABLEDUB_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DATA = SHARED_DATA
 if not (DATA / "audio").is_dir():
     pytest.skip(f"sample data not found at {DATA}", allow_module_level=True)
 
