@@ -8,6 +8,8 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, load_config
+from stages.audio import AudioConfig
+from stages.settings import allowed_values, load_settings
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -113,11 +115,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, args.set or [])
-        filters = FilterConfig(**{k: type(getattr(FilterConfig, k))(v) for k, v in (f.split("=", 1) for f in args.filter or [])})
-    except AttributeError as error:
-        print(f"error: unknown --filter key ({error})", file=sys.stderr)
-        return EXIT_USAGE
-    except (ConfigError, TypeError, ValueError) as error:
+        filters = load_settings(FilterConfig, None, args.filter or [])
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     options = PreprocessOptions(
@@ -133,16 +132,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig, TrainingDataError, train
 
     try:
-        config = TrainConfig.load(args.config, dict(_yaml_pairs(args.set or [])))
-    except (OSError, TypeError, ValueError) as error:
+        config = load_settings(TrainConfig, args.config, args.set or [])
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
         train(args.data, args.output_model, config, use_ray=not args.no_ray)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, TrainingDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(f"model: {args.output_model} (loss curve: {args.output_model}/loss.png)")
@@ -161,18 +160,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"metrics: {args.output}/metrics.json  report: {args.output}/index.html")
     print(json.dumps(result["mean"], indent=1))
     return EXIT_OK
-
-
-def _yaml_pairs(items: list[str]) -> list[tuple[str, object]]:
-    import yaml
-
-    pairs = []
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        pairs.append((key.strip(), yaml.safe_load(raw)))
-    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline config value")
     pp.add_argument("--filter", action="append", metavar="KEY=VALUE", help="override a filter (min_frames, min_face_px, min_speech, shift_max, drop_offset, ...)")
     pp.add_argument("--shard-size", default="1G", help="start a new training shard before one passes this size (default 1G)")
-    pp.add_argument("--audio", choices=("dub", "own"), default="dub", help="featurize the dub member (default) or the film's own audio")
+    pp.add_argument("--audio", choices=allowed_values(AudioConfig, "source"), default="dub", help="featurize the dub member (default) or the film's own audio")
     pp.add_argument("--workdir", help="run directory URL (default: OUTPUT/_stabledub_preprocess)")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pp.set_defaults(func=cmd_preprocess)

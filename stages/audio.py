@@ -8,7 +8,7 @@ films all get windows centred on the instant each frame is shown.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from models.audio_encoder import (
     LogMelEncoder,
     SileroVAD,
     WhisperEncoderFeatures,
+    WHISPER_LAYERS,
     load_audio_encoder,
     whisper_config,
     whisper_feature_dim,
@@ -25,28 +26,32 @@ from models.audio_encoder import (
 from models.audio_encoder import AUDIO_RATE
 from stages.base import SegmentStage, StageError
 from stages.schema import Segment
+from stages.settings import Count, NonNegativeFloat, OneOf, Pattern, PositiveFloat, Probability, Settings, TorchDevice
 
 TARGET_LEVEL_DB = -20.0  # loud parts (95th percentile of 20 ms RMS) of a slice are brought here
 GAIN_RANGE_DB = (-12.0, 24.0)  # the sample cartoon/game dialogue sits 10-20 dB under the interviews
 NOISE_FLOOR_DB = -60.0  # 20 ms blocks quieter than this do not count towards the level
+# Which channels a track has is known only when it is decoded; a channel name's form is known now.
+DOWNMIX = Pattern(r"centre|mean|[A-Z][A-Z0-9]{0,3}", "centre, mean or a channel name such as FL or FC")
 
 
 @dataclass
-class AudioConfig:
-    encoder: str = "logmel"  # logmel (no weights) | whisper (needs whisper_path)
+class AudioConfig(Settings, section="audio"):
+    encoder: Annotated[str, OneOf(*ENCODERS)] = "logmel"  # logmel (no weights) | whisper (needs whisper_path)
     whisper_path: str = ""  # Whisper tiny/base checkpoint directory: local path or fsspec URL
-    whisper_layers: str = "all"  # all: every encoder layer concatenated (MuseTalk, LatentSync) | last
-    n_mels: int = 80  # log-mel bands
-    window_s: float = 0.2  # audio span of one frame's feature window, centred on the frame's PTS
-    downmix: str = "centre"  # centre (FC of a surround mix, else the mean) | mean | a channel name (FL, ...)
+    # all: every encoder layer concatenated (MuseTalk, LatentSync) | last
+    whisper_layers: Annotated[str, OneOf(*WHISPER_LAYERS)] = "all"
+    n_mels: Count = 80  # log-mel bands
+    window_s: PositiveFloat = 0.2  # audio span of one frame's feature window, centred on the frame's PTS
+    downmix: Annotated[str, DOWNMIX] = "centre"  # centre (FC of a surround mix, else the mean) | mean | a channel name (FL, ...)
     normalize: bool = True  # bring each slice's speech to TARGET_LEVEL_DB before features and VAD
-    silence_threshold: float = 0.35  # speech probability below this is non-speech (silero's exit level)
-    silence_min_s: float = 0.5  # non-speech at least this long is a long silence: keep the mouth closed
-    silence_pad_s: float = 0.1  # frames this close to speech are never marked silent (lips lead the sound)
-    device: str = "cpu"  # torch device for the Whisper encoder
+    silence_threshold: Probability = 0.35  # speech probability below this is non-speech (silero's exit level)
+    silence_min_s: NonNegativeFloat = 0.5  # non-speech at least this long is a long silence: keep the mouth closed
+    silence_pad_s: NonNegativeFloat = 0.1  # frames this close to speech are never marked silent (lips lead the sound)
+    device: TorchDevice = "cpu"  # torch device for the Whisper encoder
     # dub: featurize the dub (dubbing); own: the film's own audio (`stabledub preprocess --audio own`:
     # a corpus of people speaking with their own voice). A film without audio keeps the dub.
-    source: str = "dub"
+    source: Annotated[str, OneOf("dub", "own")] = "dub"
 
 
 class AudioMismatchError(ValueError):

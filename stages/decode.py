@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
 from stages.base import SegmentStage, StageError
-from stages.media import open_member, open_reader, working_size
+from stages.media import BACKENDS, open_member, open_reader, working_size
 from stages.audio_io import AUDIO_RATE, decode_audio, decode_dub_slice
 from stages.schema import Segment, frame_tolerance
+from stages.settings import Count, NonNegativeInt, OneOf, Settings
 
 
 @dataclass
-class DecodeConfig:
-    backend: str = "pyav"  # pyav (sequential, fastest here: bench/decode.py) or decord
-    max_side: int = 1920  # working resolution: longer side at most this many pixels
-    threads: int = 0  # decoder threads per actor (0: the codec's default)
-    max_bad_frames: int = 0  # undecodable frames a film may have (repeating a neighbour) before it fails
+class DecodeConfig(Settings, section="decode"):
+    backend: Annotated[str, OneOf(*BACKENDS)] = "pyav"  # pyav (sequential, fastest here: bench/decode.py) or decord
+    max_side: Count = 1920  # working resolution: longer side at most this many pixels
+    threads: NonNegativeInt = 0  # decoder threads per actor (0: the codec's default)
+    max_bad_frames: NonNegativeInt = 0  # undecodable frames a film may have (repeating a neighbour) before it fails
 
 
 class Decode(SegmentStage):

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Annotated
 
 import av
 import numpy as np
@@ -21,16 +22,19 @@ from stages.media import open_member, open_reader
 from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_back
 from stages.schema import Segment, frame_tolerance
+from stages.settings import NonNegativeFloat, NonNegativeInt, OneOf, Range, Settings
 from stages.storage import put_file, write_json
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
 
 @dataclass
-class EncodeConfig:
+class EncodeConfig(Settings, section="encode"):
     codec: str = "libx264"
-    crf: int = 16  # visually lossless for the untouched parts
-    preset: str = "veryfast"
-    feather: float = 2.0  # paste-back feather (crop pixels)
-    threads: int = 0
+    crf: Annotated[int, Range(0, 51)] = 16  # visually lossless for the untouched parts
+    preset: Annotated[str, OneOf(*X264_PRESETS)] = "veryfast"
+    feather: NonNegativeFloat = 2.0  # paste-back feather (crop pixels)
+    threads: NonNegativeInt = 0
     debug: bool = False  # also write <segment>.debug.mp4 and .debug.png with face track overlays
 
 

@@ -12,6 +12,7 @@ debug overlays) with `speaking=False`, so nothing downstream touches them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 
@@ -33,38 +34,39 @@ from stages.face_smooth import runs, shake_percent, smooth
 from stages.face_speaker import has_speech, mouth_opening, speech_energy, opening_energy_correlation
 from stages.face_tracker import FaceTracker, RawTrack, TrackerSettings, shot_ids
 from stages.schema import Segment, Track
+from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
 
 SPEAKER_MODES = ("active", "all", "largest", "ids")
 
 
 @dataclass
-class FaceTrackConfig:
-    crop_size: int = 256  # canonical aligned crop (256 or 512)
-    eye_line: float = 0.36  # height of the eye centres in the crop, as a fraction of its side
-    eye_span: float = 0.25  # distance between the eye centres, as a fraction of the crop side
-    detect_every: int = 8  # frames between detector passes while all faces are followed
-    tile: int = 720  # large frames are also searched in tiles of this side (small faces)
-    min_score: float = 0.5  # detector confidence
-    max_gap: int = 6  # missed frames up to this many are interpolated; longer holes stay holes
-    min_face: int = 48  # faces narrower than this (cheek to cheek, full-res pixels) are left untouched
-    max_yaw: float = 55.0  # degrees: faces turned further (median over the track) are left untouched
-    min_track_frames: int = 8  # shorter tracks are left untouched
-    max_jitter: float = 20.0  # raw landmark shake (% of eye distance) above which a "face" is not one
-    speaker: str = "active"  # active (speech-mouth sync per shot) | all | largest | ids
+class FaceTrackConfig(Settings, section="face_track"):
+    crop_size: Annotated[int, Range(8)] = 256  # canonical aligned crop (256 or 512)
+    eye_line: Annotated[float, Range(0, 1, above=True)] = 0.36  # height of the eye centres in the crop, as a fraction of its side
+    eye_span: Annotated[float, Range(0, 1, above=True)] = 0.25  # distance between the eye centres, as a fraction of the crop side
+    detect_every: Count = 8  # frames between detector passes while all faces are followed
+    tile: Count = 720  # large frames are also searched in tiles of this side (small faces)
+    min_score: Probability = 0.5  # detector confidence
+    max_gap: NonNegativeInt = 6  # missed frames up to this many are interpolated; longer holes stay holes
+    min_face: NonNegativeInt = 48  # faces narrower than this (cheek to cheek, full-res pixels) are left untouched
+    max_yaw: Annotated[float, Range(0, 180)] = 55.0  # degrees: faces turned further (median over the track) are left untouched
+    min_track_frames: Count = 8  # shorter tracks are left untouched
+    max_jitter: PositiveFloat = 20.0  # raw landmark shake (% of eye distance) above which a "face" is not one
+    speaker: Annotated[str, OneOf(*SPEAKER_MODES)] = "active"  # active (speech-mouth sync per shot) | all | largest | ids
     track_ids: list[int] = field(default_factory=list)  # speaker=ids; film metadata dub_track_ids wins
     # Active speaker: least mouth/speech rank correlation to be dubbed. Over one 2 s segment it is a
     # noisy cue (own speech: median 0.3, 5th percentile -0.4), so by default it only ranks the faces
     # and any face whose mouth moves while speech is heard is dubbed; raise it to demand sync.
-    min_sync: float = -1.0
-    min_mouth_motion: float = 0.006  # std of mouth opening (over mouth width): talking faces here 0.011 (5th pct)
-    landmark_cutoff: float = 2.0  # One-Euro min cutoff (Hz) for landmarks
-    landmark_beta: float = 0.5  # One-Euro speed coefficient (per eye distance per second)
-    transform_cutoff: float = 0.8  # the same for the crop transform
-    transform_beta: float = 0.3
-    union_window: int = 9  # frames over which fine masks are united
-    mask_blur: float = 0.025  # union mask's soft edge, as a fraction of the crop side
-    coarse_margin: float = 0.3  # coarse mask: mouth box grown by this many eye distances
-    cut_threshold: float = 0.45  # colour-histogram distance that marks a shot cut
+    min_sync: Annotated[float, Range(-1, 1)] = -1.0
+    min_mouth_motion: NonNegativeFloat = 0.006  # std of mouth opening (over mouth width): talking faces here 0.011 (5th pct)
+    landmark_cutoff: PositiveFloat = 2.0  # One-Euro min cutoff (Hz) for landmarks
+    landmark_beta: NonNegativeFloat = 0.5  # One-Euro speed coefficient (per eye distance per second)
+    transform_cutoff: PositiveFloat = 0.8  # the same for the crop transform
+    transform_beta: NonNegativeFloat = 0.3
+    union_window: Count = 9  # frames over which fine masks are united
+    mask_blur: Annotated[float, Range(0, 1)] = 0.025  # union mask's soft edge, as a fraction of the crop side
+    coarse_margin: NonNegativeFloat = 0.3  # coarse mask: mouth box grown by this many eye distances
+    cut_threshold: PositiveFloat = 0.45  # colour-histogram distance that marks a shot cut
 
 
 class FaceTrack(SegmentStage):
@@ -73,8 +75,6 @@ class FaceTrack(SegmentStage):
     def __init__(self, config: FaceTrackConfig) -> None:
         super().__init__(config)
         self.settings = s = config
-        if s.speaker not in SPEAKER_MODES:
-            raise ValueError(f"face_track.speaker: {s.speaker!r} is not one of {SPEAKER_MODES}")
         self.tracker = FaceTracker(
             TrackerSettings(detect_every=s.detect_every, min_score=s.min_score, tile=s.tile, cut_threshold=s.cut_threshold)
         )

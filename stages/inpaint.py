@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import cv2
 import numpy as np
@@ -21,22 +21,26 @@ import numpy as np
 from stages.audio import AudioConfig, check_model_audio
 from stages.base import SegmentStage
 from stages.schema import Segment, Track
+from stages.settings import DEVICE, Count, NonNegativeInt, OneOf, Pattern, Settings
 from stages.storage import exists, join
+
+SCHEDULERS = ("ddim", "dpm++")  # the keys of models.pipeline_stabledub.SCHEDULERS (not imported: torch)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class InpaintConfig:
+class InpaintConfig(Settings, section="inpaint"):
     model: str = "identity"  # built-in (identity, grey), module:Class, or a StableDub checkpoint path/URL
-    device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    steps: int = 20
-    scheduler: str = "ddim"  # ddim or dpm++
-    window: int = 16  # frames the model sees at once
-    overlap: int = 4  # frames shared by neighbouring windows (blended)
-    windows_per_batch: int = 4  # windows per UNet call: raise on large GPUs to keep them busy
-    silence: str = "keep"  # keep: the original mouth through long silences; generate: dub them too
-    silence_fade_frames: int = 4  # frames over which the mouth fades between generated and original
-    lip_clip_frames: int = 16  # frames of the speaker's own lip motion for the lip-habit encoder
+    device: Annotated[str, Pattern(f"auto|{DEVICE}", "auto, cpu, cuda, cuda:N or mps")] = "auto"  # auto: cuda when the actor has a GPU, else cpu
+    dtype: Annotated[str, OneOf(*DTYPES)] = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    steps: Count = 20
+    scheduler: Annotated[str, OneOf(*SCHEDULERS)] = "ddim"  # ddim or dpm++
+    window: Count = 16  # frames the model sees at once
+    overlap: NonNegativeInt = 4  # frames shared by neighbouring windows (blended)
+    windows_per_batch: Count = 4  # windows per UNet call: raise on large GPUs to keep them busy
+    silence: Annotated[str, OneOf("keep", "generate")] = "keep"  # keep: the original mouth through long silences; generate: dub them too
+    silence_fade_frames: NonNegativeInt = 4  # frames over which the mouth fades between generated and original
+    lip_clip_frames: NonNegativeInt = 16  # frames of the speaker's own lip motion for the lip-habit encoder
     seed: int = 0  # noise seed; combined with segment and track ids so reruns give identical bytes
 
 

@@ -10,6 +10,7 @@ edges keep their source pixels, feathered, and kept only inside the region to re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import cv2
 import numpy as np
@@ -17,17 +18,19 @@ from scipy.ndimage import gaussian_filter1d
 
 from stages.base import SegmentStage
 from stages.schema import Segment
+from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, Probability, Range, Settings
+
 
 @dataclass
-class OcclusionConfig:
-    method: str = "net"  # net: the occlusion segmenter; none: no occluders (regenerate the whole mask)
+class OcclusionConfig(Settings, section="occlusion"):
+    method: Annotated[str, OneOf("net", "none")] = "net"  # net: the occlusion segmenter; none: no occluders (regenerate the whole mask)
     weights: str = ""  # save_pretrained folder (local path or fsspec URL); empty: the shipped weights
-    threshold: float = 0.5  # occluder probability above which a pixel keeps its source
-    temporal_sigma: float = 1.0  # frames: Gaussian smoothing of probabilities along a track
-    grow: float = 0.012  # fraction of the crop side the mask grows by (occluder edges, blur)
-    feather: float = 0.006  # fraction of the crop side: soft mask edge
-    batch_size: int = 32
-    threads: int = 0  # torch threads per actor (0: leave as set, e.g. by Ray's OMP_NUM_THREADS)
+    threshold: Probability = 0.5  # occluder probability above which a pixel keeps its source
+    temporal_sigma: NonNegativeFloat = 1.0  # frames: Gaussian smoothing of probabilities along a track
+    grow: Annotated[float, Range(0, 1)] = 0.012  # fraction of the crop side the mask grows by (occluder edges, blur)
+    feather: Annotated[float, Range(0, 1)] = 0.006  # fraction of the crop side: soft mask edge
+    batch_size: Count = 32
+    threads: NonNegativeInt = 0  # torch threads per actor (0: leave as set, e.g. by Ray's OMP_NUM_THREADS)
 
 
 class OcclusionSegment(SegmentStage):
@@ -36,8 +39,6 @@ class OcclusionSegment(SegmentStage):
     def __init__(self, config: OcclusionConfig) -> None:
         super().__init__(config)
         self.settings = config
-        if self.settings.method not in ("net", "none"):
-            raise ValueError(f"occlusion.method {self.settings.method!r}: use 'net' or 'none'")
         self.net = None
         if self.settings.method == "net":
             import torch

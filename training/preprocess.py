@@ -18,7 +18,8 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -28,8 +29,10 @@ from pipeline.ledger import FilmState, Ledger, ShardState, Summary
 from pipeline.plan import build_dataset, init_ray, open_run
 from pipeline.rundir import RunDir
 from pipeline.stage_table import PREPROCESS_STAGES
+from stages.audio import audio_signature
 from stages.face_speaker import mouth_opening
 from stages.schema import FilmRef, Segment, Status, Track, from_row
+from stages.settings import Count, NonNegativeFloat, NonNegativeInt, Probability, Range, Settings
 from stages.storage import join, remove_temporaries, write_json
 from training.shards import ShardWriter, TrackSample, next_shard_index
 
@@ -39,19 +42,19 @@ FIELDS = ("crops", "mask", "fine_mask", "coarse_mask", "landmarks", "occlusion",
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(Settings, section="filter"):
     """Which track segments become training samples."""
 
-    min_frames: int = 16  # too short: fewer frames than a training window
-    min_face_px: float = 64.0  # face too small: cheek-to-cheek width in source pixels
-    min_speech: float = 0.2  # no speech: fraction of frames with voice activity >= 0.5
-    max_lag: int = 8  # AV offsets searched, in frames each way
-    shift_max: int = 2  # |offset| up to this (with enough confidence) is corrected by shifting the audio
-    drop_offset: int = 5  # |offset| at least this (with enough confidence) drops the sample
+    min_frames: Count = 16  # too short: fewer frames than a training window
+    min_face_px: NonNegativeFloat = 64.0  # face too small: cheek-to-cheek width in source pixels
+    min_speech: Probability = 0.2  # no speech: fraction of frames with voice activity >= 0.5
+    max_lag: Count = 8  # AV offsets searched, in frames each way
+    shift_max: NonNegativeInt = 2  # |offset| up to this (with enough confidence) is corrected by shifting the audio
+    drop_offset: Count = 5  # |offset| at least this (with enough confidence) drops the sample
     # Peak correlation minus the median over lags; below it the offset is unknown. On 2 s segments
     # of the real sample clips (all in sync) 0.15 still dropped 6 of 28 tracks: be conservative.
-    min_confidence: float = 0.3
-    min_correlation: float = -1.0  # poor audio-mouth correlation: peak correlation below this drops (off by default)
+    min_confidence: Annotated[float, Range(-2, 2)] = 0.3  # a difference of correlations
+    min_correlation: Annotated[float, Range(-1, 1)] = -1.0  # poor audio-mouth correlation: peak correlation below this drops (off by default)
 
 
 @dataclass
@@ -68,6 +71,11 @@ class PreprocessOptions:
     @property
     def run_dir(self) -> str:
         return self.workdir or join(self.output, "_stabledub_preprocess")
+
+    @cached_property
+    def audio_signature(self) -> dict[str, Any]:
+        """The audio features every sample is computed with (read once: whisper's comes from its config)."""
+        return audio_signature(self.config.audio)
 
 
 @dataclass
@@ -115,8 +123,12 @@ def sample_key(film: FilmRef, segment: Segment, track: Track) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", film.safe_key) + f"__s{segment.index:04d}_t{track.track_id}"
 
 
-def track_sample(segment: Segment, track: Track, filters: FilterConfig) -> tuple[TrackSample | None, str, dict[str, Any]]:
-    """One track of a finished segment -> (sample or None, rejection reason or '', metadata)."""
+def track_sample(
+    segment: Segment, track: Track, filters: FilterConfig, audio_signature: dict[str, Any]
+) -> tuple[TrackSample | None, str, dict[str, Any]]:
+    """One track of a finished segment -> (sample or None, rejection reason or '', metadata).
+
+    `audio_signature` (stages.audio.audio_signature) goes into the metadata: training builds the model for it."""
     keep = track.frame_index >= segment.context  # context frames belong to the previous segment
     index = track.frame_index[keep]
     meta: dict[str, Any] = {
@@ -129,6 +141,7 @@ def track_sample(segment: Segment, track: Track, filters: FilterConfig) -> tuple
         "yaw": track.info.get("yaw"),
         "jitter": track.info.get("jitter"),
         "speaker_sync": track.info.get("sync"),
+        "audio_signature": audio_signature,
     }
     if len(index) < filters.min_frames:
         return None, "too short", meta
@@ -208,7 +221,7 @@ class PreprocessDriver(Ledger):
 
     def _sample(self, segment: Segment, track: Track) -> dict[str, Any]:
         """Write one track's sample (or count its rejection); the record of what became of it."""
-        sample, reason, meta = track_sample(segment, track, self.options.filters)
+        sample, reason, meta = track_sample(segment, track, self.options.filters, self.options.audio_signature)
         record = {"segment": segment.index, "track": track.track_id, "status": "kept" if sample else "rejected", "reason": reason,
                   "key": sample.key if sample else "", **{k: meta.get(k) for k in ("frames", "av_offset", "speech_fraction", "face_px")}}
         if sample is None:
@@ -258,6 +271,7 @@ class PreprocessDriver(Ledger):
 
 def preprocess(options: PreprocessOptions) -> PreprocessSummary:
     began = time.perf_counter()
+    options.audio_signature  # noqa: B018 - an unreadable Whisper config fails here, before Ray starts
     urls, run_dir = open_run(options.input, options.output, options.run_dir)
     with Lease(run_dir.url):
         fingerprint = {**options.config.output_fingerprint(), "filters": asdict(options.filters), "audio_source": options.audio}

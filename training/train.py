@@ -26,7 +26,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -38,69 +38,58 @@ from models.lip_habit import LipHabitEncoder
 from models.losses import LossWeights, TrainingBatch, training_losses
 from models.images import resize_square
 from models.pipeline_stabledub import StableDubPipeline, make_scheduler
-from models.unet import StableDubUNet
-from models.vae import build_vae, encode, load_vae, to_pixels
+from models.unet import PRESET_DIR, StableDubUNet
+from models.vae import VAE_PRESETS, build_vae, encode, load_vae, to_pixels
+from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
 from training.occluders import composite_occluders
 from training.shards import decode_arrays, read_shard, shard_urls
 
 log = logging.getLogger("stabledub.train")
 
 ARRAYS = ("crops", "mask", "coarse_mask", "occlusion", "audio")
+UNET_PRESETS = tuple(sorted(f[len("unet_"):-len(".json")] for f in os.listdir(PRESET_DIR) if f.startswith("unet_") and f.endswith(".json")))
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what models.losses.prediction_target knows
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Everything a training run depends on (saved beside the model as training.json)."""
 
-    resolution: int = 64  # crops are resized to this (the inpaint stage resizes to the model's size)
-    unet_preset: str = "tiny"
+    resolution: Annotated[int, Range(8)] = 64  # crops are resized to this (the inpaint stage resizes to the model's size)
+    unet_preset: Annotated[str, OneOf(*UNET_PRESETS)] = "tiny"
     unet_overrides: dict[str, Any] = field(default_factory=dict)
-    vae_preset: str = "tiny"
+    vae_preset: Annotated[str, OneOf(*VAE_PRESETS)] = "tiny"
     vae_overrides: dict[str, Any] = field(default_factory=dict)
     vae: str = ""  # a diffusers AutoencoderKL folder/URL; empty: fit the preset first (vae_steps)
-    vae_steps: int = 300
-    vae_lr: float = 2e-3
-    lip_hidden: int = 32
-    lip_embed: int = 16
-    frames: int = 8  # frames per training window
-    lip_frames: int = 8  # lip-habit reference clip length (same track, other frames)
-    batch_size: int = 2
-    steps: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    vae_steps: NonNegativeInt = 300
+    vae_lr: PositiveFloat = 2e-3
+    lip_hidden: Count = 32
+    lip_embed: Count = 16
+    frames: Count = 8  # frames per training window
+    lip_frames: Count = 8  # lip-habit reference clip length (same track, other frames)
+    batch_size: Count = 2
+    steps: NonNegativeInt = 200
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
     # "epsilon" matches Stable Diffusion's weights; "v_prediction" makes a model trained from scratch
     # learn to use the masked frame early (at high noise its target is mostly the clean latent).
-    prediction_type: str = "epsilon"
-    occluder_prob: float = 0.5  # windows that get a synthetic occluder pasted over the mouth
-    audio_dropout: float = 0.1
-    habit_dropout: float = 0.2
-    lcf_weight: float = 1.0
-    temporal_weight: float = 0.1
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    val_every: int = 50
-    val_percent: int = 10  # samples held out by key hash when no val_data is given
+    prediction_type: Annotated[str, OneOf(*PREDICTION_TYPES)] = "epsilon"
+    occluder_prob: Probability = 0.5  # windows that get a synthetic occluder pasted over the mouth
+    audio_dropout: Probability = 0.1
+    habit_dropout: Probability = 0.2
+    lcf_weight: NonNegativeFloat = 1.0
+    temporal_weight: NonNegativeFloat = 0.1
+    checkpoint_every: Count = 50
+    keep_checkpoints: Count = 2
+    val_every: Count = 50
+    val_percent: Annotated[int, Range(0, 100)] = 10  # samples held out by key hash when no val_data is given
     val_data: str = ""
-    val_windows: int = 8
-    shuffle_buffer: int = 16
+    val_windows: NonNegativeInt = 8
+    shuffle_buffer: Count = 16
     seed: int = 0
-    num_workers: int = 1
+    num_workers: Count = 1
     use_gpu: bool = False
-    threads: int = 1  # torch threads per CPU worker
-
-    @classmethod
-    def load(cls, path: str | None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        data: dict[str, Any] = {}
-        if path:
-            import yaml
-
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        data.update(overrides or {})
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training config key(s) {sorted(unknown)}")
-        return cls(**data)
+    threads: Count = 1  # torch threads per CPU worker
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -125,6 +114,41 @@ def sample_stream(urls: list[str], seed: int, epoch: int, buffer: int, keep) -> 
 
 def decode_sample(members: dict[str, bytes]) -> dict[str, np.ndarray]:
     return decode_arrays(members, ARRAYS)
+
+
+class TrainingDataError(ValueError):
+    """The training shards cannot make one model (e.g. they were made with different audio features)."""
+
+
+def sample_audio_signature(members: dict[str, bytes]) -> dict[str, Any]:
+    """The audio features a sample was computed with (stages.audio.audio_signature, recorded by preprocess).
+
+    Shards written before the signature was recorded give the window and size of their arrays only.
+    """
+    recorded = json.loads(members["json"]).get("audio_signature") if "json" in members else None
+    if recorded:
+        return recorded
+    audio = decode_arrays(members, ("audio",))["audio"]
+    return {"audio_window": int(audio.shape[1]), "audio_dim": int(audio.shape[2])}
+
+
+def shards_audio_signature(urls: list[str]) -> dict[str, Any]:
+    """The one audio signature of all shards (each shard is written by one preprocess run: its first
+    sample speaks for it); shards made with different audio features are refused."""
+    first_shard: dict[str, str] = {}  # signature (JSON) -> first shard that has it
+    for url in urls:
+        samples = read_shard(url)
+        first = next(samples, None)
+        samples.close()
+        if first is not None:
+            first_shard.setdefault(json.dumps(sample_audio_signature(first[1]), sort_keys=True), url)
+    if not first_shard:
+        raise TrainingDataError("no training samples: are the shards empty?")
+    if len(first_shard) > 1:
+        found = "; ".join(f"{url}: {signature}" for signature, url in first_shard.items())
+        raise TrainingDataError(f"training shards were made with different audio features ({found}); "
+                                "preprocess them all with one audio config")
+    return json.loads(next(iter(first_shard)))
 
 
 @dataclass
@@ -228,11 +252,14 @@ class WindowSource:
 
 
 # ---------------------------------------------------------------------------------------- models
-def build_models(config: TrainConfig, audio_window: int, audio_dim: int):
+def build_models(config: TrainConfig, audio: dict[str, Any]):
+    """UNet, lip-habit encoder and VAE for the data's audio signature (`audio_encoder`, `audio_window`,
+    `audio_dim`: the UNet records them, so the inpaint stage can check a run's features against them)."""
     torch.manual_seed(config.seed)
     latent = config.resolution // 8
-    unet = StableDubUNet.from_preset(config.unet_preset, sample_size=latent, audio_window=audio_window, audio_dim=audio_dim,
-                                     num_frames=config.frames, **config.unet_overrides)
+    unet = StableDubUNet.from_preset(config.unet_preset, sample_size=latent, num_frames=config.frames,
+                                     **{**config.unet_overrides, **audio})
+    audio_window, audio_dim = audio["audio_window"], audio["audio_dim"]
     lip = LipHabitEncoder(audio_window=audio_window, audio_dim=audio_dim, audio_channels=unet.config.audio_channels,
                           hidden_dim=config.lip_hidden, embed_dim=config.lip_embed)
     vae = load_vae(config.vae) if config.vae else build_vae(config.vae_preset, sample_size=config.resolution, **config.vae_overrides)
@@ -341,9 +368,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     split = (lambda key: True) if config.val_data else (lambda key: not held_out(key, config.val_percent))
     source = WindowSource(urls, config, split, rank, world)
-    probe = decode_sample(next(sample_stream(urls, config.seed, 0, 1, lambda k: True))[1])
-    audio_window, audio_dim = probe["audio"].shape[1:]
-    unet, lip, vae = build_models(config, int(audio_window), int(audio_dim))
+    unet, lip, vae = build_models(config, loop_config["audio_signature"])
     unet.to(device), lip.to(device), vae.to(device)
     scheduler = make_scheduler("ddpm", config.prediction_type)
     history: list[dict[str, Any]] = []
@@ -470,9 +495,11 @@ def train(data: str, output: str, config: TrainConfig, use_ray: bool = True, sto
     urls = shard_urls(data)
     if not urls:
         raise FileNotFoundError(f"no training shards in {data}")
+    val_urls = shard_urls(config.val_data) if config.val_data else []
+    signature = shards_audio_signature(urls + val_urls)
     os.makedirs(output, exist_ok=True)
     loop_config = {"config": asdict(config), "output": os.path.abspath(output), "train_urls": urls,
-                   "val_urls": shard_urls(config.val_data) if config.val_data else [], "stop_after": stop_after}
+                   "val_urls": val_urls, "stop_after": stop_after, "audio_signature": signature}
     if not use_ray:
         train_loop(loop_config)
         return output
