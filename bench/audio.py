@@ -85,8 +85,13 @@ def whisper_checkpoint(shape: str, folder: Path) -> str:
 
     d_model, layers, heads = WHISPER_SHAPES[shape]
     config = WhisperConfig(
-        d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=4 * d_model,
-        decoder_layers=1, decoder_attention_heads=heads, decoder_ffn_dim=4 * d_model,
+        d_model=d_model,
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model,
+        decoder_layers=1,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=4 * d_model,
     )
     path = folder / f"whisper-{shape}-random"
     WhisperModel(config).save_pretrained(path)

@@ -53,9 +53,18 @@ def main() -> None:
     for k, (side, x, y) in enumerate(PLACES):
         frames = segment_frames(clip[k * SEGMENT_FRAMES : (k + 1) * SEGMENT_FRAMES], side, x, y)
         segment = Segment(
-            film=FilmRef("bench", "memory://", None, None), index=k, count=len(PLACES), start=0, stop=len(frames),
-            context_start=0, pts=np.arange(len(frames)) / 25.0, seek_pts=0.0, width=1920, height=1080,
-            time_base=(1, 25), frames=frames,
+            film=FilmRef("bench", "memory://", None, None),
+            index=k,
+            count=len(PLACES),
+            start=0,
+            stop=len(frames),
+            context_start=0,
+            pts=np.arange(len(frames)) / 25.0,
+            seek_pts=0.0,
+            width=1920,
+            height=1080,
+            time_base=(1, 25),
+            frames=frames,
         )
         began, began_cpu = time.perf_counter(), time.process_time()
         segment = stage.process(segment)

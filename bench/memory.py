@@ -142,12 +142,21 @@ class Sampler(threading.Thread):
 def measure(minutes: float, tmp: Path) -> tuple[dict[str, float], float]:
     film = tmp / f"film-{minutes:g}.mp4"
     build_film(film, minutes * 60)
-    (shard,) = pack([PackItem(str(film), str(DATA / "dub" / "tts_es.wav"), f"long{int(minutes)}")], str(tmp / f"m{minutes:g}-{{0000..0000}}.tar"))
+    (shard,) = pack(
+        [PackItem(str(film), str(DATA / "dub" / "tts_es.wav"), f"long{int(minutes)}")],
+        str(tmp / f"m{minutes:g}-{{0000..0000}}.tar"),
+    )
     sampler = Sampler()
     sampler.start()
     began = time.perf_counter()
-    summary = run(RunOptions(input=shard, output=str(tmp / f"out{minutes:g}"), progress=False,
-                             config=load_config(None, ["occlusion.method=none", "encode.preset=ultrafast"])))
+    summary = run(
+        RunOptions(
+            input=shard,
+            output=str(tmp / f"out{minutes:g}"),
+            progress=False,
+            config=load_config(None, ["occlusion.method=none", "encode.preset=ultrafast"]),
+        )
+    )
     sampler.stop.set()
     sampler.join()
     assert summary.films_ok == 1, summary

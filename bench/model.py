@@ -142,7 +142,11 @@ def main() -> None:
     device = resolve_device("auto").type
     cuda = device == "cuda"
     dtype = resolve_dtype("auto", device)
-    where = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()}, {args.threads} thread(s), {os.cpu_count()} cores"
+    where = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"CPU {platform.processor() or platform.machine()}, {args.threads} thread(s), {os.cpu_count()} cores"
+    )
     print(f"device: {where}; dtype {dtype}; torch {torch.__version__}")
 
     if args.quick:

@@ -18,10 +18,9 @@ import cv2
 import numpy as np
 import torch
 
-from models.occlusion_net import load_occlusion_net
-from training.occlusion import DATA_DIR, OCCLUDER_CLIPS, clip_crops, heldout_sequences, score_heldout
-from models.occlusion_net import SHIPPED_OCCLUSION_WEIGHTS
+from models.occlusion_net import SHIPPED_OCCLUSION_WEIGHTS, load_occlusion_net
 from stages.occlusion import OcclusionConfig, segment_occluders
+from training.occlusion import DATA_DIR, OCCLUDER_CLIPS, clip_crops, heldout_sequences, score_heldout
 
 
 def core_ms_per_crop(net, crops: np.ndarray, masks: np.ndarray, settings: OcclusionConfig, repeats: int = 5) -> float:
@@ -64,8 +63,10 @@ def write_review(net, settings: OcclusionConfig, folder: Path, every: int = 12) 
         cv2.imwrite(str(folder / f"{name}.png"), sheet[..., ::-1])
         region = masks > 0
         covered = (occlusion >= 128) & region
-        print(f"review {name}: {len(crops)} frames, occluder in {int(covered.any(axis=(1, 2)).sum())}, "
-              f"{covered.sum() / max(region.sum(), 1):.1%} of the region on average -> {folder / (name + '.png')}")
+        print(
+            f"review {name}: {len(crops)} frames, occluder in {int(covered.any(axis=(1, 2)).sum())}, "
+            f"{covered.sum() / max(region.sum(), 1):.1%} of the region on average -> {folder / (name + '.png')}"
+        )
 
 
 def main() -> None:

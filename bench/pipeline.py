@@ -55,7 +55,8 @@ def random_checkpoint(path: Path) -> str:
     torch.manual_seed(0)
     unet = StableDubUNet.from_preset("small", audio_window=window, audio_dim=dim)
     pipe = StableDubPipeline(
-        vae=build_vae("small"), unet=unet,
+        vae=build_vae("small"),
+        unet=unet,
         lip_habit=LipHabitEncoder(audio_window=window, audio_dim=dim, audio_channels=unet.config.audio_channels),
         scheduler=make_scheduler("ddim"),
     )
@@ -75,10 +76,16 @@ def main() -> None:
         (shard,) = pack(items, str(tmp / "b-{0000..0000}.tar"))
 
         segments = []
-        cpu_stages = [Decode(config.decode, downmix=config.audio.downmix), FaceTrack(config.face_track), OcclusionSegment(config.occlusion), AudioFeaturize(config.audio)]
+        cpu_stages = [
+            Decode(config.decode, downmix=config.audio.downmix),
+            FaceTrack(config.face_track),
+            OcclusionSegment(config.occlusion),
+            AudioFeaturize(config.audio),
+        ]
         for film in index_shard_rows({"shard_url": shard}, str(tmp / "prep")):
-            for row in plan_film_rows(film, str(tmp / "prep"), config.segment.target_seconds, config.segment.max_seconds,
-                                      config.segment.overlap_frames):
+            for row in plan_film_rows(
+                film, str(tmp / "prep"), config.segment.target_seconds, config.segment.max_seconds, config.segment.overlap_frames
+            ):
                 segment = from_row(row)
                 for stage in cpu_stages:
                     segment = stage.run_one(segment)
@@ -102,8 +109,10 @@ def main() -> None:
         assert summary.films_ok == len(clips), summary
 
     alone_fps, pipeline_fps = frames / alone, frames / whole
-    print(f"model {model if os.environ.get('STABLEDUB_BENCH_MODEL') else 'random small preset'}, {steps} steps, "
-          f"{len(clips)} clips, {frames} frames, {os.cpu_count()} CPUs")
+    print(
+        f"model {model if os.environ.get('STABLEDUB_BENCH_MODEL') else 'random small preset'}, {steps} steps, "
+        f"{len(clips)} clips, {frames} frames, {os.cpu_count()} CPUs"
+    )
     print(f"inpaint stage alone : {alone_fps:6.2f} frames/s ({alone:.1f} s)")
     print(f"whole pipeline      : {pipeline_fps:6.2f} frames/s ({whole:.1f} s, Ray actor start-up included)")
     print(f"RESULT pipeline_efficiency {pipeline_fps / alone_fps:.3f}")

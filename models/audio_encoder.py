@@ -260,10 +260,14 @@ class SileroVAD:
         weights = torch.jit.load(_silero_file("silero_vad.jit"), map_location="cpu")._model.state_dict()
         self._stft = nn.Conv1d(1, 258, 256, stride=128, bias=False)
         self._convs = nn.Sequential(
-            nn.Conv1d(129, 128, 3, padding=1), nn.ReLU(),
-            nn.Conv1d(128, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(64, 128, 3, padding=1), nn.ReLU(),
+            nn.Conv1d(129, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(128, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(64, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(64, 128, 3, padding=1),
+            nn.ReLU(),
         )
         self._lstm = nn.LSTM(128, 128)
         self._head = nn.Conv1d(128, 1, 1)

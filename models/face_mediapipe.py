@@ -80,7 +80,9 @@ class FaceDetector:
         boxes, scores = [], []
         for detection in result.detections or []:
             rel = detection.location_data.relative_bounding_box
-            boxes.append([rel.xmin * w + x0, rel.ymin * h + y0, (rel.xmin + rel.width) * w + x0, (rel.ymin + rel.height) * h + y0])
+            boxes.append(
+                [rel.xmin * w + x0, rel.ymin * h + y0, (rel.xmin + rel.width) * w + x0, (rel.ymin + rel.height) * h + y0]
+            )
             scores.append(detection.score[0])
         return np.array(boxes, np.float64).reshape(-1, 4), np.array(scores, np.float64)
 

@@ -85,7 +85,9 @@ class LipHabitEncoder(ModelMixin, ConfigMixin):
         size = frames.shape[-1]
         top, bottom, left, right = (round(f * size) for f in self.config.mouth_box)
         mouths = frames[..., top:bottom, left:right]
-        return F.interpolate(mouths.float(), size=tuple(self.config.mouth_size), mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(
+            mouths.float(), size=tuple(self.config.mouth_size), mode="bilinear", antialias=True, align_corners=False
+        )
 
     def encode(self, mouths: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """mouths (B, T, 3, h, w), audio (B, T, W, A) -> habit embedding (B, embed_dim)."""

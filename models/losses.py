@@ -50,7 +50,9 @@ def _alphas(scheduler: SchedulerMixin, timesteps: torch.Tensor, like: torch.Tens
     return alphas.view(-1, *([1] * (like.dim() - 1)))
 
 
-def prediction_target(scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def prediction_target(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """What the UNet should output, for the scheduler's prediction type."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -63,7 +65,9 @@ def prediction_target(scheduler: SchedulerMixin, latents: torch.Tensor, noise: t
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def predicted_clean(scheduler: SchedulerMixin, noisy: torch.Tensor, output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def predicted_clean(
+    scheduler: SchedulerMixin, noisy: torch.Tensor, output: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """The clean latent the UNet output implies."""
     kind = scheduler.config.prediction_type
     a = _alphas(scheduler, timesteps, noisy)
@@ -161,4 +165,3 @@ def training_losses(
     losses["temporal"] = temporal_consistency_loss(clean, latents, batch.mask, alphas)
     losses["total"] = losses["denoising"] + weights.lcf * losses["lcf"] + weights.temporal * losses["temporal"]
     return losses
-

@@ -16,8 +16,8 @@ are stacked as channel groups so one scan call serves them all.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -229,7 +229,13 @@ def scan_time_major(
         delta = delta + delta_bias.float().view(groups, channels)
     if delta_softplus:
         delta = F.softplus(delta)
-    args = (delta.contiguous(), u.contiguous(), A.float().view(groups, channels, -1), B.float()[..., None, :], C.float()[..., None, :])
+    args = (
+        delta.contiguous(),
+        u.contiguous(),
+        A.float().view(groups, channels, -1),
+        B.float()[..., None, :],
+        C.float()[..., None, :],
+    )
     if chunk_size is None and u.is_cuda:
         chunk_size = CUDA_CHUNK_SIZE
     if chunk_size is not None:
@@ -321,8 +327,8 @@ class MambaLayer(nn.Module):
 
     def _init_ssm(self, dt_min: float, dt_max: float) -> None:
         # mamba_simple.Mamba's initialisation: dt spread log-uniformly in [dt_min, dt_max].
-        nn.init.uniform_(self.x_proj, -self.d_inner**-0.5, self.d_inner**-0.5)
-        nn.init.uniform_(self.dt_proj, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        nn.init.uniform_(self.x_proj, -(self.d_inner**-0.5), self.d_inner**-0.5)
+        nn.init.uniform_(self.dt_proj, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
         dt = torch.exp(torch.rand(self.dt_bias.shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=1e-4)
         with torch.no_grad():

@@ -25,7 +25,9 @@ from models.remote import local_dir
 ROI_MARGIN = 1.15  # ROI side over the mask's bounding box side: context for hands and mic bodies
 
 
-def roi_affine(masks: np.ndarray, size: int, shift: np.ndarray | tuple[float, float] = (0.0, 0.0), zoom: float = 1.0) -> np.ndarray:
+def roi_affine(
+    masks: np.ndarray, size: int, shift: np.ndarray | tuple[float, float] = (0.0, 0.0), zoom: float = 1.0
+) -> np.ndarray:
     """2x3 affine from crop pixels to a `size` square ROI around the union of `masks` (N, S, S).
 
     `shift` (fraction of the ROI side) and `zoom` move the ROI; training jitters them.

@@ -49,12 +49,18 @@ def shipped_demo_checkpoint() -> str | None:
     return SHIPPED_DEMO_CHECKPOINT if os.path.exists(os.path.join(SHIPPED_DEMO_CHECKPOINT, "model_index.json")) else None
 
 
-def make_scheduler(name: str = "ddim", prediction_type: str = "epsilon") -> DDIMScheduler | DPMSolverMultistepScheduler | DDPMScheduler:
-    """"ddim", "dpm++" (DPM-Solver++ 2M) for sampling, "ddpm" for training."""
+def make_scheduler(
+    name: str = "ddim", prediction_type: str = "epsilon"
+) -> DDIMScheduler | DPMSolverMultistepScheduler | DDPMScheduler:
+    """ "ddim", "dpm++" (DPM-Solver++ 2M) for sampling, "ddpm" for training."""
     if name == "ddpm":
         return DDPMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type)
     if name == "dpm++":
-        return DPMSolverMultistepScheduler(**{k: v for k, v in NOISE_SCHEDULE.items() if k != "clip_sample"}, prediction_type=prediction_type, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler(
+            **{k: v for k, v in NOISE_SCHEDULE.items() if k != "clip_sample"},
+            prediction_type=prediction_type,
+            algorithm_type="dpmsolver++",
+        )
     if name == "ddim":
         return DDIMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=False)
     raise ValueError(f"unknown scheduler {name!r}: one of ddim, dpm++, ddpm")
@@ -118,7 +124,7 @@ class StableDubPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, unet=unet, lip_habit=lip_habit, scheduler=scheduler, image_encoder=image_encoder)
 
     @classmethod
-    def from_pretrained(cls, url: str | os.PathLike, refresh_cache: bool = False, **kwargs: Any) -> "StableDubPipeline":
+    def from_pretrained(cls, url: str | os.PathLike, refresh_cache: bool = False, **kwargs: Any) -> StableDubPipeline:
         """Load from a local folder or any fsspec URL (copied once into the local model cache;
         `refresh_cache` copies it again, for a checkpoint replaced at the same URL)."""
         if importlib.util.find_spec("accelerate") is None:
@@ -338,7 +344,9 @@ class StableDubPipeline(DiffusionPipeline):
         scales, shifts = scale.expand(windows, -1), shift.expand(windows, -1)
         clip = None if clip_embeds is None else clip_embeds.to(latents.device, dtype).expand(windows, -1, -1)
         if guidance == 1.0:
-            return self.unet(sample, t, audio_features=window_audio, audio_scale=scales, audio_shift=shifts, clip_embeds=clip, **inputs).sample
+            return self.unet(
+                sample, t, audio_features=window_audio, audio_scale=scales, audio_shift=shifts, clip_embeds=clip, **inputs
+            ).sample
 
         def twice(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else torch.cat([x, x])

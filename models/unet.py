@@ -345,8 +345,7 @@ class StableDubUNet(ModelMixin, ConfigMixin):
             skip_last = reversed_channels[min(i + 1, levels - 1)]
             previous = channels
             ins = [
-                (previous if j == 0 else out) + (skip_last if j == layers_per_block else out)
-                for j in range(layers_per_block + 1)
+                (previous if j == 0 else out) + (skip_last if j == layers_per_block else out) for j in range(layers_per_block + 1)
             ]
             last = i == levels - 1
             level_spatial = spatial[levels - 1 - i]
@@ -397,7 +396,9 @@ class StableDubUNet(ModelMixin, ConfigMixin):
         batch, frames = sample.shape[:2]
         window, dim = audio_features.shape[-2:]
         if (window, dim) != (self.config.audio_window, self.config.audio_dim):
-            raise ValueError(f"audio windows are {window}x{dim}; this model expects {self.config.audio_window}x{self.config.audio_dim}")
+            raise ValueError(
+                f"audio windows are {window}x{dim}; this model expects {self.config.audio_window}x{self.config.audio_dim}"
+            )
         if occlusion is None:
             occlusion = torch.zeros_like(mask)
         stacked = torch.cat([sample, masked_latent, mask, reference_latent, occlusion], dim=2).flatten(0, 1)
@@ -432,12 +433,12 @@ class StableDubUNet(ModelMixin, ConfigMixin):
         return StableDubUNetOutput(sample=out)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "StableDubUNet":
+    def from_preset(cls, name: str, **overrides: Any) -> StableDubUNet:
         """A freshly initialised UNet from a preset in models/configs/unet_<name>.json."""
         return cls.from_config({**load_preset(name), **overrides})
 
     @classmethod
-    def from_sd_unet(cls, url: str | os.PathLike, subfolder: str | None = None, **overrides: Any) -> "StableDubUNet":
+    def from_sd_unet(cls, url: str | os.PathLike, subfolder: str | None = None, **overrides: Any) -> StableDubUNet:
         """Initialise from a Stable Diffusion UNet (diffusers folder, local path or fsspec URL).
 
         Widths, depth, heads and the cross-attention size come from the SD config; conv_in is

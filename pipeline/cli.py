@@ -61,8 +61,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
-    from pipeline.rundir import RunDirError
     from pipeline.run import RunOptions, run
+    from pipeline.rundir import RunDirError
 
     overrides = list(args.set or [])
     if args.model:
@@ -75,8 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     options = RunOptions(
-        input=args.input, output=args.output, config=config, workdir=args.workdir,
-        retry_failed=args.retry_failed, keep_intermediate=args.keep_intermediate, progress=not args.quiet,
+        input=args.input,
+        output=args.output,
+        config=config,
+        workdir=args.workdir,
+        retry_failed=args.retry_failed,
+        keep_intermediate=args.keep_intermediate,
+        progress=not args.quiet,
         metrics_port=args.metrics_port,
     )
     try:
@@ -110,8 +115,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
-    from training.preprocess import FilterConfig, PreprocessOptions, preprocess
     from pipeline.rundir import RunDirError
+    from training.preprocess import FilterConfig, PreprocessOptions, preprocess
 
     try:
         config = load_config(args.config, args.set or [])
@@ -120,8 +125,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     options = PreprocessOptions(
-        input=args.input, output=args.output, config=config, filters=filters, shard_bytes=_parse_size(args.shard_size),
-        audio=args.audio, workdir=args.workdir, progress=not args.quiet,
+        input=args.input,
+        output=args.output,
+        config=config,
+        filters=filters,
+        shard_bytes=_parse_size(args.shard_size),
+        audio=args.audio,
+        workdir=args.workdir,
+        progress=not args.quiet,
     )
     try:
         summary = preprocess(options)
@@ -152,8 +163,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     try:
-        result = evaluate(args.model, args.data, args.output, sync_expert=args.sync_expert, max_clips=args.max_clips,
-                          steps=args.steps)
+        result = evaluate(
+            args.model, args.data, args.output, sync_expert=args.sync_expert, max_clips=args.max_clips, steps=args.steps
+        )
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -205,9 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("output", help="output directory URL for train-NNNNNN.tar shards")
     pp.add_argument("--config", help="YAML or JSON pipeline config file")
     pp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline config value")
-    pp.add_argument("--filter", action="append", metavar="KEY=VALUE", help="override a filter (min_frames, min_face_px, min_speech, shift_max, drop_offset, ...)")
+    pp.add_argument(
+        "--filter",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a filter (min_frames, min_face_px, min_speech, shift_max, drop_offset, ...)",
+    )
     pp.add_argument("--shard-size", default="1G", help="start a new training shard before one passes this size (default 1G)")
-    pp.add_argument("--audio", choices=allowed_values(AudioConfig, "source"), default="dub", help="featurize the dub member (default) or the film's own audio")
+    pp.add_argument(
+        "--audio",
+        choices=allowed_values(AudioConfig, "source"),
+        default="dub",
+        help="featurize the dub member (default) or the film's own audio",
+    )
     pp.add_argument("--workdir", help="run directory URL (default: OUTPUT/_stabledub_preprocess)")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pp.set_defaults(func=cmd_preprocess)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.stage_table import STAGES, StageResources
 from stages.audio import AudioConfig
 from stages.decode import DecodeConfig
 from stages.encode import EncodeConfig
@@ -16,7 +17,6 @@ from stages.face_track import FaceTrackConfig
 from stages.inpaint import InpaintConfig
 from stages.occlusion import OcclusionConfig
 from stages.settings import ConfigError, NonNegativeInt, PositiveFloat, Settings, load_settings
-from pipeline.stage_table import STAGE_NAMES, STAGES, StageResources
 
 __all__ = ["ConfigError", "PipelineConfig", "SegmentConfig", "load_config", "to_dict"]
 
@@ -42,6 +42,7 @@ class PipelineConfig:
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     resources: dict[str, StageResources] = field(default_factory=_default_resources)
+
     # Which films' output depends on: everything but resources, so a rerun with more actors resumes.
     def output_fingerprint(self) -> dict[str, Any]:
         data = to_dict(self)

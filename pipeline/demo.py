@@ -8,8 +8,8 @@ library and voices that the `espeakng-loader` wheel carries.
 from __future__ import annotations
 
 import ctypes
-import shutil
 import importlib.util
+import shutil
 import sys
 import tarfile
 import wave
@@ -79,8 +79,10 @@ def build_demo_film(path: Path, seconds: float) -> int:
     with av.open(str(source)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or Fraction(30)
-        frames = [f.reformat(width=DEMO_SIZE[0], height=DEMO_SIZE[1], format="rgb24", interpolation="LANCZOS").to_ndarray()
-                  for f in container.decode(stream)]
+        frames = [
+            f.reformat(width=DEMO_SIZE[0], height=DEMO_SIZE[1], format="rgb24", interpolation="LANCZOS").to_ndarray()
+            for f in container.decode(stream)
+        ]
     sequence = frames + frames[-2:0:-1]
     want = int(round(seconds * float(rate)))
     with av.open(str(path), "w") as out:
@@ -114,11 +116,15 @@ def run_demo(output: str) -> int:
     model = default_demo_model()
     print(f"demo film: {film} ({frames} frames, {DEMO_SIZE[0]}x{DEMO_SIZE[1]}); dub: {dub} ({seconds:.1f} s of Spanish speech)")
     if model != "identity":
-        print("note: the shipped demo checkpoint is a tiny 64-px model trained for minutes on a CPU: it shows the "
-              "whole pipeline dubbing a film, not StableDub's quality (expect a blurry mouth; see models/README.md).")
+        print(
+            "note: the shipped demo checkpoint is a tiny 64-px model trained for minutes on a CPU: it shows the "
+            "whole pipeline dubbing a film, not StableDub's quality (expect a blurry mouth; see models/README.md)."
+        )
     if model == "identity":
-        print("note: no trained demo checkpoint ships yet, so this demo runs the `identity` model: the pipeline "
-              "tracks the face and re-renders the frames, but the lips are NOT changed.")
+        print(
+            "note: no trained demo checkpoint ships yet, so this demo runs the `identity` model: the pipeline "
+            "tracks the face and re-renders the frames, but the lips are NOT changed."
+        )
     config = load_config(None, [f"inpaint.model={model}"])
     summary = run(RunOptions(input=shards[0], output=str(out / "dubbed"), config=config, workdir=str(out / "run")))
     shard = out / "dubbed" / Path(shards[0]).name

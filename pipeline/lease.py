@@ -49,7 +49,7 @@ class Lease:
     def _record(self) -> dict:
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "refreshed": time.time()}
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         if exists(self.url):
             held = read_json(self.url)
             age = time.time() - float(held.get("refreshed", 0))
@@ -85,7 +85,7 @@ class Lease:
         except Exception:  # noqa: BLE001 - a stale lease only delays the next run
             pass
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

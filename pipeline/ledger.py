@@ -85,16 +85,15 @@ class Ledger:
     (by default a segment is finished when it arrives).
     """
 
-    def __init__(self, run: RunDir, summary: Summary, metrics: Metrics | None = None,
-                 report_fields: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, run: RunDir, summary: Summary, metrics: Metrics | None = None, report_fields: dict[str, Any] | None = None
+    ) -> None:
         self.run = run
         self.summary = summary
         self.metrics = metrics
         self.report_fields = report_fields or {}  # added to every failed film's report
         self.shards: dict[str, ShardState] = {}
-        self.dead: dict[str, dict[str, Any]] = {
-            dead_key(e.get("shard", ""), e.get("key", "")): e for e in run.dead_letters()
-        }
+        self.dead: dict[str, dict[str, Any]] = {dead_key(e.get("shard", ""), e.get("key", "")): e for e in run.dead_letters()}
 
     # ------------------------------------------------------------------ hooks
     def segment_arrived(self, shard: ShardState, state: FilmState, segment: Segment) -> None:
@@ -159,8 +158,15 @@ class Ledger:
 
     def film_failed(self, shard: ShardState, state: FilmState, reason: str, stage: str, notes: list[str]) -> None:
         film = state.film
-        report = {"key": film.key, "shard": shard.name, "status": "failed", "reason": reason, "stage": stage,
-                  "notes": notes, **self.report_fields}
+        report = {
+            "key": film.key,
+            "shard": shard.name,
+            "status": "failed",
+            "reason": reason,
+            "stage": stage,
+            "notes": notes,
+            **self.report_fields,
+        }
         write_json(self.run.film_url(film, ".json"), report)
         self._dead_letter(shard, film.key, reason, stage)
         self.summary.films_failed += 1
@@ -197,8 +203,7 @@ class Ledger:
         self.dead.pop(dead_key(shard.name, ""), None)
 
     def _dead_letter(self, shard: ShardState, key: str, reason: str, stage: str) -> None:
-        entry = {"shard": shard.name, "shard_url": shard.url, "key": key, "reason": reason, "stage": stage,
-                 "time": time.time()}
+        entry = {"shard": shard.name, "shard_url": shard.url, "key": key, "reason": reason, "stage": stage, "time": time.time()}
         self.dead[dead_key(shard.name, key)] = entry
         self.summary.failures.append(entry)
 

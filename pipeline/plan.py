@@ -60,7 +60,10 @@ def build_stage(spec: StageSpec, config: PipelineConfig, **plan_values: Any):
 
 
 def build_dataset(
-    urls: list[str], config: PipelineConfig, run: RunDir, stages: Sequence[StageSpec] = STAGES,
+    urls: list[str],
+    config: PipelineConfig,
+    run: RunDir,
+    stages: Sequence[StageSpec] = STAGES,
     retry_failed: bool = False,
 ):
     """shards -> film rows -> segment rows -> each stage of `stages` as an actor pool."""

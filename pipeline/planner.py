@@ -117,9 +117,17 @@ def plan_film_rows(
         before = keyframes[keyframes <= context_start]
         seek = float(pts[before[-1]]) if len(before) else 0.0
         segment = Segment(
-            film=film, index=index, count=len(starts), start=start, stop=stop, context_start=context_start,
-            pts=pts[context_start:stop].copy(), seek_pts=seek if before.size and before[-1] > 0 else 0.0,
-            width=info.width, height=info.height, time_base=info.time_base,
+            film=film,
+            index=index,
+            count=len(starts),
+            start=start,
+            stop=stop,
+            context_start=context_start,
+            pts=pts[context_start:stop].copy(),
+            seek_pts=seek if before.size and before[-1] > 0 else 0.0,
+            width=info.width,
+            height=info.height,
+            time_base=info.time_base,
         )
         if index in done:
             segment.status = Status.DONE

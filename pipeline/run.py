@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stabledub")
 
+
 @dataclass
 class RunOptions:
     input: str
@@ -68,8 +69,10 @@ class RunSummary(Summary):
         return not (self.films_ok or self.films_failed or self.shards_written or self.shards_failed)
 
     def detail_parts(self) -> list[str]:
-        return [f"shards written {self.shards_written}, failed {self.shards_failed}, skipped {self.shards_skipped}",
-                f"frames {self.frames}"]
+        return [
+            f"shards written {self.shards_written}, failed {self.shards_failed}, skipped {self.shards_skipped}",
+            f"frames {self.frames}",
+        ]
 
     def line(self) -> str:
         fps = self.frames / self.wall_seconds if self.wall_seconds > 0 else 0.0
@@ -100,12 +103,18 @@ class Driver(Ledger):
 
     # ------------------------------------------------------------------ films and shards, in the pool
     def film_complete(self, shard: ShardState, state: FilmState) -> None:
-        self._submit(partial(self._assemble, state), partial(self._film_assembled, shard, state),
-                     partial(self._assembly_failed, shard, state))
+        self._submit(
+            partial(self._assemble, state),
+            partial(self._film_assembled, shard, state),
+            partial(self._assembly_failed, shard, state),
+        )
 
     def shard_complete(self, shard: ShardState) -> None:
-        self._submit(partial(write_output_shard, shard, self.options.output, self.run),
-                     partial(self._shard_written, shard), partial(self._shard_write_failed, shard))
+        self._submit(
+            partial(write_output_shard, shard, self.options.output, self.run),
+            partial(self._shard_written, shard),
+            partial(self._shard_write_failed, shard),
+        )
 
     def _film_assembled(self, shard: ShardState, state: FilmState, report: dict[str, Any]) -> None:
         log.info("film %s dubbed (%d frames)", state.film.uid, report.get("frames", 0))
@@ -201,7 +210,11 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
         "busiest_stage": busiest,
         "stage_workers": {stage: len(found) for stage, found in sorted(workers.items())},
         "counts": counts,
-        "audio": {"dub_seconds": round(audio.dub_seconds, 3), "padded_seconds": round(audio.padded_seconds, 3), "cut_seconds": round(audio.cut_seconds, 3)},
+        "audio": {
+            "dub_seconds": round(audio.dub_seconds, 3),
+            "padded_seconds": round(audio.padded_seconds, 3),
+            "cut_seconds": round(audio.cut_seconds, 3),
+        },
         "notes": notes,
     }
 

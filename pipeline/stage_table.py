@@ -8,6 +8,7 @@ is the stage file, one `StageSpec` line below and its config section in `Pipelin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from stages.audio import AudioFeaturize
 from stages.base import SegmentStage
@@ -16,16 +17,22 @@ from stages.encode import Encode
 from stages.face_track import FaceTrack
 from stages.inpaint import Inpaint
 from stages.occlusion import OcclusionSegment
+from stages.settings import Count, NonNegativeFloat, Range, SettingError, Settings
 
 
 @dataclass
-class StageResources:
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0  # -1: one GPU per actor when the cluster has GPUs, else CPU
-    min_actors: int = 1
-    max_actors: int = 1
-    batch_size: int = 1
-    memory_gb: float = 0.0  # Ray `memory=` reservation per actor (0: none)
+class StageResources(Settings, section="resources"):
+    num_cpus: NonNegativeFloat = 0.25
+    num_gpus: Annotated[float, Range(-1)] = 0.0  # -1: one GPU per actor when the cluster has GPUs, else CPU
+    min_actors: Count = 1  # Ray actor pools cannot scale to zero
+    max_actors: Count = 1
+    batch_size: Count = 1
+    memory_gb: NonNegativeFloat = 0.0  # Ray `memory=` reservation per actor (0: none)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_actors < self.min_actors:
+            raise SettingError("resources.max_actors", self.max_actors, f"at least min_actors ({self.min_actors})")
 
 
 @dataclass(frozen=True)
@@ -53,32 +60,51 @@ class StageSpec:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(
-        "decode", Decode, StageResources(num_cpus=0.25, max_actors=2),
-        reads=("film",), writes=("frames", "pts", "audio", "source_audio"),
+        "decode",
+        Decode,
+        StageResources(num_cpus=0.25, max_actors=2),
+        reads=("film",),
+        writes=("frames", "pts", "audio", "source_audio"),
         config_extras={"downmix": "audio.downmix"},
     ),
     StageSpec(
-        "face_track", FaceTrack, StageResources(num_cpus=0.25, max_actors=2),
-        reads=("frames", "audio"), writes=("tracks",),
+        "face_track",
+        FaceTrack,
+        StageResources(num_cpus=0.25, max_actors=2),
+        reads=("frames", "audio"),
+        writes=("tracks",),
     ),
     StageSpec(
-        "occlusion", OcclusionSegment, StageResources(num_cpus=0.125),
-        reads=("tracks",), writes=("tracks.occlusion",),
+        "occlusion",
+        OcclusionSegment,
+        StageResources(num_cpus=0.125),
+        reads=("tracks",),
+        writes=("tracks.occlusion",),
     ),
     StageSpec(
-        "audio", AudioFeaturize, StageResources(num_cpus=0.125),
+        "audio",
+        AudioFeaturize,
+        StageResources(num_cpus=0.125),
         reads=("audio", "source_audio"),
         writes=("audio_features", "source_audio_features", "voice_activity", "silence"),
     ),
     StageSpec(
-        "inpaint", Inpaint, StageResources(num_cpus=0.25, num_gpus=-1.0),
-        reads=("tracks", "audio_features", "source_audio_features", "silence"), writes=("tracks.generated",),
-        config_extras={"audio": "audio"}, dubbing_only=True,
+        "inpaint",
+        Inpaint,
+        StageResources(num_cpus=0.25, num_gpus=-1.0),
+        reads=("tracks", "audio_features", "source_audio_features", "silence"),
+        writes=("tracks.generated",),
+        config_extras={"audio": "audio"},
+        dubbing_only=True,
     ),
     StageSpec(
-        "encode", Encode, StageResources(num_cpus=0.25, max_actors=2),
-        reads=("tracks",), writes=("output_path",),
-        plan_extras=("segment_url",), dubbing_only=True,
+        "encode",
+        Encode,
+        StageResources(num_cpus=0.25, max_actors=2),
+        reads=("tracks",),
+        writes=("output_path",),
+        plan_extras=("segment_url",),
+        dubbing_only=True,
     ),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in STAGES)

@@ -13,17 +13,17 @@ from typing import Annotated, Any
 import numpy as np
 
 from models.audio_encoder import (
+    AUDIO_RATE,
     ENCODERS,
+    WHISPER_LAYERS,
     AudioEncoder,
     LogMelEncoder,
     SileroVAD,
     WhisperEncoderFeatures,
-    WHISPER_LAYERS,
     load_audio_encoder,
     whisper_config,
     whisper_feature_dim,
 )
-from models.audio_encoder import AUDIO_RATE
 from stages.base import SegmentStage, StageError
 from stages.schema import Segment
 from stages.settings import Count, NonNegativeFloat, OneOf, Pattern, PositiveFloat, Probability, Settings, TorchDevice
@@ -92,9 +92,7 @@ class AudioFeaturize(SegmentStage):
         return segment
 
 
-def frame_activity(
-    probs: np.ndarray, step: float, times: np.ndarray, settings: AudioConfig
-) -> tuple[np.ndarray, np.ndarray]:
+def frame_activity(probs: np.ndarray, step: float, times: np.ndarray, settings: AudioConfig) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: speech probability (VAD chunks of `step` seconds, interpolated at `times`, seconds
     after the slice start) and whether the frame lies in a long silence."""
     if len(probs) == 0:  # no audio at all: nothing is said
@@ -110,9 +108,7 @@ def window_frames(window_s: float, frame_rate: float) -> int:
     return max(1, int(round(window_s * frame_rate)))
 
 
-def feature_windows(
-    encoder: AudioEncoder, audio: np.ndarray, audio_start: float, pts: np.ndarray, window: int
-) -> np.ndarray:
+def feature_windows(encoder: AudioEncoder, audio: np.ndarray, audio_start: float, pts: np.ndarray, window: int) -> np.ndarray:
     """(T, window, dim): for each PTS, the `window` encoder frames centred on it.
 
     Frame centres are rounded on the absolute timeline (`pts * frame_rate`), so a slice starting
@@ -155,7 +151,7 @@ def long_silence(probs: np.ndarray, step: float, threshold: float, min_s: float,
         if (end - begin) * step >= min_s:
             a = begin if begin == 0 else begin + shrink
             b = end if end == len(probs) else end - shrink
-            out[a:max(a, b)] = True
+            out[a : max(a, b)] = True
     return out
 
 
@@ -193,7 +189,8 @@ def check_model_audio(expected: dict[str, Any], config: AudioConfig) -> None:
     ]
     if wrong:
         raise AudioMismatchError(
-            "the inpainting model was trained on other audio features: " + "; ".join(wrong)
+            "the inpainting model was trained on other audio features: "
+            + "; ".join(wrong)
             + " (set audio.encoder, audio.whisper_path/whisper_layers, audio.n_mels or audio.window_s to match)"
         )
 

@@ -140,9 +140,7 @@ def read_audio(
     return _decode(file, start, stop, rate, downmix, None, time_zero)
 
 
-def decode_dub_slice(
-    segment: Segment, downmix: str = "centre", margin: float = AUDIO_MARGIN_S
-) -> tuple[np.ndarray, float]:
+def decode_dub_slice(segment: Segment, downmix: str = "centre", margin: float = AUDIO_MARGIN_S) -> tuple[np.ndarray, float]:
     """Mono 16 kHz dub audio covering the segment's frames plus `margin` each side; (audio, start).
 
     The film's metadata `dub_offset` (seconds, film time of the dub's time zero) is applied.

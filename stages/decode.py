@@ -7,9 +7,9 @@ from typing import Annotated
 
 import numpy as np
 
+from stages.audio_io import AUDIO_RATE, decode_audio, decode_dub_slice
 from stages.base import SegmentStage, StageError
 from stages.media import BACKENDS, open_member, open_reader, working_size
-from stages.audio_io import AUDIO_RATE, decode_audio, decode_dub_slice
 from stages.schema import Segment, frame_tolerance
 from stages.settings import Count, NonNegativeInt, OneOf, Settings
 
@@ -37,18 +37,14 @@ class Decode(SegmentStage):
             raise StageError("film has no video member")
         size = working_size(segment.width, segment.height, self.settings.max_side)
         segment.working_scale = size[0] / segment.width
-        segment.frames = decode_frames(
-            segment, self.settings.backend, size, self.settings.threads, self.settings.max_bad_frames
-        )
+        segment.frames = decode_frames(segment, self.settings.backend, size, self.settings.threads, self.settings.max_bad_frames)
         segment.audio, segment.audio_start = decode_dub_slice(segment, self.downmix)
         segment.source_audio = decode_source_audio_slice(segment, segment.audio_start, len(segment.audio))
         segment.counts["frames_decoded"] = len(segment.frames)
         return segment
 
 
-def decode_frames(
-    segment: Segment, backend: str, size: tuple[int, int], threads: int = 0, max_bad_frames: int = 0
-) -> np.ndarray:
+def decode_frames(segment: Segment, backend: str, size: tuple[int, int], threads: int = 0, max_bad_frames: int = 0) -> np.ndarray:
     """Frames of pts[context_start:stop], exactly one per planned PTS (missing ones repeat a neighbour)."""
     assert segment.film.video is not None
     wanted = segment.pts

@@ -102,8 +102,13 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
         for i, frame_index in enumerate(track.frame_index):
             if frame_index >= segment.context:
                 pastes.setdefault(int(frame_index) - segment.context, []).append(
-                    (track.generated[i], track.affine[i], track.mask[i], None if occlusion is None else occlusion[i],
-                     track.crops[i])
+                    (
+                        track.generated[i],
+                        track.affine[i],
+                        track.mask[i],
+                        None if occlusion is None else occlusion[i],
+                        track.crops[i],
+                    )
                 )
     time_base = Fraction(*segment.time_base)
     tolerance = frame_tolerance(segment.pts)

@@ -97,9 +97,7 @@ def scaled(affine: np.ndarray, source_scale: float) -> np.ndarray:
 
 
 def warp_crop(image: np.ndarray, affine: np.ndarray, crop_size: int) -> np.ndarray:
-    return cv2.warpAffine(
-        image, affine, (crop_size, crop_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-    )
+    return cv2.warpAffine(image, affine, (crop_size, crop_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def box_crop_affine(box: np.ndarray, crop_size: int, margin: float) -> np.ndarray:

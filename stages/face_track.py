@@ -16,8 +16,8 @@ from typing import Annotated
 
 import numpy as np
 
-from stages.base import SegmentStage
 from models.face_landmarks import CHEEKS, RIGID
+from stages.base import SegmentStage
 from stages.face_align import (
     affine_from_centred,
     apply_affine,
@@ -31,7 +31,7 @@ from stages.face_align import (
 )
 from stages.face_masks import coarse_mask, fine_mask, union_masks
 from stages.face_smooth import runs, shake_percent, smooth
-from stages.face_speaker import has_speech, mouth_opening, speech_energy, opening_energy_correlation
+from stages.face_speaker import has_speech, mouth_opening, opening_energy_correlation, speech_energy
 from stages.face_tracker import FaceTracker, RawTrack, TrackerSettings, shot_ids
 from stages.schema import Segment, Track
 from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
@@ -132,9 +132,7 @@ def smooth_runs(values: np.ndarray, frame_index: np.ndarray, fps: float, cutoff:
     return out
 
 
-def build_track(
-    raw: RawTrack, frames: np.ndarray, working_scale: float, fps: float, s: FaceTrackConfig
-) -> Track:
+def build_track(raw: RawTrack, frames: np.ndarray, working_scale: float, fps: float, s: FaceTrackConfig) -> Track:
     frame_index, working, interpolated = fill_gaps(raw, s.max_gap)
     raw_points = working[..., :2] / working_scale  # full-resolution pixels
     unit = float(np.median(eye_distance(raw_points)))

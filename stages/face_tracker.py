@@ -170,9 +170,7 @@ class FaceTracker:
                     del younger.points[t]
                     younger.misses = self.settings.max_misses + 1
 
-    def _detect(
-        self, frames: np.ndarray, t: int, shots: np.ndarray, active: list[RawTrack], done: list[RawTrack]
-    ) -> None:
+    def _detect(self, frames: np.ndarray, t: int, shots: np.ndarray, active: list[RawTrack], done: list[RawTrack]) -> None:
         settings = self.settings
         frame = frames[t]
         boxes, scores = self.detector(frame)
@@ -207,9 +205,7 @@ class FaceTracker:
             active.append(track)
             self._backfill(track, frames, t, shots, start)
 
-    def _relink(
-        self, done: list[RawTrack], t: int, shot: int, points: np.ndarray, look: np.ndarray
-    ) -> RawTrack | None:
+    def _relink(self, done: list[RawTrack], t: int, shot: int, points: np.ndarray, look: np.ndarray) -> RawTrack | None:
         box = landmark_box(points)
         side = float(max(box[2] - box[0], box[3] - box[1]))
         best, best_similarity = None, self.settings.relink_similarity

@@ -31,14 +31,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class InpaintConfig(Settings, section="inpaint"):
     model: str = "identity"  # built-in (identity, grey), module:Class, or a StableDub checkpoint path/URL
-    device: Annotated[str, Pattern(f"auto|{DEVICE}", "auto, cpu, cuda, cuda:N or mps")] = "auto"  # auto: cuda when the actor has a GPU, else cpu
+    device: Annotated[str, Pattern(f"auto|{DEVICE}", "auto, cpu, cuda, cuda:N or mps")] = (
+        "auto"  # auto: cuda when the actor has a GPU, else cpu
+    )
     dtype: Annotated[str, OneOf(*DTYPES)] = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     steps: Count = 20
     scheduler: Annotated[str, OneOf(*SCHEDULERS)] = "ddim"  # ddim or dpm++
     window: Count = 16  # frames the model sees at once
     overlap: NonNegativeInt = 4  # frames shared by neighbouring windows (blended)
     windows_per_batch: Count = 4  # windows per UNet call: raise on large GPUs to keep them busy
-    silence: Annotated[str, OneOf("keep", "generate")] = "keep"  # keep: the original mouth through long silences; generate: dub them too
+    silence: Annotated[str, OneOf("keep", "generate")] = (
+        "keep"  # keep: the original mouth through long silences; generate: dub them too
+    )
     silence_fade_frames: NonNegativeInt = 4  # frames over which the mouth fades between generated and original
     lip_clip_frames: NonNegativeInt = 16  # frames of the speaker's own lip motion for the lip-habit encoder
     seed: int = 0  # noise seed; combined with segment and track ids so reruns give identical bytes
@@ -176,9 +180,18 @@ class StableDubInpainter:
             lip_audio = segment.source_audio_features[track.frame_index[lip]]
         generator = torch.Generator(device="cpu").manual_seed(track_seed(segment, track, s.seed))
         result = self.pipeline(
-            frames, masks, occlusion, segment.audio_features[track.frame_index], frames[reference],
-            num_inference_steps=s.steps, generator=generator, lip_frames=lip_frames, lip_audio=lip_audio,
-            window=s.window, overlap=s.overlap, windows_per_batch=s.windows_per_batch,
+            frames,
+            masks,
+            occlusion,
+            segment.audio_features[track.frame_index],
+            frames[reference],
+            num_inference_steps=s.steps,
+            generator=generator,
+            lip_frames=lip_frames,
+            lip_audio=lip_audio,
+            window=s.window,
+            overlap=s.overlap,
+            windows_per_batch=s.windows_per_batch,
         ).frames
         if self.size == crop:
             return result

@@ -23,7 +23,9 @@ from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, Prob
 
 @dataclass
 class OcclusionConfig(Settings, section="occlusion"):
-    method: Annotated[str, OneOf("net", "none")] = "net"  # net: the occlusion segmenter; none: no occluders (regenerate the whole mask)
+    method: Annotated[str, OneOf("net", "none")] = (
+        "net"  # net: the occlusion segmenter; none: no occluders (regenerate the whole mask)
+    )
     weights: str = ""  # save_pretrained folder (local path or fsspec URL); empty: the shipped weights
     threshold: Probability = 0.5  # occluder probability above which a pixel keeps its source
     temporal_sigma: NonNegativeFloat = 1.0  # frames: Gaussian smoothing of probabilities along a track
@@ -70,7 +72,9 @@ def occluder_probability(net, crops: np.ndarray, masks: np.ndarray, batch_size: 
 
     size = net.config.input_size
     affine = roi_affine(masks, size)
-    rois = np.stack([cv2.warpAffine(c, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for c in crops])
+    rois = np.stack(
+        [cv2.warpAffine(c, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for c in crops]
+    )
     out = np.empty((len(crops), size, size), np.float32)
     with torch.inference_mode():
         for i in range(0, len(rois), batch_size):

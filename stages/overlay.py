@@ -60,7 +60,9 @@ def draw_track(image: np.ndarray, track: Track, i: int) -> None:
         roi[:] = np.clip(roi * (1 - 0.35 * union) + np.array(colour, np.float32) * 0.35 * union, 0, 255).astype(np.uint8)
         if track.occlusion is not None:
             occluder = _warp_to_frame(track.occlusion[i], affine, (x0, y0, x1, y1)).astype(np.float32)[..., None] / 255.0
-            roi[:] = np.clip(roi * (1 - 0.5 * occluder) + np.array(OCCLUDER, np.float32) * 0.5 * occluder, 0, 255).astype(np.uint8)
+            roi[:] = np.clip(roi * (1 - 0.5 * occluder) + np.array(OCCLUDER, np.float32) * 0.5 * occluder, 0, 255).astype(
+                np.uint8
+            )
         if track.fine_mask is not None:
             fine = _warp_to_frame(track.fine_mask[i], affine, (x0, y0, x1, y1))
             contours, _ = cv2.findContours((fine >= 128).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

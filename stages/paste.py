@@ -73,7 +73,9 @@ def paste_back(
     if len(xs) == 0:
         return frame
     inverse = cv2.invertAffineTransform(affine.astype(np.float64))
-    corners = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]], np.float64)
+    corners = np.array(
+        [[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]], np.float64
+    )
     mapped = corners @ inverse[:, :2].T + inverse[:, 2]
     h, w = frame.shape[:2]
     x0, y0 = np.floor(mapped.min(axis=0)).astype(int) - 1

@@ -161,14 +161,14 @@ class Segment:
         """A film-level (index -1) or shard-level (empty key) row rather than a real segment."""
         return self.index < 0
 
-    def drop_payload(self) -> "Segment":
+    def drop_payload(self) -> Segment:
         """Release everything heavy: after encoding, a row carries only bookkeeping to the driver."""
         self.frames = self.audio = self.source_audio = None
         self.audio_features = self.source_audio_features = self.voice_activity = self.silence = None
         self.tracks = []
         return self
 
-    def fail(self, reason: str, *, stage: str) -> "Segment":
+    def fail(self, reason: str, *, stage: str) -> Segment:
         self.status = Status.FAILED
         self.reason = reason
         self.failed_stage = stage
@@ -216,8 +216,19 @@ def segments_to_batch(segments: list[Segment]) -> dict[str, np.ndarray]:
 def marker(film: FilmRef, status: Status, reason: str = "") -> Segment:
     """A row that stands for a whole film (or, with an empty key, a whole shard)."""
     return Segment(
-        film=film, index=-1, count=0, start=0, stop=0, context_start=0, pts=np.zeros(0), seek_pts=0.0,
-        width=0, height=0, time_base=(1, 1), status=status, reason=reason,
+        film=film,
+        index=-1,
+        count=0,
+        start=0,
+        stop=0,
+        context_start=0,
+        pts=np.zeros(0),
+        seek_pts=0.0,
+        width=0,
+        height=0,
+        time_base=(1, 1),
+        status=status,
+        reason=reason,
     )
 
 

@@ -126,8 +126,9 @@ def allowed_values(cls: type, name: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_settings(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
-                  where: str | None = None) -> T:
+def load_settings(
+    cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (), where: str | None = None
+) -> T:
     """`cls` from its defaults, then the file at `path` (JSON if it ends in .json, else YAML), then
     `key=value` overrides (dotted keys reach into sections; values are read as YAML scalars).
 

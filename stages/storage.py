@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ATTEMPTS = 8
@@ -34,7 +33,10 @@ def transient(error: BaseException) -> bool:
     if isinstance(error, (OSError, ConnectionError, TimeoutError)):
         return True
     name = type(error).__name__
-    return any(word in name for word in ("Timeout", "Connection", "Throttl", "SlowDown", "ServerError", "ClientError", "EndpointConnection"))
+    return any(
+        word in name
+        for word in ("Timeout", "Connection", "Throttl", "SlowDown", "ServerError", "ClientError", "EndpointConnection")
+    )
 
 
 def retrying(action: Callable[[], T], what: str, attempts: int = ATTEMPTS) -> T:
@@ -46,7 +48,9 @@ def retrying(action: Callable[[], T], what: str, attempts: int = ATTEMPTS) -> T:
             if attempt == attempts or not transient(error):
                 raise
             delay = FIRST_BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random())
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(error).__name__, error, attempt, attempts - 1, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1f s", what, type(error).__name__, error, attempt, attempts - 1, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -179,8 +179,14 @@ def _aa(shape: np.ndarray) -> np.ndarray:
 
 
 def _capsule(img: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], width: float, value: int = 255) -> None:
-    cv2.line(img, (int(round(p0[0])), int(round(p0[1]))), (int(round(p1[0])), int(round(p1[1]))), value,
-             max(1, int(round(width))), cv2.LINE_AA)
+    cv2.line(
+        img,
+        (int(round(p0[0])), int(round(p0[1]))),
+        (int(round(p1[0])), int(round(p1[1]))),
+        value,
+        max(1, int(round(width))),
+        cv2.LINE_AA,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,13 +232,25 @@ def draw_hand(rng: np.random.Generator, u: float, styles: OccluderStyles, face_s
     _capsule(shape, (cx, cy + palm_h * 0.3), (cx, h - 1), palm_w * 0.75)  # wrist out of frame
     normals = _relief_normals(shape, finger_w * 0.5)
     skin = _skin(rng, styles, face_skin)
-    colour = _shade(normals, skin[None, None] * _skin_texture(rng, shape.shape, u)[..., None], _light(rng), rng, rng.uniform(0.02, 0.12))
+    colour = _shade(
+        normals, skin[None, None] * _skin_texture(rng, shape.shape, u)[..., None], _light(rng), rng, rng.uniform(0.02, 0.12)
+    )
     creases = np.zeros_like(shape)
     for k in range(count - 1):  # dark gaps where fingers touch
         x = cx + (offsets[k] + offsets[k + 1]) / 2
         cv2.line(creases, (int(x), int(cy - palm_h * 0.3)), (int(x), int(cy - palm_h * 0.3 - palm_h * 0.7)), 255, 1, cv2.LINE_AA)
     for tip in tips:  # nails
-        cv2.ellipse(creases, (int(tip[0]), int(tip[1] + finger_w * 0.35)), (int(finger_w * 0.28), int(finger_w * 0.35)), 0, 0, 360, 96, 1, cv2.LINE_AA)
+        cv2.ellipse(
+            creases,
+            (int(tip[0]), int(tip[1] + finger_w * 0.35)),
+            (int(finger_w * 0.28), int(finger_w * 0.35)),
+            0,
+            0,
+            360,
+            96,
+            1,
+            cv2.LINE_AA,
+        )
     colour *= 1.0 - 0.35 * (creases.astype(np.float32) / 255.0)[..., None]
     return _sprite(colour, _aa(shape), (cx, cy - palm_h * 0.2), "hand")
 
@@ -252,14 +270,36 @@ def draw_finger(rng: np.random.Generator, u: float, styles: OccluderStyles, face
         _capsule(shape, (x, tip_y + finger_w / 2), (x, tip_y + length), finger_w)
         tips.append(x)
     fist_top = tip_y + length - finger_w * 0.3
-    cv2.ellipse(shape, (int(cx + fist_w * 0.1), int(fist_top + fist_h / 2)), (int(fist_w / 2), int(fist_h / 2)), 0, 0, 360, 255, -1, cv2.LINE_AA)
+    cv2.ellipse(
+        shape,
+        (int(cx + fist_w * 0.1), int(fist_top + fist_h / 2)),
+        (int(fist_w / 2), int(fist_h / 2)),
+        0,
+        0,
+        360,
+        255,
+        -1,
+        cv2.LINE_AA,
+    )
     _capsule(shape, (cx, fist_top + fist_h * 0.5), (cx, h - 1), fist_w * 0.7)
     normals = _relief_normals(shape, finger_w * 0.5)
     skin = _skin(rng, styles, face_skin)
-    colour = _shade(normals, skin[None, None] * _skin_texture(rng, shape.shape, u)[..., None], _light(rng), rng, rng.uniform(0.02, 0.12))
+    colour = _shade(
+        normals, skin[None, None] * _skin_texture(rng, shape.shape, u)[..., None], _light(rng), rng, rng.uniform(0.02, 0.12)
+    )
     marks = np.zeros_like(shape)
     for x in tips:
-        cv2.ellipse(marks, (int(x), int(tip_y + finger_w * 0.45)), (int(finger_w * 0.3), int(finger_w * 0.38)), 0, 0, 360, 110, 1, cv2.LINE_AA)
+        cv2.ellipse(
+            marks,
+            (int(x), int(tip_y + finger_w * 0.45)),
+            (int(finger_w * 0.3), int(finger_w * 0.38)),
+            0,
+            0,
+            360,
+            110,
+            1,
+            cv2.LINE_AA,
+        )
     for k in range(3):  # knuckles of the folded fingers
         y = fist_top + fist_h * (0.3 + 0.2 * k)
         cv2.line(marks, (int(cx - fist_w * 0.3), int(y)), (int(cx + fist_w * 0.35), int(y)), 120, 1, cv2.LINE_AA)
@@ -267,7 +307,9 @@ def draw_finger(rng: np.random.Generator, u: float, styles: OccluderStyles, face
     return _sprite(colour, _aa(shape), (tips[0], tip_y + finger_w * 0.6), "finger")
 
 
-def _mic_head_colour(rng: np.random.Generator, styles: OccluderStyles, finish: str, radius: float, light: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _mic_head_colour(
+    rng: np.random.Generator, styles: OccluderStyles, finish: str, radius: float, light: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Colour and alpha of a spherical microphone head of `radius` pixels, centred in its square."""
     size = int(np.ceil(radius * 2 + 6))
     c = size / 2
@@ -295,7 +337,9 @@ def _mic_head_colour(rng: np.random.Generator, styles: OccluderStyles, finish: s
     lon = np.arctan2(x * np.cos(turn) - y * np.sin(turn), z + 1e-3) * radius
     lat = np.arcsin(np.clip(x * np.sin(turn) + y * np.cos(turn), -1, 1)) * radius
     wire = rng.uniform(0.18, 0.35)
-    mesh = ((np.abs((lon / period) % 1.0 - 0.5) > 0.5 - wire) | (np.abs((lat / period) % 1.0 - 0.5) > 0.5 - wire)).astype(np.float32)
+    mesh = ((np.abs((lon / period) % 1.0 - 0.5) > 0.5 - wire) | (np.abs((lat / period) % 1.0 - 0.5) > 0.5 - wire)).astype(
+        np.float32
+    )
     mesh = cv2.GaussianBlur(mesh, (0, 0), 0.6)
     hole = metal * rng.uniform(0.08, 0.25)
     base = mesh[..., None] * metal + (1.0 - mesh[..., None]) * hole
@@ -316,8 +360,14 @@ def draw_microphone(rng: np.random.Generator, u: float, styles: OccluderStyles, 
     height = int(hs / 2 + body_len + 4)
     shape = np.zeros((height, width), np.uint8)
     cx, cy = width / 2, hs / 2 + 2
-    body = np.array([[cx - top_w / 2, cy + radius * 0.6], [cx + top_w / 2, cy + radius * 0.6],
-                     [cx + bottom_w / 2, cy + body_len], [cx - bottom_w / 2, cy + body_len]])
+    body = np.array(
+        [
+            [cx - top_w / 2, cy + radius * 0.6],
+            [cx + top_w / 2, cy + radius * 0.6],
+            [cx + bottom_w / 2, cy + body_len],
+            [cx - bottom_w / 2, cy + body_len],
+        ]
+    )
     cv2.fillPoly(shape, [np.round(body).astype(np.int32)], 255, cv2.LINE_AA)
     normals = _relief_normals(shape, top_w * 0.5)
     body_colour = _colour(rng, ((20, 20, 22), (50, 50, 54), (170, 172, 176)) + styles.object_colours, 0.04)
@@ -345,13 +395,24 @@ def draw_cup(rng: np.random.Generator, u: float, styles: OccluderStyles, face_sk
     shape, w, h = _canvas(top_w * (1.8 if handle else 1.2), height * 1.25)
     cx, top = w / 2 - (top_w * 0.2 if handle else 0), h * 0.08
     rim_h = top_w * rng.uniform(0.08, 0.16)
-    body = np.array([[cx - top_w / 2, top], [cx + top_w / 2, top], [cx + bottom_w / 2, top + height], [cx - bottom_w / 2, top + height]])
+    body = np.array(
+        [[cx - top_w / 2, top], [cx + top_w / 2, top], [cx + bottom_w / 2, top + height], [cx - bottom_w / 2, top + height]]
+    )
     cv2.fillPoly(shape, [np.round(body).astype(np.int32)], 255, cv2.LINE_AA)
     cv2.ellipse(shape, (int(cx), int(top)), (int(top_w / 2), int(rim_h)), 0, 0, 360, 255, -1, cv2.LINE_AA)
     cv2.ellipse(shape, (int(cx), int(top + height)), (int(bottom_w / 2), int(rim_h * 0.8)), 0, 0, 180, 255, -1, cv2.LINE_AA)
     if handle:
-        cv2.ellipse(shape, (int(cx + top_w / 2), int(top + height * 0.45)), (int(top_w * 0.28), int(height * 0.28)), 0, -90, 90, 255,
-                    max(2, int(top_w * 0.1)), cv2.LINE_AA)
+        cv2.ellipse(
+            shape,
+            (int(cx + top_w / 2), int(top + height * 0.45)),
+            (int(top_w * 0.28), int(height * 0.28)),
+            0,
+            -90,
+            90,
+            255,
+            max(2, int(top_w * 0.1)),
+            cv2.LINE_AA,
+        )
     normals = _relief_normals(shape, top_w * 0.45)
     base = _colour(rng, styles.object_colours, 0.05)
     colour_map = np.broadcast_to(base, shape.shape + (3,)).copy()
@@ -385,7 +446,14 @@ def draw_hair(rng: np.random.Generator, u: float, styles: OccluderStyles, face_s
             p1 = np.array([w / 2 + offset * 0.6 + bend + wiggle, span / 2])
             p2 = np.array([w / 2 + offset * rng.uniform(0.8, 1.6) + bend * 0.4, span - 1])
             points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-            cv2.polylines(strands, [np.round(points).astype(np.int32)], False, 255, max(1, int(round(u * rng.uniform(0.03, 0.1)))), cv2.LINE_AA)
+            cv2.polylines(
+                strands,
+                [np.round(points).astype(np.int32)],
+                False,
+                255,
+                max(1, int(round(u * rng.uniform(0.03, 0.1)))),
+                cv2.LINE_AA,
+            )
         a = strands.astype(np.float32) / 255.0 * rng.uniform(0.8, 1.0)
         colour_sum += a[..., None] * np.clip(base * rng.uniform(0.7, 1.35), 0, 1)
         weight += a
@@ -404,7 +472,12 @@ def draw_object(rng: np.random.Generator, u: float, styles: OccluderStyles, face
     x0, y0, x1, y1 = 4, 4, int(4 + thick), int(4 + long)
     cv2.rectangle(shape, (x0 + corner, y0), (x1 - corner, y1), 255, -1)
     cv2.rectangle(shape, (x0, y0 + corner), (x1, y1 - corner), 255, -1)
-    for cx_, cy_ in ((x0 + corner, y0 + corner), (x1 - corner, y0 + corner), (x0 + corner, y1 - corner), (x1 - corner, y1 - corner)):
+    for cx_, cy_ in (
+        (x0 + corner, y0 + corner),
+        (x1 - corner, y0 + corner),
+        (x0 + corner, y1 - corner),
+        (x1 - corner, y1 - corner),
+    ):
         cv2.circle(shape, (cx_, cy_), corner, 255, -1, cv2.LINE_AA)
     normals = _relief_normals(shape, max(2.0, min(thick * 0.5, u * 0.3)))
     colour = _shade(normals, _colour(rng, styles.object_colours, 0.05)[None, None], _light(rng), rng, rng.uniform(0.1, 0.7))
@@ -463,8 +536,12 @@ class Motion:
         s = np.sin(2 * np.pi * t / self.period + self.phase)
         c = np.cos(2 * np.pi * t / self.period * 0.7 + self.phase)
         vx, vy, va, vs = self.velocity
-        return Pose(pose.dx + vx * t + self.sway[0] * s, pose.dy + vy * t + self.sway[0] * c,
-                    pose.angle + va * t + self.sway[1] * s, pose.scale * float(np.exp(vs * t + self.sway[2] * c)))
+        return Pose(
+            pose.dx + vx * t + self.sway[0] * s,
+            pose.dy + vy * t + self.sway[0] * c,
+            pose.angle + va * t + self.sway[1] * s,
+            pose.scale * float(np.exp(vs * t + self.sway[2] * c)),
+        )
 
 
 def random_motion(rng: np.random.Generator) -> Motion:
@@ -507,15 +584,22 @@ def place(sprite: Sprite, pose: Pose, mouth: MouthFrame, size: int, motion_px: t
     target = (mouth.cx + pose.dx * mouth.unit, mouth.cy + pose.dy * mouth.unit)
     matrix = cv2.getRotationMatrix2D((ax, ay), pose.angle, pose.scale)
     matrix[:, 2] += (target[0] - ax, target[1] - ay)
-    layer = cv2.warpAffine(sprite.rgba, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    layer = cv2.warpAffine(
+        sprite.rgba, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
     length = float(np.hypot(*motion_px))
     if length >= 1.5:
         k = int(np.ceil(length)) | 1
         kernel = np.zeros((k, k), np.float32)
         c = k // 2
         direction = np.array(motion_px) / length
-        cv2.line(kernel, (int(round(c - direction[0] * c)), int(round(c - direction[1] * c))),
-                 (int(round(c + direction[0] * c)), int(round(c + direction[1] * c))), 1.0, 1)
+        cv2.line(
+            kernel,
+            (int(round(c - direction[0] * c)), int(round(c - direction[1] * c))),
+            (int(round(c + direction[0] * c)), int(round(c + direction[1] * c))),
+            1.0,
+            1,
+        )
         layer = cv2.filter2D(layer, -1, kernel / kernel.sum())
     return layer
 
@@ -541,7 +625,7 @@ def face_skin_colour(crop: np.ndarray, mouth: MouthFrame) -> np.ndarray:
     size = crop.shape[0]
     y0, y1 = int(np.clip(mouth.cy - 2.2 * mouth.unit, 0, size - 1)), int(np.clip(mouth.cy - 0.8 * mouth.unit, 1, size))
     x0, x1 = int(np.clip(mouth.cx - 2.0 * mouth.unit, 0, size - 1)), int(np.clip(mouth.cx + 2.0 * mouth.unit, 1, size))
-    patch = crop[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].reshape(-1, 3)
+    patch = crop[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].reshape(-1, 3)
     return np.median(patch, axis=0).astype(np.float32) / 255.0
 
 
@@ -594,7 +678,11 @@ def composite_occluders(
             for j, i in enumerate(frames):
                 mouth = mouth_frame(masks[i])
                 now, later = motion.at(pose, j), motion.at(pose, j + 1)
-                blur = ((later.dx - now.dx) * mouth.unit * 0.5, (later.dy - now.dy) * mouth.unit * 0.5) if len(frames) > 1 else (0.0, 0.0)
+                blur = (
+                    ((later.dx - now.dx) * mouth.unit * 0.5, (later.dy - now.dy) * mouth.unit * 0.5)
+                    if len(frames) > 1
+                    else (0.0, 0.0)
+                )
                 layer = place(sprite, now, mouth, size, blur)
                 out[i], alpha = blend(out[i], layer, look, mouth.unit)
                 alpha_total[j] = np.maximum(alpha_total[j], alpha)

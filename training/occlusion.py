@@ -23,13 +23,14 @@ lighting gradient, and gives half the faces wrinkles, stubble, a moustache or an
 before any occluder is pasted; all of these are labelled "no occluder" (earlier nets marked
 shadowed cheeks, an elderly man's cheek and a moustache).
 """
+
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import os
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,18 @@ def track_crops(frames: np.ndarray, crop_size: int = 256) -> tuple[np.ndarray, n
     stage = FaceTrack(FaceTrackConfig(crop_size=crop_size))
     n, h, w = frames.shape[:3]
     segment = Segment(
-        film=FilmRef(key="crops", shard_url="memory://", video=None, dub=None), index=0, count=1, start=0, stop=n,
-        context_start=0, pts=np.arange(n) / 25.0, seek_pts=0.0, width=w, height=h, time_base=(1, 25), frames=frames,
+        film=FilmRef(key="crops", shard_url="memory://", video=None, dub=None),
+        index=0,
+        count=1,
+        start=0,
+        stop=n,
+        context_start=0,
+        pts=np.arange(n) / 25.0,
+        seek_pts=0.0,
+        width=w,
+        height=h,
+        time_base=(1, 25),
+        frames=frames,
     )
     segment = stage.process(segment)
     if not segment.tracks:
@@ -101,8 +112,9 @@ def track_crops(frames: np.ndarray, crop_size: int = 256) -> tuple[np.ndarray, n
     return track.crops, track.mask
 
 
-def clip_crops(name: str, max_frames: int | None = None, step: int = 1, root: Path | None = None,
-               cache: Path | None = CACHE_DIR) -> tuple[np.ndarray, np.ndarray]:
+def clip_crops(
+    name: str, max_frames: int | None = None, step: int = 1, root: Path | None = None, cache: Path | None = CACHE_DIR
+) -> tuple[np.ndarray, np.ndarray]:
     """Face crops (N, 256, 256, 3) and masks of one sample clip, cached (outside the repo) by the
     clip, the frame selection and CROP_CACHE_VERSION (bump it when the face track stage changes its crops)."""
     path = (root or DATA_DIR) / "video" / f"{name}.mp4"
@@ -231,15 +243,25 @@ def roi_views(crops: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Ge
         affine = roi_affine(masks, size)
     else:
         affine = roi_affine(masks, size, shift=rng.uniform(-0.08, 0.08, 2), zoom=rng.uniform(0.85, 1.2))
-    images = np.stack([cv2.warpAffine(c, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for c in crops])
+    images = np.stack(
+        [cv2.warpAffine(c, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for c in crops]
+    )
     views = np.stack([cv2.warpAffine(m, affine, (size, size), flags=cv2.INTER_LINEAR, borderValue=0) for m in masks])
     return images, views
 
 
 def make_batch(
-    pool: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, batch: int, size: int,
-    styles: OccluderStyles = TRAIN_STYLES, sequence: int = 1, train: bool = True,
-    clean_fraction: float = 0.3, shade_fraction: float = 0.0, recolour_fraction: float = 0.0, vary_fraction: float = 0.0,
+    pool: list[tuple[np.ndarray, np.ndarray]],
+    rng: np.random.Generator,
+    batch: int,
+    size: int,
+    styles: OccluderStyles = TRAIN_STYLES,
+    sequence: int = 1,
+    train: bool = True,
+    clean_fraction: float = 0.3,
+    shade_fraction: float = 0.0,
+    recolour_fraction: float = 0.0,
+    vary_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ROI images (B, 3, R, R) in 0..1 and occluder targets (B, 1, R, R) from random crops of the
     pool. Occluders are composited in ROI space: the same compositor, a quarter of the pixels."""
@@ -306,16 +328,30 @@ class TrainingBatches(torch.utils.data.IterableDataset):
         for step in range(worker + 1, a.steps + 1, workers):
             # the first steps at a coarser ROI (cheaper), the last ones at the inference size
             size = a.coarse_size if step <= a.coarse_fraction * a.steps else self.size
-            yield make_batch(self.pool, rng, a.batch, size, sequence=int(rng.choice([1, 4, 8])), clean_fraction=a.clean_fraction,
-                             shade_fraction=a.shade_fraction, recolour_fraction=a.recolour_fraction, vary_fraction=a.vary_fraction)
+            yield make_batch(
+                self.pool,
+                rng,
+                a.batch,
+                size,
+                sequence=int(rng.choice([1, 4, 8])),
+                clean_fraction=a.clean_fraction,
+                shade_fraction=a.shade_fraction,
+                recolour_fraction=a.recolour_fraction,
+                vary_fraction=a.vary_fraction,
+            )
 
 
 def batch_loader(batches: TrainingBatches, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """The loader over a run's batches. Workers are spawned, not forked: a fork after torch or
     OpenCV ran their thread pools can leave them deadlocked (it did, inside the test suite)."""
-    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if workers else None,
-                                       multiprocessing_context="spawn" if workers else None)
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="spawn" if workers else None,
+    )
 
 
 def learning_rate(progress: float, peak: float, warmup: float = 0.1) -> float:
@@ -362,17 +398,39 @@ def train(args: argparse.Namespace) -> dict:
         if step % args.log_every == 0 or step == args.steps:
             net.eval()
             scores = score_heldout(net, val)
-            history.append({"step": step, "loss": float(loss.detach()), "val_iou": scores.iou, "val_false_positive": scores.false_positive,
-                            "seconds": time.perf_counter() - began})
-            log.info("step %d loss %.4f val IoU %.3f FP %.2f%% %s (%.0f s)", step, float(loss.detach()), scores.iou,
-                     100 * scores.false_positive, scores.per_kind, time.perf_counter() - began)
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "val_iou": scores.iou,
+                    "val_false_positive": scores.false_positive,
+                    "seconds": time.perf_counter() - began,
+                }
+            )
+            log.info(
+                "step %d loss %.4f val IoU %.3f FP %.2f%% %s (%.0f s)",
+                step,
+                float(loss.detach()),
+                scores.iou,
+                100 * scores.false_positive,
+                scores.per_kind,
+                time.perf_counter() - began,
+            )
     net = net.cpu().eval()
     calibration, chosen = calibrate_and_fold(net, val, args.max_false_positive)
     net.save_pretrained(args.out)
-    record = {"args": vars(args), "history": history, "train_clips": train_clips(), "val_clips": list(VAL_CLIPS),
-              "calibration": calibration, "threshold_folded_into_head_bias": chosen,
-              "steps_run": steps_run, "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    record = {
+        "args": vars(args),
+        "history": history,
+        "train_clips": train_clips(),
+        "val_clips": list(VAL_CLIPS),
+        "calibration": calibration,
+        "threshold_folded_into_head_bias": chosen,
+        "steps_run": steps_run,
+        "seconds": time.perf_counter() - began,
+        "cpu_seconds": time.process_time() - cpu_began,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
     (Path(args.out) / "training.json").write_text(json.dumps(record, indent=1, default=str))
     return record
 
@@ -384,8 +442,14 @@ def calibrate(net: OcclusionNet, val: list[tuple[np.ndarray, np.ndarray, Composi
     for threshold in np.round(np.arange(0.2, 0.91, 0.05), 2):
         settings = OcclusionConfig(threshold=float(threshold))
         scores = score_heldout(net, val, settings)
-        rows.append({"threshold": settings.threshold, "temporal_sigma": settings.temporal_sigma, "iou": round(scores.iou, 4),
-                     "false_positive": round(scores.false_positive, 4)})
+        rows.append(
+            {
+                "threshold": settings.threshold,
+                "temporal_sigma": settings.temporal_sigma,
+                "iou": round(scores.iou, 4),
+                "false_positive": round(scores.false_positive, 4),
+            }
+        )
         log.info("calibration %s", rows[-1])
     return rows
 
@@ -397,8 +461,9 @@ def choose_threshold(calibration: list[dict], max_false_positive: float) -> floa
     return max(allowed or calibration, key=lambda row: row["iou"])["threshold"]
 
 
-def calibrate_and_fold(net: OcclusionNet, val: list[tuple[np.ndarray, np.ndarray, Composite]],
-                       max_false_positive: float) -> tuple[list[dict], float]:
+def calibrate_and_fold(
+    net: OcclusionNet, val: list[tuple[np.ndarray, np.ndarray, Composite]], max_false_positive: float
+) -> tuple[list[dict], float]:
     """Calibrate the threshold on the validation split and fold it into the head's bias: the
     stage's fixed 0.5 is then the calibrated threshold, and the temporal smoothing sees the
     calibrated probabilities. Folding twice would shift twice, so a folded net records it."""
@@ -419,8 +484,14 @@ def recalibrate(weights: str, max_false_positive: float) -> dict:
     net = load_occlusion_net(str(folder))
     calibration, chosen = calibrate_and_fold(net, validation_sequences(), max_false_positive)
     net.save_pretrained(str(folder))
-    record.update({"calibration_at_training": record.get("calibration"), "calibration": calibration,
-                   "threshold_folded_into_head_bias": chosen, "recalibrated": {"max_false_positive": max_false_positive}})
+    record.update(
+        {
+            "calibration_at_training": record.get("calibration"),
+            "calibration": calibration,
+            "threshold_folded_into_head_bias": chosen,
+            "recalibrated": {"max_false_positive": max_false_positive},
+        }
+    )
     (folder / "training.json").write_text(json.dumps(record, indent=1, default=str))
     return record
 
@@ -438,8 +509,13 @@ class HeldoutScores:
 
 
 def heldout_sequences(
-    clips: tuple[str, ...] = EVAL_CLIPS, seed: int = EVAL_SEED, styles: OccluderStyles = HELDOUT_STYLES,
-    per_clip: int = 6, length: int = 12, clean: int = 2, max_frames: int | None = 96,
+    clips: tuple[str, ...] = EVAL_CLIPS,
+    seed: int = EVAL_SEED,
+    styles: OccluderStyles = HELDOUT_STYLES,
+    per_clip: int = 6,
+    length: int = 12,
+    clean: int = 2,
+    max_frames: int | None = 96,
 ) -> list[tuple[np.ndarray, np.ndarray, Composite]]:
     """Short moving-occluder sequences (and `clean` clean ones) per held-out clip: (crops, masks, composite)."""
     rng = np.random.default_rng(seed)
@@ -448,7 +524,9 @@ def heldout_sequences(
         for k in range(per_clip + clean):
             start = int(rng.integers(0, len(crops) - length + 1))
             part = slice(start, start + length)
-            comp = composite_occluders(crops[part], masks[part], rng, styles, sequence=True, clean_fraction=1.0 if k >= per_clip else 0.0)
+            comp = composite_occluders(
+                crops[part], masks[part], rng, styles, sequence=True, clean_fraction=1.0 if k >= per_clip else 0.0
+            )
             out.append((crops[part], masks[part], comp))
     return out
 
@@ -458,8 +536,9 @@ def validation_sequences() -> list[tuple[np.ndarray, np.ndarray, Composite]]:
     return heldout_sequences(VAL_CLIPS, VAL_SEED, TRAIN_STYLES, per_clip=8, clean=4, max_frames=None)
 
 
-def score_heldout(net: OcclusionNet, sequences: list[tuple[np.ndarray, np.ndarray, Composite]],
-                  settings: OcclusionConfig | None = None) -> HeldoutScores:
+def score_heldout(
+    net: OcclusionNet, sequences: list[tuple[np.ndarray, np.ndarray, Composite]], settings: OcclusionConfig | None = None
+) -> HeldoutScores:
     """Run the stage's own path (ROI, net, smoothing along the track, final mask) on each sequence."""
     settings = settings or OcclusionConfig()
     inter = union = inter_final = union_final = fp = fp_area = 0
@@ -487,8 +566,10 @@ def score_heldout(net: OcclusionNet, sequences: list[tuple[np.ndarray, np.ndarra
             counts[0] += i
             counts[1] += u
     return HeldoutScores(
-        iou=inter / max(union, 1), mean_iou=float(np.mean(per_frame)) if per_frame else 0.0,
-        iou_final=inter_final / max(union_final, 1), false_positive=fp / max(fp_area, 1),
+        iou=inter / max(union, 1),
+        mean_iou=float(np.mean(per_frame)) if per_frame else 0.0,
+        iou_final=inter_final / max(union_final, 1),
+        false_positive=fp / max(fp_area, 1),
         frames=sum(len(m) for _, m, _ in sequences),
         per_kind={k: round(i / max(u, 1), 3) for k, (i, u) in sorted(kind_counts.items())},
     )
@@ -505,22 +586,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coarse-size", type=int, default=96, help="ROI side of the first, cheaper steps")
     parser.add_argument("--coarse-fraction", type=float, default=0.6)
     parser.add_argument("--clean-fraction", type=float, default=0.3, help="training crops left without occluder")
-    parser.add_argument("--shade-fraction", type=float, default=0.25, help="training crops given a shadow or light gradient (label 0)")
+    parser.add_argument(
+        "--shade-fraction", type=float, default=0.25, help="training crops given a shadow or light gradient (label 0)"
+    )
     parser.add_argument("--recolour-fraction", type=float, default=0.5, help="occluders given a random hue")
-    parser.add_argument("--vary-fraction", type=float, default=0.5,
-                        help="groups of crops whose face gets wrinkles, stubble or another tone before compositing (label 0)")
-    parser.add_argument("--max-false-positive", type=float, default=0.01,
-                        help="validation false-positive area allowed when calibrating the threshold (goal: 0.02)")
+    parser.add_argument(
+        "--vary-fraction",
+        type=float,
+        default=0.5,
+        help="groups of crops whose face gets wrinkles, stubble or another tone before compositing (label 0)",
+    )
+    parser.add_argument(
+        "--max-false-positive",
+        type=float,
+        default=0.01,
+        help="validation false-positive area allowed when calibrating the threshold (goal: 0.02)",
+    )
     parser.add_argument("--widths", type=int, nargs=4, default=(24, 48, 96, 128))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes compositing batches (0: in the training process)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="DataLoader processes compositing batches (0: in the training process)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--max-seconds", type=float, default=0.0,
-                        help="time budget of the training loop; the schedule ends with it (0: none, run all steps)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="time budget of the training loop; the schedule ends with it (0: none, run all steps)",
+    )
     parser.add_argument("--log-every", type=int, default=500)
-    parser.add_argument("--init", default="", help="start from these trained weights (uncalibrated: threshold 0.5) instead of random")
-    parser.add_argument("--recalibrate", metavar="WEIGHTS", default="",
-                        help="do not train: calibrate the threshold of these trained weights again and fold it in")
+    parser.add_argument(
+        "--init", default="", help="start from these trained weights (uncalibrated: threshold 0.5) instead of random"
+    )
+    parser.add_argument(
+        "--recalibrate",
+        metavar="WEIGHTS",
+        default="",
+        help="do not train: calibrate the threshold of these trained weights again and fold it in",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.recalibrate:

@@ -54,7 +54,9 @@ class FilterConfig(Settings, section="filter"):
     # Peak correlation minus the median over lags; below it the offset is unknown. On 2 s segments
     # of the real sample clips (all in sync) 0.15 still dropped 6 of 28 tracks: be conservative.
     min_confidence: Annotated[float, Range(-2, 2)] = 0.3  # a difference of correlations
-    min_correlation: Annotated[float, Range(-1, 1)] = -1.0  # poor audio-mouth correlation: peak correlation below this drops (off by default)
+    min_correlation: Annotated[
+        float, Range(-1, 1)
+    ] = -1.0  # poor audio-mouth correlation: peak correlation below this drops (off by default)
 
 
 @dataclass
@@ -103,7 +105,9 @@ def estimate_av_offset(opening: np.ndarray, envelope: np.ndarray, max_lag: int) 
         scores.append(float(np.corrcoef(x, y)[0, 1]))
     scores_arr = np.array(scores)
     best = int(np.argmax(scores_arr))
-    return AVOffset(lag=best - max_lag, correlation=float(scores_arr[best]), confidence=float(scores_arr[best] - np.median(scores_arr)))
+    return AVOffset(
+        lag=best - max_lag, correlation=float(scores_arr[best]), confidence=float(scores_arr[best] - np.median(scores_arr))
+    )
 
 
 def audio_envelope(features: np.ndarray) -> np.ndarray:
@@ -157,7 +161,11 @@ def track_sample(
     assert track.landmarks is not None
     opening = mouth_opening(track.landmarks[keep])
     offset = estimate_av_offset(opening, audio_envelope(audio), filters.max_lag)
-    meta["av_offset"] = {"lag_frames": offset.lag, "correlation": round(offset.correlation, 4), "confidence": round(offset.confidence, 4)}
+    meta["av_offset"] = {
+        "lag_frames": offset.lag,
+        "correlation": round(offset.correlation, 4),
+        "confidence": round(offset.confidence, 4),
+    }
     if offset.correlation < filters.min_correlation:
         return None, "poor audio-mouth correlation", meta
     # A peak on the edge of the search range is no estimate: the true lag may lie anywhere beyond it.
@@ -222,8 +230,14 @@ class PreprocessDriver(Ledger):
     def _sample(self, segment: Segment, track: Track) -> dict[str, Any]:
         """Write one track's sample (or count its rejection); the record of what became of it."""
         sample, reason, meta = track_sample(segment, track, self.options.filters, self.options.audio_signature)
-        record = {"segment": segment.index, "track": track.track_id, "status": "kept" if sample else "rejected", "reason": reason,
-                  "key": sample.key if sample else "", **{k: meta.get(k) for k in ("frames", "av_offset", "speech_fraction", "face_px")}}
+        record = {
+            "segment": segment.index,
+            "track": track.track_id,
+            "status": "kept" if sample else "rejected",
+            "reason": reason,
+            "key": sample.key if sample else "",
+            **{k: meta.get(k) for k in ("frames", "av_offset", "speech_fraction", "face_px")},
+        }
         if sample is None:
             self._reject(reason)
             return record
@@ -293,5 +307,3 @@ def preprocess(options: PreprocessOptions) -> PreprocessSummary:
     write_json(run_dir.path("summary.json"), {**asdict(summary), "line": summary.line()})
     print(summary.line())
     return summary
-
-

@@ -121,4 +121,3 @@ def shard_urls(data: str) -> list[str]:
     found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
     protocol = data.split("://", 1)[0] + "://" if "://" in data else ""
     return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]
-

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from models.conditioning import regenerate_region, to_latent_resolution
 from models.devices import resolve_device, resolve_dtype
+from models.images import resize_square
 from models.lip_habit import LipHabitEncoder
 from models.losses import LossWeights, TrainingBatch, training_losses
-from models.images import resize_square
 from models.pipeline_stabledub import StableDubPipeline, make_scheduler
 from models.unet import PRESET_DIR, StableDubUNet
 from models.vae import VAE_PRESETS, build_vae, encode, load_vae, to_pixels
@@ -47,7 +47,9 @@ from training.shards import decode_arrays, read_shard, shard_urls
 log = logging.getLogger("stabledub.train")
 
 ARRAYS = ("crops", "mask", "coarse_mask", "occlusion", "audio")
-UNET_PRESETS = tuple(sorted(f[len("unet_"):-len(".json")] for f in os.listdir(PRESET_DIR) if f.startswith("unet_") and f.endswith(".json")))
+UNET_PRESETS = tuple(
+    sorted(f[len("unet_") : -len(".json")] for f in os.listdir(PRESET_DIR) if f.startswith("unet_") and f.endswith(".json"))
+)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what models.losses.prediction_target knows
 
 
@@ -146,8 +148,9 @@ def shards_audio_signature(urls: list[str]) -> dict[str, Any]:
         raise TrainingDataError("no training samples: are the shards empty?")
     if len(first_shard) > 1:
         found = "; ".join(f"{url}: {signature}" for signature, url in first_shard.items())
-        raise TrainingDataError(f"training shards were made with different audio features ({found}); "
-                                "preprocess them all with one audio config")
+        raise TrainingDataError(
+            f"training shards were made with different audio features ({found}); preprocess them all with one audio config"
+        )
     return json.loads(next(iter(first_shard)))
 
 
@@ -180,9 +183,14 @@ def make_window(sample: dict[str, np.ndarray], config: TrainConfig, rng: np.rand
         composite = composite_occluders(crops, mask, rng, sequence=True)
         crops, occlusion = composite.crops, np.maximum(occlusion, composite.occlusion)
     return Window(
-        crops=crops, mask=mask, coarse=resize_square(sample["coarse_mask"][span], size), occlusion=occlusion,
-        audio=sample["audio"][span].astype(np.float32), reference=resize_square(sample["crops"][[reference]], size),
-        lip_crops=resize_square(sample["crops"][lip], size), lip_audio=sample["audio"][lip].astype(np.float32),
+        crops=crops,
+        mask=mask,
+        coarse=resize_square(sample["coarse_mask"][span], size),
+        occlusion=occlusion,
+        audio=sample["audio"][span].astype(np.float32),
+        reference=resize_square(sample["crops"][[reference]], size),
+        lip_crops=resize_square(sample["crops"][lip], size),
+        lip_audio=sample["audio"][lip].astype(np.float32),
     )
 
 
@@ -193,7 +201,9 @@ def unit(planes: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def to_batch(windows: list[Window], vae, lip_habit: LipHabitEncoder, device: torch.device) -> TrainingBatch:
     """Windows -> latent-space TrainingBatch (the masked frame keeps occluders, as at inference)."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "masked", "mask", "ref", "occ", "coarse", "audio", "mouths", "lip_audio")}
+    parts: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("latents", "masked", "mask", "ref", "occ", "coarse", "audio", "mouths", "lip_audio")
+    }
     for w in windows:
         pixels = to_pixels(w.crops, device, vae.dtype)
         region = regenerate_region(unit(w.mask).to(device), unit(w.occlusion).to(device))
@@ -208,8 +218,15 @@ def to_batch(windows: list[Window], vae, lip_habit: LipHabitEncoder, device: tor
         parts["lip_audio"].append(torch.from_numpy(w.lip_audio).to(device))
     s = {k: torch.stack(v).float() for k, v in parts.items()}
     return TrainingBatch(
-        latents=s["latents"], masked_latent=s["masked"], mask=s["mask"], reference_latent=s["ref"], occlusion=s["occ"],
-        coarse_mask=s["coarse"], audio_features=s["audio"], lip_mouths=s["mouths"], lip_audio=s["lip_audio"],
+        latents=s["latents"],
+        masked_latent=s["masked"],
+        mask=s["mask"],
+        reference_latent=s["ref"],
+        occlusion=s["occ"],
+        coarse_mask=s["coarse"],
+        audio_features=s["audio"],
+        lip_mouths=s["mouths"],
+        lip_audio=s["lip_audio"],
     )
 
 
@@ -257,12 +274,22 @@ def build_models(config: TrainConfig, audio: dict[str, Any]):
     `audio_dim`: the UNet records them, so the inpaint stage can check a run's features against them)."""
     torch.manual_seed(config.seed)
     latent = config.resolution // 8
-    unet = StableDubUNet.from_preset(config.unet_preset, sample_size=latent, num_frames=config.frames,
-                                     **{**config.unet_overrides, **audio})
+    unet = StableDubUNet.from_preset(
+        config.unet_preset, sample_size=latent, num_frames=config.frames, **{**config.unet_overrides, **audio}
+    )
     audio_window, audio_dim = audio["audio_window"], audio["audio_dim"]
-    lip = LipHabitEncoder(audio_window=audio_window, audio_dim=audio_dim, audio_channels=unet.config.audio_channels,
-                          hidden_dim=config.lip_hidden, embed_dim=config.lip_embed)
-    vae = load_vae(config.vae) if config.vae else build_vae(config.vae_preset, sample_size=config.resolution, **config.vae_overrides)
+    lip = LipHabitEncoder(
+        audio_window=audio_window,
+        audio_dim=audio_dim,
+        audio_channels=unet.config.audio_channels,
+        hidden_dim=config.lip_hidden,
+        embed_dim=config.lip_embed,
+    )
+    vae = (
+        load_vae(config.vae)
+        if config.vae
+        else build_vae(config.vae_preset, sample_size=config.resolution, **config.vae_overrides)
+    )
     return unet, lip, vae
 
 
@@ -311,16 +338,28 @@ def checkpoint_dirs(output: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def save_checkpoint(output: str, step: int, modules: dict[str, torch.nn.Module], optimiser, source: WindowSource,
-                    history: list[dict[str, Any]], keep: int) -> str:
+def save_checkpoint(
+    output: str,
+    step: int,
+    modules: dict[str, torch.nn.Module],
+    optimiser,
+    source: WindowSource,
+    history: list[dict[str, Any]],
+    keep: int,
+) -> str:
     """Atomic: written to a temporary folder, then renamed; older ones beyond `keep` are removed."""
     root = os.path.join(output, "checkpoints")
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f".tmp-step-{step:08d}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    state = {"step": step, "modules": {k: m.state_dict() for k, m in modules.items()}, "optimiser": optimiser.state_dict(),
-             "data": source.state(), "history": history}
+    state = {
+        "step": step,
+        "modules": {k: m.state_dict() for k, m in modules.items()},
+        "optimiser": optimiser.state_dict(),
+        "data": source.state(),
+        "history": history,
+    }
     torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -339,8 +378,15 @@ def validation_loss(unet, lip, scheduler, vae, windows: list[Window], config: Tr
             batch = to_batch([w], vae, lip, device)
             g = torch.Generator(device).manual_seed(10_000 + i)
             timesteps = torch.tensor([100 + (800 * i) // max(1, len(windows) - 1)], device=device)
-            losses = training_losses(unet, lip, scheduler, batch, LossWeights(config.lcf_weight, config.temporal_weight),
-                                     generator=g, timesteps=timesteps)
+            losses = training_losses(
+                unet,
+                lip,
+                scheduler,
+                batch,
+                LossWeights(config.lcf_weight, config.temporal_weight),
+                generator=g,
+                timesteps=timesteps,
+            )
             totals.append(float(losses["total"]))
     unet.train()
     lip.train()
@@ -400,12 +446,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         train_unet, train_lip = ray.train.torch.prepare_model(unet), ray.train.torch.prepare_model(lip)
 
     # No held-out data at all (val_percent 0): the validation windows come from the training samples.
-    val_keep = (lambda key: True) if config.val_data or not config.val_percent else (lambda key: held_out(key, config.val_percent))
+    val_keep = (
+        (lambda key: True) if config.val_data or not config.val_percent else (lambda key: held_out(key, config.val_percent))
+    )
     val_source = WindowSource(val_urls or urls, config, val_keep)
-    val_windows = [make_window(val_source.next_sample(), config, np.random.default_rng([config.seed, 2_000_000 + i]))
-                   for i in range(config.val_windows)]
+    val_windows = [
+        make_window(val_source.next_sample(), config, np.random.default_rng([config.seed, 2_000_000 + i]))
+        for i in range(config.val_windows)
+    ]
     weights = LossWeights(config.lcf_weight, config.temporal_weight)
-    autocast = torch.autocast("cuda", dtype=resolve_dtype("auto", device)) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=resolve_dtype("auto", device))
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     began = time.perf_counter()
     for step in range(start, config.steps):
         if stop_after is not None and step >= stop_after:
@@ -415,14 +469,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         batch = to_batch(windows, vae, lip, device)
         g = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
         with autocast:
-            losses = training_losses(train_unet, train_lip, scheduler, batch, weights, generator=g,
-                                     audio_dropout=config.audio_dropout, habit_dropout=config.habit_dropout)
+            losses = training_losses(
+                train_unet,
+                train_lip,
+                scheduler,
+                batch,
+                weights,
+                generator=g,
+                audio_dropout=config.audio_dropout,
+                habit_dropout=config.habit_dropout,
+            )
         optimiser.zero_grad()
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
-        row: dict[str, Any] = {"phase": "unet", "step": step + 1, **{k: float(v.detach()) for k, v in losses.items()},
-                               "seconds": round(time.perf_counter() - began, 2)}
+        row: dict[str, Any] = {
+            "phase": "unet",
+            "step": step + 1,
+            **{k: float(v.detach()) for k, v in losses.items()},
+            "seconds": round(time.perf_counter() - began, 2),
+        }
         done = step + 1
         if done % config.val_every == 0 or done == config.steps:
             row["val_total"] = validation_loss(unet, lip, scheduler, vae, val_windows, config, device)
@@ -451,7 +517,9 @@ def _report(row: dict[str, Any], checkpoint_dir: str | None) -> None:
 
 def finish(output: str, config: TrainConfig, unet, lip, vae, history: list[dict[str, Any]], urls: list[str]) -> None:
     """Save the pipeline (diffusers folder), training.json, the loss CSV and its PNG plot."""
-    pipeline = StableDubPipeline(vae=vae.cpu(), unet=unet.cpu(), lip_habit=lip.cpu(), scheduler=make_scheduler("ddim", config.prediction_type))
+    pipeline = StableDubPipeline(
+        vae=vae.cpu(), unet=unet.cpu(), lip_habit=lip.cpu(), scheduler=make_scheduler("ddim", config.prediction_type)
+    )
     pipeline.save_pretrained(output)
     with open(os.path.join(output, "training.json"), "w") as f:
         json.dump({"config": asdict(config), "data": urls, "steps": config.steps}, f, indent=2)
@@ -479,7 +547,7 @@ def write_loss_log(history: list[dict[str, Any]], csv_path: str, png_path: str) 
         total = np.array([h["total"] for h in unet_rows])
         smooth = np.convolve(total, np.ones(20) / 20, mode="valid") if len(total) >= 20 else total
         axes[1].plot(steps, total, alpha=0.3, label="train")
-        axes[1].plot(steps[len(steps) - len(smooth):], smooth, label="train (mean of 20)")
+        axes[1].plot(steps[len(steps) - len(smooth) :], smooth, label="train (mean of 20)")
         val = [(h["step"], h["val_total"]) for h in unet_rows if "val_total" in h]
         if val:
             axes[1].plot(*zip(*val), "o-", label="validation")
@@ -498,8 +566,14 @@ def train(data: str, output: str, config: TrainConfig, use_ray: bool = True, sto
     val_urls = shard_urls(config.val_data) if config.val_data else []
     signature = shards_audio_signature(urls + val_urls)
     os.makedirs(output, exist_ok=True)
-    loop_config = {"config": asdict(config), "output": os.path.abspath(output), "train_urls": urls,
-                   "val_urls": val_urls, "stop_after": stop_after, "audio_signature": signature}
+    loop_config = {
+        "config": asdict(config),
+        "output": os.path.abspath(output),
+        "train_urls": urls,
+        "val_urls": val_urls,
+        "stop_after": stop_after,
+        "audio_signature": signature,
+    }
     if not use_ray:
         train_loop(loop_config)
         return output
@@ -512,8 +586,9 @@ def train(data: str, output: str, config: TrainConfig, use_ray: bool = True, sto
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=None if config.use_gpu else {"CPU": 1}),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=None if config.use_gpu else {"CPU": 1}
+        ),
         run_config=RunConfig(name="stabledub-train", storage_path=os.path.join(os.path.abspath(output), "ray")),
     )
     result = trainer.fit()

@@ -87,7 +87,9 @@ def disagreements(spec: dict[str, Any], config: PipelineConfig) -> list[str]:
     # The GPU stage: explicit GPUs (auto sees none while the group is at zero), one pool filling
     # every GPU the group can reach, and the GPU pods' Ray CPUs reserved for exactly those actors.
     if inpaint.num_gpus <= 0:
-        problems.append(f"{GPU_STAGE}.num_gpus must be > 0 on a cluster (auto -1 sees no GPU while the GPU group is at zero pods)")
+        problems.append(
+            f"{GPU_STAGE}.num_gpus must be > 0 on a cluster (auto -1 sees no GPU while the GPU group is at zero pods)"
+        )
         return problems
     per_pod = gpu.gpus / inpaint.num_gpus
     if per_pod < 1 or not per_pod.is_integer():
@@ -95,11 +97,17 @@ def disagreements(spec: dict[str, Any], config: PipelineConfig) -> list[str]:
         return problems
     reachable = int(per_pod) * gpu.max_replicas
     if inpaint.max_actors != reachable:
-        problems.append(f"{GPU_STAGE}.max_actors {inpaint.max_actors} != GPU actors the group can hold ({reachable} = maxReplicas {gpu.max_replicas} x {int(per_pod)})")
+        problems.append(
+            f"{GPU_STAGE}.max_actors {inpaint.max_actors} != GPU actors the group can hold "
+            f"({reachable} = maxReplicas {gpu.max_replicas} x {int(per_pod)})"
+        )
     if not 1 <= inpaint.min_actors <= inpaint.max_actors:
         problems.append(f"{GPU_STAGE}: need 1 <= min_actors <= max_actors")
     if gpu.cpus != inpaint.num_cpus * per_pod:
-        problems.append(f"GPU group Ray CPUs {gpu.cpus} != {GPU_STAGE} actors' CPUs per pod ({inpaint.num_cpus * per_pod}): other stages would land on GPU pods")
+        problems.append(
+            f"GPU group Ray CPUs {gpu.cpus} != {GPU_STAGE} actors' CPUs per pod ({inpaint.num_cpus * per_pod}): "
+            "other stages would land on GPU pods"
+        )
     if inpaint.memory_gb * 2**30 * per_pod > gpu.memory - gpu.object_store:
         problems.append(f"{GPU_STAGE}.memory_gb x actors per pod exceeds the GPU pod's memory less its object store")
 

@@ -80,8 +80,12 @@ def main() -> int:
     done.set()
     poller.join()
     result = {
-        "films_ok": summary.films_ok, "films_failed": summary.films_failed, "frames": summary.frames,
-        "run_end": round(run_end, 1), "gpu_nodes_gone_at": gone_at, "timeline": timeline,
+        "films_ok": summary.films_ok,
+        "films_failed": summary.films_failed,
+        "frames": summary.frames,
+        "run_end": round(run_end, 1),
+        "gpu_nodes_gone_at": gone_at,
+        "timeline": timeline,
     }
     print("AUTOSCALE_RESULT " + json.dumps(result))
     return 0

@@ -66,17 +66,30 @@ class FakeAutoscalingCluster:
             "max_workers": sum(spec.get("max_workers", 0) for spec in self.worker_node_types.values()),
             # gcs_address: fake nodes otherwise join the default port 6379, maybe someone else's cluster.
             "provider": {
-                "type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{port}",
+                "type": "fake_multinode",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+                "gcs_address": f"127.0.0.1:{port}",
                 **({"launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID} if self.autoscaler_v2 else {}),
             },
             "available_node_types": nodes,
             "head_node_type": "ray.head.default",
-            "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": self.idle_timeout_s / 60.0, "docker": {},
-            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-            "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-            "rsync_exclude": [], "rsync_filter": [],
+            "auth": {},
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": self.idle_timeout_s / 60.0,
+            "docker": {},
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
         }
 
     def process_env(self) -> dict[str, str]:
@@ -95,19 +108,29 @@ class FakeAutoscalingCluster:
         config_path.write_text(json.dumps(self.config(port)))
         ray_bin = str(Path(sys.executable).with_name("ray"))
         cmd = [
-            ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-            f"--temp-dir={self.temp_dir}", f"--autoscaling-config={config_path}", "--include-dashboard=false",
-            f"--num-cpus={self.head_resources.get('CPU', 0)}", f"--num-gpus={self.head_resources.get('GPU', 0)}",
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            f"--autoscaling-config={config_path}",
+            "--include-dashboard=false",
+            f"--num-cpus={self.head_resources.get('CPU', 0)}",
+            f"--num-gpus={self.head_resources.get('GPU', 0)}",
             "--disable-usage-stats",
         ]
         env = self.process_env()
         env.pop("RAY_ADDRESS")
         env.update({"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"})
         if self.autoscaler_v2:
-            env.update({
-                "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
-                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
-            })
+            env.update(
+                {
+                    "RAY_enable_autoscaler_v2": "1",
+                    "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+                    "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+                }
+            )
         # A new session: every process the cluster starts (raylets, workers, fake nodes) inherits
         # its id, so shutdown can end exactly those, by pid.
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -47,15 +47,27 @@ def gpu_cluster() -> Iterator[FakeAutoscalingCluster]:
 
 @pytest.mark.slow
 def test_inpaint_demand_adds_gpu_workers_past_one_and_idle_ones_are_removed(tmp_path: Path, gpu_cluster: FakeAutoscalingCluster):
-    shard = pack([PackItem(str(shared_clip("vfhq_1vYEVO9838Y")), str(shared_dub("es")), "film")], str(tmp_path / "in-{0000..0000}.tar"))[0]
+    shard = pack(
+        [PackItem(str(shared_clip("vfhq_1vYEVO9838Y")), str(shared_dub("es")), "film")], str(tmp_path / "in-{0000..0000}.tar")
+    )[0]
     overrides = [
         "occlusion.method=none",
         # Short segments: enough of them (11) for a queue to form before the GPU stage.
-        "segment.target_seconds=0.5", "segment.max_seconds=1.0",
-        "resources.inpaint.num_gpus=1", "resources.inpaint.num_cpus=1",
-        "resources.inpaint.min_actors=1", f"resources.inpaint.max_actors={MAX_GPU_WORKERS}",
+        "segment.target_seconds=0.5",
+        "segment.max_seconds=1.0",
+        "resources.inpaint.num_gpus=1",
+        "resources.inpaint.num_cpus=1",
+        "resources.inpaint.min_actors=1",
+        f"resources.inpaint.max_actors={MAX_GPU_WORKERS}",
     ]
-    cmd = [sys.executable, str(REPO / "tests" / "cluster" / "autoscale_driver.py"), shard, str(tmp_path / "out"), "--seconds-per-segment", "4"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "cluster" / "autoscale_driver.py"),
+        shard,
+        str(tmp_path / "out"),
+        "--seconds-per-segment",
+        "4",
+    ]
     for item in overrides:
         cmd += ["--set", item]
     env = {**gpu_cluster.process_env(), "PYTHONPATH": str(REPO)}
@@ -65,7 +77,13 @@ def test_inpaint_demand_adds_gpu_workers_past_one_and_idle_ones_are_removed(tmp_
     result = json.loads(lines[-1].split(" ", 1)[1])
     timeline = result["timeline"]
     scaling = [line for line in gpu_cluster.ray_data_log().splitlines() if "Scal" in line and "Inpaint" in line]
-    report = json.dumps({k: v for k, v in result.items() if k != "timeline"}) + "\n" + "\n".join(map(str, timeline)) + "\n" + "\n".join(scaling)
+    report = (
+        json.dumps({k: v for k, v in result.items() if k != "timeline"})
+        + "\n"
+        + "\n".join(map(str, timeline))
+        + "\n"
+        + "\n".join(scaling)
+    )
 
     assert result["films_ok"] == 1 and result["films_failed"] == 0, report
     assert timeline[0]["gpu_nodes"] == 0, "the cluster must start without GPU workers\n" + report

@@ -105,7 +105,10 @@ def test_manifests_agree_with_the_pipeline_config(name: str):
         (lambda spec, res: spec["workerGroupSpecs"][1]["rayStartParams"].pop("num-cpus"), "other stages would land on GPU pods"),
         (lambda spec, res: setattr(res["inpaint"], "num_gpus", -1.0), "auto -1"),
         (lambda spec, res: setattr(res["face_track"], "max_actors", 40), "maximum pools"),
-        (lambda spec, res: spec["headGroupSpec"]["template"]["spec"]["volumes"][1]["emptyDir"].update(sizeLimit="1Gi"), "/dev/shm"),
+        (
+            lambda spec, res: spec["headGroupSpec"]["template"]["spec"]["volumes"][1]["emptyDir"].update(sizeLimit="1Gi"),
+            "/dev/shm",
+        ),
     ],
 )
 def test_drift_between_manifests_and_config_is_caught(change, expected: str):
@@ -128,7 +131,9 @@ def test_entrypoint_is_a_valid_run_command_wired_to_config_and_metrics(name: str
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["stabledub", "run"]
     args = build_parser().parse_args(argv[1:])
-    assert args.input.startswith(("s3://", "gs://")) and args.output.startswith(("s3://", "gs://")), "input/output on object storage"
+    assert args.input.startswith(("s3://", "gs://")) and args.output.startswith(("s3://", "gs://")), (
+        "input/output on object storage"
+    )
     assert args.workdir and args.workdir.startswith(("s3://", "gs://")), "the run directory must be on object storage"
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     container = head["containers"][0]
@@ -143,7 +148,9 @@ def test_entrypoint_is_a_valid_run_command_wired_to_config_and_metrics(name: str
             assert endpoint["port"] in ports, endpoint["port"]
     scrape = yaml.safe_load((CLUSTER / "monitoring" / "prometheus-scrape.yaml").read_text())
     for job_config in scrape["scrape_configs"]:
-        port_rule = next(r for r in job_config["relabel_configs"] if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"])
+        port_rule = next(
+            r for r in job_config["relabel_configs"] if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"]
+        )
         assert port_rule["regex"] in ports
 
 

@@ -26,7 +26,9 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 def crd_schema(kind: str) -> dict[str, Any]:
     path = CRD_DIR / CRD_FILES[kind]
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing: the KubeRay CRDs are read from ../shared/kuberay-crds (set STABLEDUB_KUBERAY_CRDS)")
+        raise FileNotFoundError(
+            f"{path} missing: the KubeRay CRDs are read from ../shared/kuberay-crds (set STABLEDUB_KUBERAY_CRDS)"
+        )
     crd = yaml.safe_load(path.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
@@ -99,12 +101,16 @@ def operator_rules(doc: dict[str, Any]) -> None:
         assert "labels" not in params, f"{group_name}: rayStartParams labels are not supported; use the group's labels"
         assert all(isinstance(v, str) for v in params.values()), f"{group_name}: rayStartParams values must be strings"
         if v2:
-            assert group["template"]["spec"].get("restartPolicy", "Never") == "Never", f"{group_name}: autoscaler v2 needs restartPolicy Never or unset"
+            assert group["template"]["spec"].get("restartPolicy", "Never") == "Never", (
+                f"{group_name}: autoscaler v2 needs restartPolicy Never or unset"
+            )
         if group_name != "head":
             assert 0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"], group_name
     if doc["kind"] == "RayJob":
         job = doc["spec"]
         assert job.get("ttlSecondsAfterFinished", 0) >= 0
-        assert not (job.get("ttlSecondsAfterFinished", 0) > 0 and not job.get("shutdownAfterJobFinishes")), "TTL needs shutdownAfterJobFinishes"
+        assert not (job.get("ttlSecondsAfterFinished", 0) > 0 and not job.get("shutdownAfterJobFinishes")), (
+            "TTL needs shutdownAfterJobFinishes"
+        )
         assert job.get("backoffLimit", 0) >= 0
         assert job.get("activeDeadlineSeconds", 1) > 0

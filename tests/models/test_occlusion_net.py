@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.occlusion_net import ROI_MARGIN, OcclusionNet, load_occlusion_net, roi_affine
-from models.occlusion_net import SHIPPED_OCCLUSION_WEIGHTS
+from models.occlusion_net import ROI_MARGIN, SHIPPED_OCCLUSION_WEIGHTS, OcclusionNet, load_occlusion_net, roi_affine
 
 
 def test_shipped_weights_load_are_small_and_predict_half_resolution_logits() -> None:

@@ -98,7 +98,11 @@ def same_files(left: str, right: str) -> bool:
     if comparison.left_only or comparison.right_only:
         return False
     _, mismatch, errors = filecmp.cmpfiles(left, right, comparison.common_files, shallow=False)
-    return not mismatch and not errors and all(same_files(os.path.join(left, d), os.path.join(right, d)) for d in comparison.common_dirs)
+    return (
+        not mismatch
+        and not errors
+        and all(same_files(os.path.join(left, d), os.path.join(right, d)) for d in comparison.common_dirs)
+    )
 
 
 @pytest.mark.parametrize("scheme", ["local", "memory"])
@@ -190,8 +194,9 @@ def test_overlapping_windows_leave_no_seam(clip64):
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).repeat(count, 1, 1, 1)
 
     def changes(overlap: int) -> torch.Tensor:
-        latents = pipe(still, mask, None, audio, num_inference_steps=4, latents=noise, window=window,
-                       overlap=overlap, output_type="latent").frames
+        latents = pipe(
+            still, mask, None, audio, num_inference_steps=4, latents=noise, window=window, overlap=overlap, output_type="latent"
+        ).frames
         return (latents[1:] - latents[:-1]).abs().mean(dim=(1, 2, 3))
 
     boundaries = [window - 1, 2 * window - 1]  # change from frame 7 to 8 and from 15 to 16
@@ -206,7 +211,9 @@ def test_optional_clip_image_encoder_adds_appearance_tokens(track, tmp_path):
 
     torch.manual_seed(0)
     encoder = CLIPVisionModel(
-        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+        CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+        )
     ).eval()
     pipe = tiny_pipeline(clip_embed_dim=32)
     without = run(pipe, track, num_inference_steps=2)

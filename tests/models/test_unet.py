@@ -141,18 +141,30 @@ def test_from_sd_unet_widens_conv_in_and_reuses_what_fits(tmp_path, model_cache)
     # conv_in: SD's weights for the noisy latent, zeros for the conditioning channels.
     assert torch.equal(ours["conv_in.weight"][:, :4], theirs["conv_in.weight"])
     assert not ours["conv_in.weight"][:, 4:].any()
-    for key in ("down_blocks.1.resnets.0.conv1.weight", "mid_block.resnets.1.conv2.weight", "conv_out.weight",
-                "time_embedding.linear_1.weight", "up_blocks.0.upsamplers.0.conv.weight", "down_blocks.0.downsamplers.0.conv.weight"):
+    for key in (
+        "down_blocks.1.resnets.0.conv1.weight",
+        "mid_block.resnets.1.conv2.weight",
+        "conv_out.weight",
+        "time_embedding.linear_1.weight",
+        "up_blocks.0.upsamplers.0.conv.weight",
+        "down_blocks.0.downsamplers.0.conv.weight",
+    ):
         assert torch.equal(ours[key], theirs[key]), key
     block = "down_blocks.0.attentions.0"
     assert torch.equal(ours[f"{block}.proj_in.weight"], theirs[f"{block}.proj_in.weight"][:, :, 0, 0])
-    assert torch.equal(ours[f"{block}.transformer_blocks.0.attn2.to_k.weight"], theirs[f"{block}.transformer_blocks.0.attn2.to_k.weight"])
-    assert torch.equal(ours[f"{block}.transformer_blocks.0.ff.net.2.weight"], theirs[f"{block}.transformer_blocks.0.ff.net.2.weight"])
+    assert torch.equal(
+        ours[f"{block}.transformer_blocks.0.attn2.to_k.weight"], theirs[f"{block}.transformer_blocks.0.attn2.to_k.weight"]
+    )
+    assert torch.equal(
+        ours[f"{block}.transformer_blocks.0.ff.net.2.weight"], theirs[f"{block}.transformer_blocks.0.ff.net.2.weight"]
+    )
     # Mid level keeps self-attention: SD's attn1 is reused there.
     mid = "mid_block.attentions.0.transformer_blocks.0"
     assert torch.equal(ours[f"{mid}.attn1.to_q.weight"], theirs[f"{mid}.attn1.to_q.weight"])
     # New paths start as no-ops so the SD prior is intact on the first step.
-    assert torch.equal(ours[f"{block}.transformer_blocks.0.attn_audio.to_q.weight"], theirs[f"{block}.transformer_blocks.0.attn2.to_q.weight"])
+    assert torch.equal(
+        ours[f"{block}.transformer_blocks.0.attn_audio.to_q.weight"], theirs[f"{block}.transformer_blocks.0.attn2.to_q.weight"]
+    )
     assert not ours[f"{block}.transformer_blocks.0.attn_audio.to_out.0.weight"].any()
     assert not ours[f"{block}.transformer_blocks.0.temporal.mixer.out_proj.weight"].any()
     assert list(unet.config.block_out_channels) == [32, 64]

@@ -124,7 +124,12 @@ def test_values_outside_the_declared_choices_and_ranges_are_refused(override, al
 
 def test_knowable_values_pass():
     config = load_config(None, ["audio.downmix=FL", "inpaint.device=cuda:1", "inpaint.scheduler=dpm++", "encode.crf=0"])
-    assert (config.audio.downmix, config.inpaint.device, config.inpaint.scheduler, config.encode.crf) == ("FL", "cuda:1", "dpm++", 0)
+    assert (config.audio.downmix, config.inpaint.device, config.inpaint.scheduler, config.encode.crf) == (
+        "FL",
+        "cuda:1",
+        "dpm++",
+        0,
+    )
 
 
 def test_configs_built_in_python_share_the_rule():
@@ -158,14 +163,24 @@ def test_training_and_filter_configs_load_through_the_same_loader(tmp_path):
     config = load_settings(TrainConfig, path, ["prediction_type=v_prediction"])
     assert (config.steps, config.lr, config.prediction_type) == (10, 1e-3, "v_prediction")
     assert config.unet_overrides == {"block_out_channels": [16, 32]}
-    for bad, message in (("prediction_type=x0", "prediction_type='x0'"), ("unet_preset=huge", "tiny"),
-                         ("vae_preset=huge", "tiny"), ("occluder_prob=2", "0 to 1"), ("val_percent=101", "0 to 100"),
-                         ("batch_size=0", "at least 1"), ("epochs=3", "epochs: unknown key")):
+    for bad, message in (
+        ("prediction_type=x0", "prediction_type='x0'"),
+        ("unet_preset=huge", "tiny"),
+        ("vae_preset=huge", "tiny"),
+        ("occluder_prob=2", "0 to 1"),
+        ("val_percent=101", "0 to 100"),
+        ("batch_size=0", "at least 1"),
+        ("epochs=3", "epochs: unknown key"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_settings(TrainConfig, None, [bad])
     assert load_settings(FilterConfig, None, ["min_frames=8", "min_speech=0"]) == FilterConfig(min_frames=8, min_speech=0.0)
-    for bad, message in (("min_speech=1.5", "filter.min_speech=1.5"), ("min_frames=0", "filter.min_frames=0"),
-                         ("max_lag=x", "filter.max_lag: expected int"), ("nope=1", "filter.nope: unknown key")):
+    for bad, message in (
+        ("min_speech=1.5", "filter.min_speech=1.5"),
+        ("min_frames=0", "filter.min_frames=0"),
+        ("max_lag=x", "filter.max_lag: expected int"),
+        ("nope=1", "filter.nope: unknown key"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_settings(FilterConfig, None, [bad])
 
@@ -186,7 +201,10 @@ def no_work(monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "in.tar", "out", "--set", "inpaint.scheduler=euler"], "inpaint.scheduler='euler' is not allowed; allowed: ddim, dpm++"),
+        (
+            ["run", "in.tar", "out", "--set", "inpaint.scheduler=euler"],
+            "inpaint.scheduler='euler' is not allowed; allowed: ddim, dpm++",
+        ),
         (["run", "in.tar", "out", "--set", "encode.crf=99"], "encode.crf=99 is not allowed; allowed: 0 to 51"),
         (["config", "--set", "face_track.speaker=bogus"], "face_track.speaker='bogus' is not allowed; allowed: active, all"),
         (["config", "--set", "encode.nope=1"], "encode.nope: unknown key"),

@@ -64,21 +64,39 @@ def test_a_real_model_dubs_films_on_two_actors_and_touches_only_the_lower_face(t
     films = {"interview": "vfhq_1vYEVO9838Y", "microphone": "vfhq_L1WuDAMZTgo"}
     for key, clip in films.items():
         composite(shared_clip(clip), tmp_path / f"{key}.mp4")
-    (shard,) = pack([PackItem(str(tmp_path / f"{k}.mp4"), str(shared_dub("fr")), k) for k in films], str(tmp_path / "in-{0000..0000}.tar"))
+    (shard,) = pack(
+        [PackItem(str(tmp_path / f"{k}.mp4"), str(shared_dub("fr")), k) for k in films], str(tmp_path / "in-{0000..0000}.tar")
+    )
     signature = audio_signature(load_config().audio)
     model = save_tiny_checkpoint(tmp_path / "tiny", signature["audio_window"], signature["audio_dim"])
     common = ["inpaint.steps=2", "resources.inpaint.min_actors=2", "resources.inpaint.max_actors=2", "segment.target_seconds=1.0"]
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        dubbed = run(RunOptions(input=shard, output=str(tmp_path / "out"), workdir=str(tmp_path / "work"), keep_intermediate=True,
-                                progress=False, config=load_config(None, [f"inpaint.model={model}", *common])))
-        plain = run(RunOptions(input=shard, output=str(tmp_path / "plain"), progress=False,
-                               config=load_config(None, ["inpaint.model=identity", *common])))
+        dubbed = run(
+            RunOptions(
+                input=shard,
+                output=str(tmp_path / "out"),
+                workdir=str(tmp_path / "work"),
+                keep_intermediate=True,
+                progress=False,
+                config=load_config(None, [f"inpaint.model={model}", *common]),
+            )
+        )
+        plain = run(
+            RunOptions(
+                input=shard,
+                output=str(tmp_path / "plain"),
+                progress=False,
+                config=load_config(None, ["inpaint.model=identity", *common]),
+            )
+        )
     finally:
         ray.shutdown()
     assert dubbed.films_ok == 2 and plain.films_ok == 2
 
-    inpaint_workers = {json.loads(p.read_text())["workers"]["inpaint"] for p in (tmp_path / "work" / "segments").glob("*/*/*.json")}
+    inpaint_workers = {
+        json.loads(p.read_text())["workers"]["inpaint"] for p in (tmp_path / "work" / "segments").glob("*/*/*.json")
+    }
     assert len(inpaint_workers) == 2, "both configured inpaint actors must take work"
 
     def members(out: Path) -> dict[str, bytes]:

@@ -62,8 +62,14 @@ def _frames(clip: Path, limit: int | None = None) -> tuple[list[np.ndarray], Fra
         return frames, stream.average_rate
 
 
-def _write_video(path: Path, frames: list[np.ndarray], rate, pix_fmt: str = "yuv420p", times: list[float] | None = None,
-                 audio: np.ndarray | None = None) -> None:
+def _write_video(
+    path: Path,
+    frames: list[np.ndarray],
+    rate,
+    pix_fmt: str = "yuv420p",
+    times: list[float] | None = None,
+    audio: np.ndarray | None = None,
+) -> None:
     with av.open(str(path), "w") as out:
         v = out.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "ultrafast", "bf": "0"})
         v.height, v.width = frames[0].shape[:2]
@@ -126,7 +132,9 @@ def build_inputs(root: Path) -> Path:
     speech = np.frombuffer(shared_dub("de").read_bytes()[44:], "<i2").astype(np.float32) / 32768
 
     corrupt = bytearray(shared_clip("vfhq_1vYEVO9838Y").read_bytes())
-    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 3000] = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 3000] = (
+        np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    )
     (src / "corrupt.mp4").write_bytes(bytes(corrupt))
     (src / "truncated.mp4").write_bytes(raw[:30_000])
     (src / "zero.mp4").write_bytes(b"")
@@ -178,7 +186,11 @@ def build_inputs(root: Path) -> Path:
     inputs = root / "in"
     pack(items, str(inputs / "mixed-{0000..0000}.tar"), max_shard_bytes=1 << 40)
     with tarfile.open(inputs / "mixed-0000.tar", "a") as tar:  # malformed metadata beside its film
-        for name, data in (("bad_metadata.mp4", raw), ("bad_metadata.dub.wav", dub.read_bytes()), ("bad_metadata.json", b"{'no': json")):
+        for name, data in (
+            ("bad_metadata.mp4", raw),
+            ("bad_metadata.dub.wav", dub.read_bytes()),
+            ("bad_metadata.json", b"{'no': json"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -187,10 +199,22 @@ def build_inputs(root: Path) -> Path:
     data = (inputs / "full.tar").read_bytes()
     (inputs / "cut-0000.tar").write_bytes(data[: len(data) - 150_000])
     (inputs / "full.tar").unlink()
-    _tar(inputs / "escape-0000.tar", {**good, f"../../{ESCAPE}/x.mp4": raw, f"../../{ESCAPE}/x.dub.wav": dub.read_bytes(),
-                                      f"/tmp/{ESCAPE}/abs.mp4": raw, f"/tmp/{ESCAPE}/abs.dub.wav": dub.read_bytes()})
-    _tar(inputs / "names-0000.tar", {**good, "café.mp4": raw, "café.dub.wav": dub.read_bytes()},
-         format=tarfile.GNU_FORMAT, encoding="latin-1")
+    _tar(
+        inputs / "escape-0000.tar",
+        {
+            **good,
+            f"../../{ESCAPE}/x.mp4": raw,
+            f"../../{ESCAPE}/x.dub.wav": dub.read_bytes(),
+            f"/tmp/{ESCAPE}/abs.mp4": raw,
+            f"/tmp/{ESCAPE}/abs.dub.wav": dub.read_bytes(),
+        },
+    )
+    _tar(
+        inputs / "names-0000.tar",
+        {**good, "café.mp4": raw, "café.dub.wav": dub.read_bytes()},
+        format=tarfile.GNU_FORMAT,
+        encoding="latin-1",
+    )
     return inputs
 
 
@@ -223,7 +247,10 @@ def matrix(tmp_path_factory):
                     reports[(shard.name, report["key"])] = report
                 else:
                     films[(shard.name, member.name.rsplit(".", 1)[0])] = data
-    dead = {(d["shard"], d["key"]): d["reason"] for d in map(json.loads, (out / "_stabledub_run" / "dead_letters.jsonl").read_text().splitlines())}
+    dead = {
+        (d["shard"], d["key"]): d["reason"]
+        for d in map(json.loads, (out / "_stabledub_run" / "dead_letters.jsonl").read_text().splitlines())
+    }
     return {"code": code, "root": root, "before": before, "reports": reports, "films": films, "dead": dead}
 
 

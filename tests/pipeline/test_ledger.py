@@ -31,8 +31,19 @@ def film(key: str, films: int = 2) -> FilmRef:
 
 
 def segment(ref: FilmRef, index: int, count: int, stage_failed: str = "") -> Segment:
-    seg = Segment(film=ref, index=index, count=count, start=10 * index, stop=10 * index + 10, context_start=10 * index,
-                  pts=np.zeros(10), seek_pts=0.0, width=64, height=64, time_base=(1, 25))
+    seg = Segment(
+        film=ref,
+        index=index,
+        count=count,
+        start=10 * index,
+        stop=10 * index + 10,
+        context_start=10 * index,
+        pts=np.zeros(10),
+        seek_pts=0.0,
+        width=64,
+        height=64,
+        time_base=(1, 25),
+    )
     return seg.fail("boom", stage=stage_failed) if stage_failed else seg
 
 
@@ -51,8 +62,12 @@ def test_a_film_fails_with_its_first_failed_segment_and_that_segments_stage(tmp_
     assert report is not None and report["stage"] == "inpaint" and report["reason"] == "segment 1 (10-20): boom"
     assert dead_letters(run)[("films-0000.tar", "a")]["stage"] == "inpaint"
     assert (ledger.summary.films_failed, ledger.summary.films_ok) == (1, 0)
-    failed = {s.labels["stage"]: s.value for f in metrics.registry.collect() for s in f.samples
-              if s.name == "stabledub_films_failed_by_stage_total"}
+    failed = {
+        s.labels["stage"]: s.value
+        for f in metrics.registry.collect()
+        for s in f.samples
+        if s.name == "stabledub_films_failed_by_stage_total"
+    }
     assert failed == {"inpaint": 1}
 
 

@@ -15,19 +15,34 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.metrics import Metrics
 from pipeline.planner import failed_marker
-from stages.base import SegmentStage, StageError
 from pipeline.shards import PackItem, pack
+from stages.base import SegmentStage, StageError
 from stages.schema import FilmRef, Segment, Status
 from tests.cluster.fake_cluster import free_port
 from tests.conftest import REPO, shared_clip, shared_dub
 
 
-def segment(status: Status = Status.OK, reason: str = "", timings: dict[str, float] | None = None, failed_stage: str = "") -> Segment:
+def segment(
+    status: Status = Status.OK, reason: str = "", timings: dict[str, float] | None = None, failed_stage: str = ""
+) -> Segment:
     film = FilmRef(key="f", shard_url="/s/films-0000.tar", video=None, dub=None)
     return Segment(
-        film=film, index=0, count=1, start=0, stop=10, context_start=0, pts=np.zeros(10), seek_pts=0.0,
-        width=64, height=64, time_base=(1, 25), status=status, reason=reason, failed_stage=failed_stage,
-        timings=timings or {}, counts={"frames_generated": 10} if status is Status.OK else {},
+        film=film,
+        index=0,
+        count=1,
+        start=0,
+        stop=10,
+        context_start=0,
+        pts=np.zeros(10),
+        seek_pts=0.0,
+        width=64,
+        height=64,
+        time_base=(1, 25),
+        status=status,
+        reason=reason,
+        failed_stage=failed_stage,
+        timings=timings or {},
+        counts={"frames_generated": 10} if status is Status.OK else {},
     )
 
 
@@ -90,13 +105,28 @@ def test_segments_count_per_stage_and_failures_go_to_the_failing_stage():
 
 @pytest.mark.slow
 def test_metrics_endpoint_serves_stage_counts_and_queue_depth_during_a_real_run(tmp_path: Path):
-    shard = pack([PackItem(str(shared_clip("vfhq_1vYEVO9838Y")), str(shared_dub("es")), "film")], str(tmp_path / "in-{0000..0000}.tar"))[0]
+    shard = pack(
+        [PackItem(str(shared_clip("vfhq_1vYEVO9838Y")), str(shared_dub("es")), "film")], str(tmp_path / "in-{0000..0000}.tar")
+    )[0]
     port = free_port()
     # RAY_ADDRESS=local: a new in-process cluster, never one that someone else on this machine started.
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
     cmd = [
-        sys.executable, "-m", "pipeline.cli", "run", shard, str(tmp_path / "out"), "-q", "--metrics-port", str(port),
-        "--set", "occlusion.method=none", "--set", "segment.target_seconds=1.0", "--set", "segment.max_seconds=1.5",
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        shard,
+        str(tmp_path / "out"),
+        "-q",
+        "--metrics-port",
+        str(port),
+        "--set",
+        "occlusion.method=none",
+        "--set",
+        "segment.target_seconds=1.0",
+        "--set",
+        "segment.max_seconds=1.5",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     scrapes: list[dict[str, list]] = []

@@ -56,8 +56,14 @@ def reference(shard, tmp_path_factory) -> Path:
 
 def test_a_crashed_inpaint_actor_is_replaced_and_its_segment_retried(shard, reference, tmp_path):
     out = tmp_path / "out"
-    summary = run(RunOptions(input=shard, output=str(out), progress=False,
-                             config=load_config(None, [*QUIET, "inpaint.model=tests.faults:CrashOnceModel"])))
+    summary = run(
+        RunOptions(
+            input=shard,
+            output=str(out),
+            progress=False,
+            config=load_config(None, [*QUIET, "inpaint.model=tests.faults:CrashOnceModel"]),
+        )
+    )
     assert Path(os.environ["STABLEDUB_CRASH_MARKER"]).exists(), "the injected crash never happened"
     assert summary.films_ok == 2 and summary.films_failed == 0
     assert films(out) == films(reference)  # identical bytes to a run without the crash
@@ -65,8 +71,19 @@ def test_a_crashed_inpaint_actor_is_replaced_and_its_segment_retried(shard, refe
 
 def test_killed_driver_resumes_to_identical_output_without_redoing_work(shard, reference, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    command = [sys.executable, "-m", "pipeline.cli", "run", shard, str(out), "--workdir", str(work),
-               "--keep-intermediate", "-q", *sum((["--set", o] for o in QUIET), [])]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        shard,
+        str(out),
+        "--workdir",
+        str(work),
+        "--keep-intermediate",
+        "-q",
+        *sum((["--set", o] for o in QUIET), []),
+    ]
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     markers: list[Path] = []
@@ -80,8 +97,16 @@ def test_killed_driver_resumes_to_identical_output_without_redoing_work(shard, r
     done_before = {p: p.with_suffix(".mp4").stat().st_mtime_ns for p in (work / "segments").glob("*/*/*.json")}
     total = sum(json.loads(p.read_text())["index"] >= 0 for p in done_before)
 
-    summary = run(RunOptions(input=shard, output=str(out), config=load_config(None, QUIET), workdir=str(work),
-                             keep_intermediate=True, progress=False))
+    summary = run(
+        RunOptions(
+            input=shard,
+            output=str(out),
+            config=load_config(None, QUIET),
+            workdir=str(work),
+            keep_intermediate=True,
+            progress=False,
+        )
+    )
     assert summary.films_ok == 2 and summary.films_failed == 0
     for marker, mtime in done_before.items():
         assert marker.with_suffix(".mp4").stat().st_mtime_ns == mtime, f"{marker} was redone after the restart"

@@ -137,7 +137,10 @@ def test_bad_inputs_fail_alone_with_clear_reasons(tmp_path, capsys):
     code = main(["run", str(tmp_path / "in" / "*.tar"), str(out), "-q", *sum((["--set", o] for o in QUIET), [])])
     assert code == EXIT_SOME_FAILED
     assert "films ok 1 / failed 3" in capsys.readouterr().out
-    dead = {(d["shard"], d["key"]): d["reason"] for d in map(json.loads, (out / "_stabledub_run" / "dead_letters.jsonl").read_text().splitlines())}
+    dead = {
+        (d["shard"], d["key"]): d["reason"]
+        for d in map(json.loads, (out / "_stabledub_run" / "dead_letters.jsonl").read_text().splitlines())
+    }
     assert "no dub audio" in dead[("mixed-0000.tar", "nodub")]
     assert "video" in dead[("mixed-0000.tar", "corrupt")]
     assert "video" in dead[("mixed-0000.tar", "truncated")]

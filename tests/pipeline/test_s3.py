@@ -30,9 +30,15 @@ def s3(tmp_path_factory):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     proxy = FaultProxy(server.get_host_and_port()).start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="stabledub-test", AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=proxy.url)
+    saved = {
+        k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="stabledub-test",
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=proxy.url,
+    )
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")  # workers inherit the AWS environment
@@ -53,12 +59,20 @@ def test_run_on_s3_survives_throttling_errors_and_dropped_connections(s3, tmp_pa
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir("films")
     fs.mkdir("dubbed")
-    local = pack([PackItem(str(shared_clip(c)), str(shared_dub("es")), c) for c in ("frozen_298", "tlou_79")],
-                  str(tmp_path / "films-{0000..0000}.tar"))
+    local = pack(
+        [PackItem(str(shared_clip(c)), str(shared_dub("es")), c) for c in ("frozen_298", "tlou_79")],
+        str(tmp_path / "films-{0000..0000}.tar"),
+    )
     fs.put_file(local[0], "films/films-0000.tar")
     s3.armed = True
-    summary = run(RunOptions(input="s3://films/films-{0000..0000}.tar", output="s3://dubbed/", config=load_config(None, ["occlusion.method=none"]),
-                             progress=False))
+    summary = run(
+        RunOptions(
+            input="s3://films/films-{0000..0000}.tar",
+            output="s3://dubbed/",
+            config=load_config(None, ["occlusion.method=none"]),
+            progress=False,
+        )
+    )
     s3.armed = False
     assert summary.films_ok == 2 and summary.films_failed == 0
     assert s3.counts["throttle"] > 0 and s3.counts["error"] > 0 and s3.counts["drop"] > 0, s3.counts

@@ -63,13 +63,21 @@ def _tar_with(path, members: dict[str, bytes]) -> None:
 def test_index_reports_problems_per_film(tmp_path):
     clip = shared_clip("frozen_298").read_bytes()
     wav = shared_dub("es").read_bytes()
-    _tar_with(tmp_path / "x.tar", {
-        "good.mp4": clip, "good.dub.wav": wav,
-        "nodub.mp4": clip,
-        "../../etc/evil.mp4": clip, "../../etc/evil.dub.wav": wav,
-        "badmeta.mp4": clip, "badmeta.dub.wav": wav, "badmeta.json": b"{not json",
-        "empty.mp4": b"", "empty.dub.wav": wav,
-    })
+    _tar_with(
+        tmp_path / "x.tar",
+        {
+            "good.mp4": clip,
+            "good.dub.wav": wav,
+            "nodub.mp4": clip,
+            "../../etc/evil.mp4": clip,
+            "../../etc/evil.dub.wav": wav,
+            "badmeta.mp4": clip,
+            "badmeta.dub.wav": wav,
+            "badmeta.json": b"{not json",
+            "empty.mp4": b"",
+            "empty.dub.wav": wav,
+        },
+    )
     problems = {f.film.key: f.problem for f in index_shard(str(tmp_path / "x.tar")).films}
     assert problems["good"] == ""
     assert "no dub audio" in problems["nodub"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from test_audio_io import CLIP, DATA, shard_with, speech, wav_bytes
 
 from models.audio_encoder import LogMelEncoder, SileroVAD
 from stages.audio import (
@@ -22,7 +23,6 @@ from stages.audio import (
 from stages.audio_io import AUDIO_RATE, decode_dub_slice
 from stages.media import probe_video
 from stages.schema import FilmRef, MemberRef, Segment, Status
-from test_audio_io import CLIP, DATA, shard_with, speech, wav_bytes
 
 OVERLAP = 4
 

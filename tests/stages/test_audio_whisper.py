@@ -11,20 +11,33 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
+from test_audio_io import speech  # noqa: E402
+
 from models.audio_encoder import LogMelEncoder, slaney_mel_filters  # noqa: E402
 from stages.audio import AudioConfig, AudioFeaturize, AudioMismatchError, check_model_audio  # noqa: E402
 from stages.schema import FilmRef, Segment, Status  # noqa: E402
-from test_audio_io import speech  # noqa: E402
 
 D_MODEL, LAYERS = 16, 2
 
 
-def tiny_config() -> "transformers.WhisperConfig":
+def tiny_config() -> transformers.WhisperConfig:
     return transformers.WhisperConfig(
-        d_model=D_MODEL, encoder_layers=LAYERS, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
-        vocab_size=64, pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=4,
-        begin_suppress_tokens=None, suppress_tokens=None, max_target_positions=32,
+        d_model=D_MODEL,
+        encoder_layers=LAYERS,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_mel_bins=80,
+        vocab_size=64,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+        decoder_start_token_id=4,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+        max_target_positions=32,
     )
 
 
@@ -89,8 +102,13 @@ def test_log_mel_is_whispers_front_end():
     from transformers.audio_utils import mel_filter_bank
 
     reference = mel_filter_bank(
-        num_frequency_bins=201, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
-        sampling_rate=16000, norm="slaney", mel_scale="slaney",
+        num_frequency_bins=201,
+        num_mel_filters=80,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=16000,
+        norm="slaney",
+        mel_scale="slaney",
     ).T
     assert np.allclose(slaney_mel_filters(400, 80), reference, atol=1e-6)
 

@@ -5,14 +5,12 @@ landmark jitter, and the masks and alignment hold their contracts."""
 
 from __future__ import annotations
 
-
 import av
 import cv2
 import numpy as np
 import pytest
 import scipy.io.wavfile
 import skimage.data
-from tests.conftest import SHARED_DATA, shared_clip
 
 from models.face_landmarks import LIPS_OUTER, RIGID
 from stages.face_align import apply_affine, canonical_points, invert
@@ -20,6 +18,7 @@ from stages.face_smooth import shake_percent
 from stages.face_track import FaceTrack, FaceTrackConfig, fill_gaps
 from stages.face_tracker import RawTrack
 from stages.schema import FilmRef, Segment
+from tests.conftest import SHARED_DATA, shared_clip
 
 FPS = 25.0
 HD = (1080, 1920)
@@ -63,8 +62,20 @@ def segment_of(frames: np.ndarray, audio: np.ndarray | None = None, metadata: di
     n, h, w = frames.shape[:3]
     film = FilmRef("film", "memory://", None, None, metadata=metadata or {})
     return Segment(
-        film=film, index=0, count=1, start=0, stop=n, context_start=0, pts=np.arange(n) / FPS, seek_pts=0.0,
-        width=w, height=h, time_base=(1, 25), frames=frames, source_audio=audio, audio_start=0.0,
+        film=film,
+        index=0,
+        count=1,
+        start=0,
+        stop=n,
+        context_start=0,
+        pts=np.arange(n) / FPS,
+        seek_pts=0.0,
+        width=w,
+        height=h,
+        time_base=(1, 25),
+        frames=frames,
+        source_audio=audio,
+        audio_start=0.0,
     )
 
 
@@ -90,9 +101,7 @@ def covered(segment: Segment) -> np.ndarray:
     return hit
 
 
-@pytest.mark.parametrize(
-    "name", ["vfhq_MhV2NIHmUjM", "vfhq_3t9KvS55n5M", "vfhq_L1WuDAMZTgo", "frozen_366", "tlou_64"]
-)
+@pytest.mark.parametrize("name", ["vfhq_MhV2NIHmUjM", "vfhq_3t9KvS55n5M", "vfhq_L1WuDAMZTgo", "frozen_366", "tlou_64"])
 def test_every_frame_of_a_real_clip_has_one_track(stage, name) -> None:
     segment = stage.process(segment_of(clip_frames(name, 30)))
     assert covered(segment).all()

@@ -46,7 +46,12 @@ def segment_and_config(tmp_path_factory):
     (film,) = index_shard_rows({"shard_url": shard}, str(tmp / "run"))
     row = plan_film_rows(film, str(tmp / "run"), 2.0, 4.0, 4)[1]
     segment = from_row(row)
-    for stage in (Decode(config.decode, downmix=config.audio.downmix), FaceTrack(config.face_track), OcclusionSegment(config.occlusion), AudioFeaturize(config.audio)):
+    for stage in (
+        Decode(config.decode, downmix=config.audio.downmix),
+        FaceTrack(config.face_track),
+        OcclusionSegment(config.occlusion),
+        AudioFeaturize(config.audio),
+    ):
         segment = stage.run_one(segment)
     assert segment.status.value == "ok", segment.reason
     assert segment.tracks and segment.tracks[0].speaking

@@ -14,19 +14,18 @@ import cv2
 import numpy as np
 import pytest
 
-from training.occluders import HELDOUT_STYLES, composite_occluders
-from training.occlusion import DATA_DIR, EVAL_CLIPS, EVAL_SEED, read_frames
-from stages.inpaint import GreyModel
 from pipeline.config import load_config
 from stages.decode import decode_frames
 from stages.encode import EncodeConfig, encode_segment
 from stages.face_track import FaceTrack, FaceTrackConfig
-from stages.inpaint import Inpaint
+from stages.inpaint import GreyModel, Inpaint
 from stages.media import probe_video
 from stages.occlusion import OcclusionSegment
 from stages.paste import paste_back
 from stages.schema import FilmRef, MemberRef, Segment
 from tests.conftest import write_h264
+from training.occluders import HELDOUT_STYLES, composite_occluders
+from training.occlusion import DATA_DIR, EVAL_CLIPS, EVAL_SEED, read_frames
 
 FRAMES = 16
 
@@ -39,8 +38,19 @@ def segment_of(path: Path) -> Segment:
     with open(path, "rb") as file:
         info = probe_video(file)
     film = FilmRef("occluded", str(path), MemberRef(str(path), path.name, 0, path.stat().st_size), None)
-    return Segment(film=film, index=0, count=1, start=0, stop=len(info.pts), context_start=0, pts=info.pts, seek_pts=0.0,
-                   width=info.width, height=info.height, time_base=info.time_base)
+    return Segment(
+        film=film,
+        index=0,
+        count=1,
+        start=0,
+        stop=len(info.pts),
+        context_start=0,
+        pts=info.pts,
+        seek_pts=0.0,
+        width=info.width,
+        height=info.height,
+        time_base=info.time_base,
+    )
 
 
 def to_frame(crop_values: np.ndarray, affine: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -54,12 +64,31 @@ def occluded_film(tmp_path_factory) -> dict:
     frames = read_frames(DATA_DIR / "video" / f"{EVAL_CLIPS[1]}.mp4", FRAMES)
     height, width = frames.shape[1:3]
     tracker = FaceTrack(FaceTrackConfig(speaker="all"))
-    clean = Segment(film=FilmRef("clean", "memory://", None, None), index=0, count=1, start=0, stop=FRAMES, context_start=0,
-                    pts=np.arange(FRAMES) / 25.0, seek_pts=0.0, width=width, height=height, time_base=(1, 25), frames=frames)
+    clean = Segment(
+        film=FilmRef("clean", "memory://", None, None),
+        index=0,
+        count=1,
+        start=0,
+        stop=FRAMES,
+        context_start=0,
+        pts=np.arange(FRAMES) / 25.0,
+        seek_pts=0.0,
+        width=width,
+        height=height,
+        time_base=(1, 25),
+        frames=frames,
+    )
     track = tracker.process(clean).tracks[0]
     assert len(track.frame_index) == FRAMES
-    comp = composite_occluders(track.crops, track.mask, np.random.default_rng(EVAL_SEED + 3), HELDOUT_STYLES,
-                               sequence=True, kinds=("microphone",), extra_fraction=0.0)
+    comp = composite_occluders(
+        track.crops,
+        track.mask,
+        np.random.default_rng(EVAL_SEED + 3),
+        HELDOUT_STYLES,
+        sequence=True,
+        kinds=("microphone",),
+        extra_fraction=0.0,
+    )
     occluded = frames.copy()
     for i in range(FRAMES):
         paste_back(occluded[i], comp.crops[i], track.affine[i], comp.occlusion[i])  # the occluder enters the film
@@ -77,8 +106,9 @@ def render(segment: Segment, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return read_frames(out), decode_frames(segment, "pyav", (segment.width, segment.height))
 
 
-def check_kept_and_grey(output: np.ndarray, source: np.ndarray, occluder: np.ndarray, region: np.ndarray,
-                        grey_share: float) -> None:
+def check_kept_and_grey(
+    output: np.ndarray, source: np.ndarray, occluder: np.ndarray, region: np.ndarray, grey_share: float
+) -> None:
     ring = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))
     core = np.stack([cv2.erode((o >= 250).astype(np.uint8), ring) for o in occluder]).astype(bool)
     inside = np.stack([cv2.erode((r >= 250).astype(np.uint8), ring) for r in region]).astype(bool)

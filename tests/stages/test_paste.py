@@ -11,8 +11,6 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
-from tests.conftest import write_h264
-from tests.stages.test_face_track import background, clip_frames, composite
 
 from pipeline.config import load_config
 from stages.decode import decode_frames
@@ -24,6 +22,8 @@ from stages.inpaint import Inpaint
 from stages.media import probe_video
 from stages.paste import paste_back
 from stages.schema import FilmRef, MemberRef, Segment
+from tests.conftest import write_h264
+from tests.stages.test_face_track import background, clip_frames, composite
 
 SIZE = 256
 
@@ -60,7 +60,12 @@ def test_nothing_outside_the_mask_changes_and_occluders_stay() -> None:
     out = paste_back(frame.copy(), grey, affine, mask, occlusion, feather=2.0, source=crop)
     inverse = cv2.invertAffineTransform(affine)
     region = cv2.warpAffine(mask, inverse, frame.shape[1::-1], flags=cv2.INTER_LINEAR)
-    core = cv2.warpAffine(cv2.erode((mask == 255).astype(np.uint8), np.ones((9, 9))), inverse, frame.shape[1::-1], flags=cv2.INTER_NEAREST) > 0
+    core = (
+        cv2.warpAffine(
+            cv2.erode((mask == 255).astype(np.uint8), np.ones((9, 9))), inverse, frame.shape[1::-1], flags=cv2.INTER_NEAREST
+        )
+        > 0
+    )
     kept = cv2.warpAffine(cv2.erode(occlusion, np.ones((7, 7))), inverse, frame.shape[1::-1], flags=cv2.INTER_NEAREST) > 0
     near = cv2.warpAffine(cv2.dilate(occlusion, np.ones((9, 9))), inverse, frame.shape[1::-1], flags=cv2.INTER_NEAREST) > 0
     changed = np.any(out != frame, axis=2)
@@ -85,8 +90,19 @@ def write_film(path: Path, frames: np.ndarray) -> Segment:
     with open(path, "rb") as file:
         info = probe_video(file)
     film = FilmRef("film", str(path), MemberRef(str(path), path.name, 0, path.stat().st_size), None)
-    return Segment(film=film, index=0, count=1, start=2, stop=len(info.pts), context_start=0, pts=info.pts,
-                   seek_pts=0.0, width=info.width, height=info.height, time_base=info.time_base)
+    return Segment(
+        film=film,
+        index=0,
+        count=1,
+        start=2,
+        stop=len(info.pts),
+        context_start=0,
+        pts=info.pts,
+        seek_pts=0.0,
+        width=info.width,
+        height=info.height,
+        time_base=info.time_base,
+    )
 
 
 def read_video(path: Path) -> np.ndarray:

@@ -26,8 +26,8 @@ def one_thread():
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """Preprocessed training shards of CLIP with its own audio, plus a film with a silent dub."""
     from pipeline.config import load_config
-    from training.preprocess import PreprocessOptions, preprocess
     from pipeline.shards import PackItem, pack
+    from training.preprocess import PreprocessOptions, preprocess
 
     root = tmp_path_factory.mktemp("corpus")
     silent = root / "silent.wav"
@@ -37,11 +37,18 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
         out.setframerate(16000)
         out.writeframes(np.zeros(16000 * 3, np.int16).tobytes())
     shard = pack(
-        [PackItem(str(shared_clip(CLIP)), str(SHARED_DATA / "audio" / f"{CLIP}.wav"), CLIP),
-         PackItem(str(shared_clip(CLIP)), str(silent), "silent")],
+        [
+            PackItem(str(shared_clip(CLIP)), str(SHARED_DATA / "audio" / f"{CLIP}.wav"), CLIP),
+            PackItem(str(shared_clip(CLIP)), str(silent), "silent"),
+        ],
         str(root / "films-{0000..0000}.tar"),
     )[0]
-    options = PreprocessOptions(input=shard, output=str(root / "train"), config=load_config(None, ["occlusion.method=none"]),
-                                shard_bytes=64 << 20, progress=False)
+    options = PreprocessOptions(
+        input=shard,
+        output=str(root / "train"),
+        config=load_config(None, ["occlusion.method=none"]),
+        shard_bytes=64 << 20,
+        progress=False,
+    )
     summary = preprocess(options)
     return {"films": Path(shard), "train": root / "train", "options": options, "summary": summary}

@@ -62,11 +62,13 @@ def shards(tmp_path_factory):
     from training.preprocess import PreprocessOptions, preprocess
 
     root = tmp_path_factory.mktemp("signature")
-    (shard,) = pack([PackItem(str(shared_clip(CLIP)), str(SHARED_DATA / "audio" / f"{CLIP}.wav"), CLIP)],
-                    str(root / "films-{0000..0000}.tar"))
+    (shard,) = pack(
+        [PackItem(str(shared_clip(CLIP)), str(SHARED_DATA / "audio" / f"{CLIP}.wav"), CLIP)], str(root / "films-{0000..0000}.tar")
+    )
     config = load_config(None, ["occlusion.method=none", *FEATURES])
-    summary = preprocess(PreprocessOptions(input=shard, output=str(root / "train"), config=config,
-                                           shard_bytes=64 << 20, progress=False))
+    summary = preprocess(
+        PreprocessOptions(input=shard, output=str(root / "train"), config=config, shard_bytes=64 << 20, progress=False)
+    )
     assert summary.samples > 0
     return root, shard
 
@@ -83,12 +85,18 @@ def test_a_model_trained_on_other_audio_features_dubs_with_the_matching_config_o
     train(str(root / "train"), str(model), TrainConfig(**TINY, steps=2, checkpoint_every=2, val_every=2), use_ray=False)
     assert StableDubPipeline.from_pretrained(str(model)).audio_spec == {"encoder": "logmel", "window": 12, "dim": 40}
 
-    config = load_config(None, [f"inpaint.model={model}", "inpaint.steps=2", "occlusion.method=none",
-                                "face_track.speaker=all", *FEATURES])
+    config = load_config(
+        None, [f"inpaint.model={model}", "inpaint.steps=2", "occlusion.method=none", "face_track.speaker=all", *FEATURES]
+    )
     (film,) = index_shard_rows({"shard_url": shard}, str(root / "run"))
     segment = from_row(plan_film_rows(film, str(root / "run"), 2.0, 4.0, 4)[0])
-    for stage in (Decode(config.decode, downmix=config.audio.downmix), FaceTrack(config.face_track),
-                  OcclusionSegment(config.occlusion), AudioFeaturize(config.audio), Inpaint(config.inpaint, audio=config.audio)):
+    for stage in (
+        Decode(config.decode, downmix=config.audio.downmix),
+        FaceTrack(config.face_track),
+        OcclusionSegment(config.occlusion),
+        AudioFeaturize(config.audio),
+        Inpaint(config.inpaint, audio=config.audio),
+    ):
         segment = stage.run_one(segment)
         assert segment.status.value == "ok", segment.reason
     assert segment.counts["frames_generated"] > 0

@@ -23,7 +23,11 @@ def test_demo_checkpoint_takes_the_default_audio_features_and_crops():
     pipe = StableDubPipeline.from_pretrained(DEMO)
     config = load_config()
     signature = audio_signature(config.audio)
-    assert pipe.audio_spec == {"encoder": signature["audio_encoder"], "window": signature["audio_window"], "dim": signature["audio_dim"]}
+    assert pipe.audio_spec == {
+        "encoder": signature["audio_encoder"],
+        "window": signature["audio_window"],
+        "dim": signature["audio_dim"],
+    }
     size = pipe.unet.config.sample_size * 8
     assert size == 64 and config.face_track.crop_size % size == 0  # the inpaint stage resizes 256 -> 64 and back
     assert json.loads((DEMO / "training.json").read_text())["steps"] == 600

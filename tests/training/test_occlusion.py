@@ -12,8 +12,18 @@ import torch
 
 from training.occluders import mouth_frame
 from training.occlusion import (
-    EVAL_CLIPS, OCCLUDER_CLIPS, VAL_CLIPS, TrainingBatches, batch_loader, cast_shade, choose_threshold, learning_rate, moustache,
-    recolour_occluder, train_clips, vary_face,
+    EVAL_CLIPS,
+    OCCLUDER_CLIPS,
+    VAL_CLIPS,
+    TrainingBatches,
+    batch_loader,
+    cast_shade,
+    choose_threshold,
+    learning_rate,
+    moustache,
+    recolour_occluder,
+    train_clips,
+    vary_face,
 )
 
 
@@ -41,9 +51,11 @@ def test_shading_only_darkens() -> None:
 
 
 def test_threshold_is_the_best_within_the_false_positive_budget() -> None:
-    rows = [{"threshold": 0.3, "iou": 0.80, "false_positive": 0.03},
-            {"threshold": 0.4, "iou": 0.78, "false_positive": 0.008},
-            {"threshold": 0.5, "iou": 0.75, "false_positive": 0.002}]
+    rows = [
+        {"threshold": 0.3, "iou": 0.80, "false_positive": 0.03},
+        {"threshold": 0.4, "iou": 0.78, "false_positive": 0.008},
+        {"threshold": 0.5, "iou": 0.75, "false_positive": 0.002},
+    ]
     assert choose_threshold(rows, 0.01) == 0.4
     assert choose_threshold(rows, 0.001) == 0.3  # none within the budget: the best IoU of all
 
@@ -89,8 +101,17 @@ def test_learning_rate_warms_up_peaks_and_ends_near_zero() -> None:
 def test_worker_made_batches_come_in_step_order_and_repeat_with_the_seed() -> None:
     crops = np.random.default_rng(1).integers(0, 256, (12, 128, 128, 3), dtype=np.uint8)
     masks = np.stack([lower_face_region()] * 12)
-    args = argparse.Namespace(seed=3, steps=5, batch=2, coarse_size=48, coarse_fraction=0.4, clean_fraction=0.3,
-                              shade_fraction=0.25, recolour_fraction=0.5, vary_fraction=0.5)
+    args = argparse.Namespace(
+        seed=3,
+        steps=5,
+        batch=2,
+        coarse_size=48,
+        coarse_fraction=0.4,
+        clean_fraction=0.3,
+        shade_fraction=0.25,
+        recolour_fraction=0.5,
+        vary_fraction=0.5,
+    )
 
     def run() -> list[torch.Tensor]:
         return [x for x, _ in batch_loader(TrainingBatches([(crops, masks)], args, 64), workers=2)]

@@ -15,9 +15,19 @@ from training.train import TrainConfig, train, write_loss_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-TINY = dict(resolution=32, frames=4, lip_frames=4, batch_size=1, vae_steps=4, val_percent=0, val_windows=2,
-            unet_overrides={"block_out_channels": [16, 32], "norm_num_groups": 8, "audio_channels": 16, "appearance_dim": 16},
-            lip_hidden=16, lip_embed=8, shuffle_buffer=1)
+TINY = dict(
+    resolution=32,
+    frames=4,
+    lip_frames=4,
+    batch_size=1,
+    vae_steps=4,
+    val_percent=0,
+    val_windows=2,
+    unet_overrides={"block_out_channels": [16, 32], "norm_num_groups": 8, "audio_channels": 16, "appearance_dim": 16},
+    lip_hidden=16,
+    lip_embed=8,
+    shuffle_buffer=1,
+)
 
 
 def history(folder) -> list[dict[str, str]]:
@@ -49,7 +59,11 @@ def test_killed_run_resumes_with_identical_continuation(corpus, trained, tmp_pat
     ours, theirs = history(resumed), history(full)
     for key in ("total", "denoising", "lcf", "temporal", "val_total"):
         assert [r[key] for r in ours] == [r[key] for r in theirs], key
-    assert filecmp.cmp(resumed / "unet" / "diffusion_pytorch_model.safetensors", full / "unet" / "diffusion_pytorch_model.safetensors", shallow=False)
+    assert filecmp.cmp(
+        resumed / "unet" / "diffusion_pytorch_model.safetensors",
+        full / "unet" / "diffusion_pytorch_model.safetensors",
+        shallow=False,
+    )
 
 
 def test_output_is_a_pipeline_that_accepts_the_audio_stage_features(trained):
@@ -59,8 +73,15 @@ def test_output_is_a_pipeline_that_accepts_the_audio_stage_features(trained):
     frames = np.full((4, 32, 32, 3), 120, np.uint8)
     masks = np.zeros((4, 32, 32), np.uint8)
     masks[16:28, 8:24] = 255
-    out = pipe(frames=frames, masks=masks, audio_features=np.zeros((4, 20, 80), np.float32), num_inference_steps=2,
-               generator=torch.Generator().manual_seed(0), window=4, overlap=1).frames
+    out = pipe(
+        frames=frames,
+        masks=masks,
+        audio_features=np.zeros((4, 20, 80), np.float32),
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        window=4,
+        overlap=1,
+    ).frames
     assert out.shape == frames.shape and (out[:, :16] == 120).all()
     assert (trained[0] / "loss.png").stat().st_size > 1000 and (trained[0] / "training.json").exists()
 
@@ -88,6 +109,8 @@ def test_ray_train_torch_trainer_runs_the_same_loop(corpus, tmp_path):
 
 
 def test_loss_log_plot_has_both_phases(tmp_path):
-    rows = [{"phase": "vae", "step": 0, "loss": 1.0}] + [{"phase": "unet", "step": i, "total": 1 / i, "val_total": 1 / i} for i in range(1, 30)]
+    rows = [{"phase": "vae", "step": 0, "loss": 1.0}] + [
+        {"phase": "unet", "step": i, "total": 1 / i, "val_total": 1 / i} for i in range(1, 30)
+    ]
     write_loss_log(rows, str(tmp_path / "l.csv"), str(tmp_path / "l.png"))
     assert (tmp_path / "l.png").stat().st_size > 1000 and len((tmp_path / "l.csv").read_text().splitlines()) == 31
