@@ -523,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     train_clips = audited_clips(listed["train"], listed, set(args.exclude))
     val_clips = audited_clips(listed["validation"], listed)
     assert not {c.identity for c in train_clips} & {c.identity for c in val_clips}, "identities leak into validation"
+    torch.manual_seed(args.seed)  # the towers' initial weights too: the command reproduces the shipped expert
     expert = SyncExpert()
     config = TrainConfig(steps=args.steps, seed=args.seed)
     history = fit(expert, sequences(expert, train_clips), config)
