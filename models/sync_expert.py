@@ -1,23 +1,25 @@
-"""A small audio/mouth sync expert: lip motion and speech embedded in one space.
+"""The audio/mouth sync expert: does this mouth move with this speech, and at which offset?
 
-Two towers map a clip of lip landmarks (the frames around one video frame) and the audio windows
-around it into one embedding space where true pairs agree. No SyncNet weights can be downloaded and
-the corpus here is 14 real clips, so the towers are linear and fitted in closed form by regularised
-canonical correlation analysis, the maximum-agreement solution FaceSync (Slaney & Covell, NeurIPS
-2000) used for exactly this task. Measured on these clips with leave-one-clip-out cross-validation,
-the alternatives generalised worse: a contrastive (InfoNCE) CNN on mouth pixels was at chance on
-held-out clips (AUC 0.47, 0.95 on its training clips), a contrastive two-tower MLP on these same
-features reached 0.53-0.58, and mouth pixels instead of landmarks 0.50 (see models/README.md).
+Two small temporal-convolution towers, one over lip landmarks and one over the per-frame log-mel
+windows the audio stage carries, map every frame (with about half a second of context) to a
+vector; their dot product plus a bias is the frame's sync logit (higher: more confident that mouth
+and audio belong together at this offset). It is trained with a binary cross-entropy against four
+kinds of negatives (shifted audio, another clip's audio, quiet audio under a moving mouth, a frozen
+mouth under speech) plus a softmax over audio offsets, on the training identities of the corpus
+(`python -m training.sync_expert`, numbers in weights/sync_expert/report.json).
 
-Identity is removed before anything is learned: each track's lip coordinates and audio features are
-standardised over the track itself, so the expert sees how the mouth moves, not whose mouth it is.
+Why the inputs are what they are. The lips are expressed in mouth widths around their centroid
+(scale and position do not matter), minus the track's median shape (who the speaker is does not
+matter), together with their frame-to-frame motion. Nothing is divided by a per-track spread: the
+old expert standardised every track, which turned a still mouth's landmark jitter into full-size
+motion (a frozen mouth then scored like speech). Here a still mouth stays still, so under speech
+it scores low.
 
-Trustworthiness is measured, not assumed: the AUC of telling true from shifted audio (±5, ±8, ±12
-frames) on clips the expert never saw, per frame and per one-second window, by leave-one-clip-out
-cross-validation (`python -m training.sync_expert` writes it to report.json); `stabledub eval`
-reports it beside every sync number. Clip-level scores follow SyncNet's LSE metrics: the mean
-embedding distance at each audio offset; LSE-D is the smallest of those distances, LSE-C the median
-minus the smallest (confidence), and the argmin is the estimated offset in frames.
+Score directions (see `sync_score`, `window_confidence`, `speaking_probability`):
+- logit / confidence: higher means more confident sync;
+- distance = softplus(-logit) (the logistic loss of calling the pair in sync): lower is better;
+- LSE-D: mean distance at the best offset (lower is better); LSE-C: median over offsets minus the
+  best (higher is more confident); offset: frames by which the audio is late (+) or early (-).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from scipy.ndimage import uniform_filter1d
+from torch import nn
 
 from models.face_landmarks import LIP_CONTOUR_POINTS
 
-LIP_STD_FLOOR = 0.5  # px at 256: a still mouth stays still instead of its jitter being blown up to unit variance
+# Mouth corners inside LIP_CONTOUR_POINTS' order (61 and 291 of the outer contour): the unit of length.
+_CORNERS = (0, 10)
+
 
 @dataclass
 class TrackData:
@@ -42,19 +46,6 @@ class TrackData:
 
     lips: np.ndarray
     audio: np.ndarray
-
-
-def _context(x: np.ndarray, offsets: range) -> np.ndarray:
-    """(N, D) -> (N, D * len(offsets)): each frame with its neighbours (edges repeated)."""
-    index = np.clip(np.arange(len(x))[:, None] + np.array(offsets)[None], 0, len(x) - 1)
-    return x[index].reshape(len(x), -1)
-
-
-def _standardise(x: np.ndarray, highpass: int, floor: float) -> np.ndarray:
-    """Per-track standardisation after removing drifts slower than `highpass` frames (0: none)."""
-    if highpass:
-        x = x - uniform_filter1d(x, highpass, axis=0, mode="nearest")
-    return (x - x.mean(0)) / np.maximum(x.std(0), floor)
 
 
 def fill_gaps(x: np.ndarray) -> np.ndarray:
@@ -66,13 +57,18 @@ def fill_gaps(x: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(t, t[found], x[found, d]) for d in range(x.shape[1])], axis=1)
 
 
-def _band_means(audio: np.ndarray, bands: int) -> np.ndarray:
-    """(N, W, F) -> (N, W, bands): mean over contiguous groups of feature channels."""
-    return np.stack([group.mean(-1) for group in np.array_split(audio, bands, axis=-1)], axis=-1)
+def _tower(inputs: int, hidden: int, embed: int, dropout: float) -> nn.Sequential:
+    # Receptive field 1 + 4 + 4 + 2 = 11 frames (0.44 s at 25 fps).
+    return nn.Sequential(
+        nn.Conv1d(inputs, hidden, 1), nn.ReLU(), nn.Dropout(dropout),
+        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"), nn.ReLU(),
+        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"), nn.ReLU(),
+        nn.Conv1d(hidden, embed, 3, padding=1, padding_mode="replicate"),
+    )
 
 
 class SyncExpert(ModelMixin, ConfigMixin):
-    """(lip clip, audio context) -> unit embeddings; their dot product says how well they match."""
+    """(lip landmarks, audio windows) of a track -> per-frame embeddings whose dot product is the sync logit."""
 
     @register_to_config
     def __init__(
@@ -80,143 +76,149 @@ class SyncExpert(ModelMixin, ConfigMixin):
         audio_window: int = 20,
         audio_dim: int = 80,
         lip_points: tuple[int, ...] = LIP_CONTOUR_POINTS,
-        video_context: int = 2,  # frames each side of the centre frame
-        audio_context: int = 4,  # frames each side whose audio windows join the centre's (every second one)
-        audio_bands: int = 20,
-        audio_stride: int = 2,  # keep every n-th encoder frame of a window
-        highpass: int = 25,  # frames
-        visual_components: int = 30,
-        audio_components: int = 60,
-        embed_dim: int = 8,
-        ridge: float = 0.1,
+        audio_pool: tuple[int, int] = (2, 4),  # (time, bands) average pooling of each frame's window
+        hidden: int = 64,
+        embed_dim: int = 32,
+        dropout: float = 0.3,
+        audio_track_norm: bool = False,  # also feed each band minus its mean over the track (channel/mic removed)
     ) -> None:
         super().__init__()
-        visual_in = len(lip_points) * 2 * (2 * video_context + 1)
-        audio_in = audio_bands * len(range(0, audio_window, audio_stride)) * len(self.audio_offsets(audio_context))
-        for name, size, components in (("visual", visual_in, visual_components), ("audio", audio_in, audio_components)):
-            self.register_buffer(f"{name}_mean", torch.zeros(size, dtype=torch.float64))
-            self.register_buffer(f"{name}_basis", torch.zeros(components, size, dtype=torch.float64))
-            self.register_buffer(f"{name}_projection", torch.zeros(components, embed_dim, dtype=torch.float64))
-        self.register_buffer("correlations", torch.zeros(embed_dim, dtype=torch.float64))
-
-    @staticmethod
-    def audio_offsets(audio_context: int) -> range:
-        return range(-audio_context, audio_context + 1, 2) if audio_context else range(0, 1)
+        pt, pf = audio_pool
+        self.visual_in = len(lip_points) * 2 * 2  # shape and motion
+        self.audio_in = (audio_window // pt) * (audio_dim // pf) * (2 if audio_track_norm else 1)
+        self.video_tower = _tower(self.visual_in, hidden, embed_dim, dropout)
+        self.audio_tower = _tower(self.audio_in, hidden, embed_dim, dropout)
+        self.bias = nn.Parameter(torch.zeros(()))
+        # Feature standardisation, fixed at training time (the same for every track).
+        self.register_buffer("visual_mean", torch.zeros(self.visual_in))
+        self.register_buffer("visual_std", torch.ones(self.visual_in))
+        self.register_buffer("audio_mean", torch.zeros(self.audio_in))
+        self.register_buffer("audio_std", torch.ones(self.audio_in))
 
     # ------------------------------------------------------------------------------ features
-    def visual_features(self, lips: np.ndarray) -> np.ndarray:
-        """(N, P, 2) lip landmarks -> (N, D): per-track standardised shape, with neighbouring frames."""
+    def check_inputs(self, lips: np.ndarray | None = None, audio: np.ndarray | None = None) -> None:
         c = self.config
+        if lips is not None and (np.ndim(lips) != 3 or np.shape(lips)[1:] != (len(c.lip_points), 2)):
+            raise ValueError(f"sync expert expects lip landmarks (N, {len(c.lip_points)}, 2) at its lip_points, got "
+                             f"{np.shape(lips)}")
+        if audio is not None and (np.ndim(audio) != 3 or np.shape(audio)[1:] != (c.audio_window, c.audio_dim)):
+            raise ValueError(f"sync expert expects audio windows of {c.audio_window} x {c.audio_dim} features, got "
+                             f"{' x '.join(map(str, np.shape(audio)[1:]))} (the audio encoder or window differs from its training)")
+
+    def visual_features(self, lips: np.ndarray) -> np.ndarray:
+        """(N, P, 2) lip landmarks (any pixel scale) -> (N, 4P): shape around the track's median shape, and motion."""
+        self.check_inputs(lips=lips)
         lips = np.asarray(lips, np.float64)
-        shape = (lips - np.nanmean(lips, axis=1, keepdims=True)).reshape(len(lips), -1)  # where the lips are does not matter
-        x = _standardise(fill_gaps(shape), c.highpass, LIP_STD_FLOOR)
-        return _context(x, range(-c.video_context, c.video_context + 1))
+        n = len(lips)
+        flat = fill_gaps(lips.reshape(n, -1)).reshape(lips.shape)
+        shape = flat - flat.mean(axis=1, keepdims=True)
+        width = np.linalg.norm(shape[:, _CORNERS[0]] - shape[:, _CORNERS[1]], axis=-1)
+        unit = float(np.median(width)) if n else 1.0
+        shape = shape.reshape(n, -1) / max(unit, 1e-6)
+        relative = shape - np.median(shape, axis=0, keepdims=True)
+        motion = np.diff(shape, axis=0, prepend=shape[:1])
+        return np.concatenate([relative, motion], axis=1).astype(np.float32)
 
     def audio_features(self, audio: np.ndarray) -> np.ndarray:
-        """(N, W, F) per-frame windows -> (N, D): band means, standardised over the track, with context."""
+        """(N, W, F) per-frame log-mel windows -> (N, W/pt * F/pf): the window average-pooled."""
+        self.check_inputs(audio=audio)
         c = self.config
-        audio = np.asarray(audio, np.float64)
-        if audio.shape[1:] != (c.audio_window, c.audio_dim):
-            raise ValueError(f"sync expert expects audio windows of {c.audio_window} x {c.audio_dim} features, got "
-                             f"{audio.shape[1]} x {audio.shape[2]} (the audio encoder or window differs from its training)")
-        x = _band_means(audio[:, :: c.audio_stride], c.audio_bands).reshape(len(audio), -1)
-        return _context(_standardise(x, c.highpass, 1e-3), self.audio_offsets(c.audio_context))
+        pt, pf = c.audio_pool
+        a = np.asarray(audio, np.float32)
+        n = len(a)
+        a = a[:, : c.audio_window // pt * pt, : c.audio_dim // pf * pf]
+        pooled = a.reshape(n, c.audio_window // pt, pt, c.audio_dim // pf, pf).mean(axis=(2, 4)).reshape(n, -1)
+        if c.audio_track_norm:
+            pooled = np.concatenate([pooled, pooled - pooled.mean(axis=0, keepdims=True)], axis=1)
+        return pooled
 
-    def _project(self, x: np.ndarray, name: str) -> np.ndarray:
-        mean, basis, projection = (getattr(self, f"{name}_{part}").numpy() for part in ("mean", "basis", "projection"))
-        z = ((x - mean) @ basis.T) @ projection
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-9)
+    # ------------------------------------------------------------------------------ towers
+    def _run(self, tower: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) features -> (B, T, E)."""
+        x = (x - mean) / std
+        return tower(x.transpose(1, 2)).transpose(1, 2)
 
-    def embed_video(self, lips: np.ndarray) -> np.ndarray:
-        return self._project(self.visual_features(lips), "visual")
+    def video_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        return self._run(self.video_tower, features, self.visual_mean, self.visual_std)
 
-    def embed_audio(self, audio: np.ndarray) -> np.ndarray:
-        return self._project(self.audio_features(audio), "audio")
+    def audio_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        return self._run(self.audio_tower, features, self.audio_mean, self.audio_std)
 
-    # ------------------------------------------------------------------------------ fitting
-    def fit(self, tracks: list[TrackData]) -> np.ndarray:
-        """Closed-form fit on true (lips, audio) pairs of every frame; returns the canonical correlations."""
-        c = self.config
-        usable = [t for t in tracks if len(t.lips) > 2 * c.video_context + 1]
-        if not usable:
-            raise ValueError("no track is long enough to fit the sync expert")
-        visual = np.concatenate([self.visual_features(t.lips) for t in usable])
-        audio = np.concatenate([self.audio_features(t.audio) for t in usable])
-        reduced = []
-        for name, x, components in (("visual", visual, c.visual_components), ("audio", audio, c.audio_components)):
-            if len(x) <= components:
-                raise ValueError(f"{len(x)} frames are too few to fit {components} {name} components")
-            mean = x.mean(0)
-            basis = np.linalg.svd(x - mean, full_matrices=False)[2][:components]
-            getattr(self, f"{name}_mean").copy_(torch.from_numpy(mean))
-            getattr(self, f"{name}_basis").copy_(torch.from_numpy(basis))
-            reduced.append((x - mean) @ basis.T)
-        wv, wa, correlations = regularised_cca(*reduced, c.embed_dim, c.ridge)
-        self.visual_projection.copy_(torch.from_numpy(wv))
-        self.audio_projection.copy_(torch.from_numpy(wa))
-        self.correlations.copy_(torch.from_numpy(correlations))
-        return correlations
+    def logit(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """Sync logit of paired embeddings (..., E): higher means more confident sync."""
+        return (video * audio).sum(-1) / float(video.shape[-1]) ** 0.5 + self.bias
 
-
-def regularised_cca(x: np.ndarray, y: np.ndarray, k: int, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Projections of x and y onto their k most correlated directions (ridge added to both covariances)."""
-    x = x - x.mean(0)
-    y = y - y.mean(0)
-    cxx = x.T @ x / len(x) + ridge * np.eye(x.shape[1])
-    cyy = y.T @ y / len(y) + ridge * np.eye(y.shape[1])
-    cxy = x.T @ y / len(x)
-
-    def inverse_sqrt(c: np.ndarray) -> np.ndarray:
-        w, v = np.linalg.eigh(c)
-        return (v / np.sqrt(w)) @ v.T
-
-    wx, wy = inverse_sqrt(cxx), inverse_sqrt(cyy)
-    u, s, vt = np.linalg.svd(wx @ cxy @ wy)
-    return wx @ u[:, :k], wy @ vt.T[:, :k], s[:k]
+    @torch.no_grad()
+    def embed(self, lips: np.ndarray, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-frame (N, E) video and audio embeddings of one track (frame counts may differ)."""
+        v = torch.from_numpy(self.visual_features(lips))[None]
+        a = torch.from_numpy(self.audio_features(audio))[None]
+        return self.video_embedding(v)[0].numpy(), self.audio_embedding(a)[0].numpy()
 
 
 # ---------------------------------------------------------------------------------- scoring
-def shifted(n: int, centres: np.ndarray, shift: int) -> np.ndarray:
-    """Index of the audio `shift` frames away, reflected at the track's ends so it never equals the centre."""
-    index = centres + shift
-    index = np.where(index < 0, centres - shift, index)
-    index = np.where(index >= n, centres - shift, index)
-    return np.clip(index, 0, n - 1)
-
-
-def similarity_at_offsets(expert: SyncExpert, track: TrackData, offsets: range) -> np.ndarray:
-    """(len(offsets), N): similarity of each frame's lip clip with the audio `offset` frames later."""
-    n = len(track.lips)
-    centres = np.arange(n)
-    video, audio = expert.embed_video(track.lips), expert.embed_audio(track.audio)
+def logits_at_offsets(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, offsets: range) -> np.ndarray:
+    """(len(offsets), N): logit of each frame's lips with the audio `offset` frames later (NaN off the end)."""
+    video, sound = expert.embed(lips, audio)
+    n = min(len(video), len(sound))
+    bias = float(expert.bias.detach())
+    scale = float(video.shape[1]) ** 0.5
     out = np.full((len(offsets), n), np.nan, np.float32)
+    centres = np.arange(n)
     for k, offset in enumerate(offsets):
         index = centres + offset
         valid = (index >= 0) & (index < n)
-        out[k, valid] = (video[valid] * audio[index[valid]]).sum(-1)
+        out[k, valid] = (video[centres[valid]] * sound[index[valid]]).sum(-1) / scale + bias
     return out
 
+
+def distance(logits: np.ndarray) -> np.ndarray:
+    """softplus(-logit): the logistic loss of calling a pair in sync (0 when certain; lower is better)."""
+    with np.errstate(invalid="ignore"):  # NaN (offsets off the track's end) stays NaN
+        return np.logaddexp(0.0, -np.asarray(logits, np.float64))
+
+
+def window_confidence(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, window: int = 25,
+                      max_offset: int = 15) -> np.ndarray:
+    """Sync confidence of consecutive `window`-frame windows as they are (offset 0); higher: more confident sync.
+
+    A window's mean logit at offset 0 plus how far it stands above the window's median over
+    offsets ±max_offset: the first part says "this mouth speaks this sound" (a frozen mouth or
+    quiet audio under a moving mouth is low everywhere), the second "and at this very offset"
+    (shifted audio peaks elsewhere), in the spirit of SyncNet's LSE-C.
+    """
+    table = logits_at_offsets(expert, lips, audio, range(-max_offset, max_offset + 1))
+    starts = range(0, table.shape[1] - window + 1, window)
+    out = []
+    for s in starts:
+        profile = np.nanmean(table[:, s : s + window], axis=1)
+        out.append(2 * profile[max_offset] - np.nanmedian(profile))
+    return np.array(out, np.float64)
 
 
 @dataclass
 class SyncScore:
-    lse_d: float  # distance at the best offset (lower: better synced)
-    lse_c: float  # median distance over offsets minus the best (higher: more confident sync)
-    offset: int  # frames; the audio offset at which mouth and audio agree best
-    distance_at_zero: float
+    lse_d: float  # mean distance at the best offset (lower: better synced)
+    lse_c: float  # median mean distance over offsets minus the best (higher: more confident sync)
+    offset: int  # frames; the audio offset at which mouth and audio agree best (+: audio late)
+    distance_at_zero: float  # mean distance at offset 0 (lower: better synced as it is)
 
 
 def sync_score(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offset: int = 12) -> SyncScore:
-    """LSE-D / LSE-C style scores of a track: lip landmarks (N, P, 2), audio windows (N, W, F)."""
-    track = TrackData(np.asarray(lips, np.float64), np.asarray(audio, np.float32))
+    """LSE-D / LSE-C style scores of a track: lip landmarks (N, P, 2) at `expert.config.lip_points`, audio windows (N, W, F)."""
     offsets = range(-max_offset, max_offset + 1)
-    similarity = similarity_at_offsets(expert, track, offsets)
-    distance = np.sqrt(np.clip(2.0 - 2.0 * similarity, 0.0, None))
-    mean = np.nanmean(distance, axis=1)
+    mean = np.nanmean(distance(logits_at_offsets(expert, lips, audio, offsets)), axis=1)
     best = int(np.nanargmin(mean))
     return SyncScore(lse_d=float(mean[best]), lse_c=float(np.nanmedian(mean) - mean[best]), offset=int(offsets[best]),
                      distance_at_zero=float(mean[max_offset]))
 
+
+def speaking_probability(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offset: int = 2) -> float:
+    """Probability in [0, 1] that this face is speaking this audio: the sigmoid of the track's mean
+    sync logit at the best offset within ±max_offset frames (a small AV offset is tolerated)."""
+    logits = logits_at_offsets(expert, lips, audio, range(-max_offset, max_offset + 1))
+    best = float(np.nanmax(np.nanmean(logits, axis=1)))
+    return float(1.0 / (1.0 + np.exp(-best)))
 
 
 def default_sync_expert() -> str:

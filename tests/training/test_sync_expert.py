@@ -1,17 +1,37 @@
-"""The sync expert on constructed tracks (it learns, finds offsets, round-trips, cross-validates) and on
-real footage through the landmark path `stabledub eval` uses."""
+"""The sync expert on constructed data (it learns, splits by identity) and the shipped expert on a real
+sample clip read through the pipeline's own stages (FaceTrack landmarks, AudioFeaturize windows):
+it finds a known offset, and a frozen mouth or another clip's audio scores below the original.
+
+The real clip is a VFHQ interview: the expert is trained on real faces and does not transfer to the
+3D-animated (`frozen_*`) or game (`tlou_*`) sample clips (offsets off by 4-15 frames there; see the
+model card), so those are no test of it."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
+import torch
 
 from models.face_landmarks import LIP_CONTOUR_POINTS
-from models.sync_expert import SyncExpert, TrackData, load_sync_expert, sync_score
-from training.shards import read_shard, shard_urls
-from training.sync_expert import LipLandmarks, auc, cross_validated_aucs, heldout_auc
+from models.sync_expert import SyncExpert, load_sync_expert, logits_at_offsets, speaking_probability, sync_score
+from tests.conftest import SHARED_DATA, shared_clip
+from training.sync_expert import (
+    Clip,
+    LipLandmarks,
+    TrainConfig,
+    audio_windows,
+    auc,
+    face_track_landmarks,
+    fit,
+    measure,
+    read_video,
+    read_wav,
+    sequences,
+    split_identities,
+)
+
+CLIP = "vfhq_GX80GoZmROw"  # a real interview clip (5.4 s), own audio
+OTHER = "vfhq_1vYEVO9838Y"  # another speaker's audio for the same frames
 
 
 def test_auc_counts_ranked_pairs():
@@ -20,64 +40,82 @@ def test_auc_counts_ranked_pairs():
     assert auc(np.ones(4), np.ones(5)) == 0.5
 
 
-def constructed_track(seed: int, n: int = 80) -> TrackData:
-    """Lips that open with the audio's loudness (plus landmark noise)."""
+def test_split_keeps_every_identity_on_one_side():
+    rows = [{"name": f"c{i}", "identity": f"ID{i % 7}"} for i in range(30)]
+    train, validation = split_identities(rows)
+    assert set(train).isdisjoint(validation) and set(train) | set(validation) == {f"ID{i}" for i in range(7)}
+    assert len(validation) == 1
+
+
+def constructed_clip(seed: int, n: int = 160) -> Clip:
+    """A mouth that opens with the audio's loudness, with pauses (quiet audio, closed mouth)."""
     rng = np.random.default_rng(seed)
-    loud = np.convolve(rng.random(n + 10), np.ones(3) / 3, mode="same")[5:-5]
-    lips = rng.normal(100, 0.3, (n, len(LIP_CONTOUR_POINTS), 2))
-    lips[:, :, 1] += 10 * loud[:, None] * np.linspace(-1, 1, len(LIP_CONTOUR_POINTS))[None]
+    loud = np.convolve(rng.random(n + 10) * (rng.random(n + 10) > 0.3), np.ones(3) / 3, mode="same")[5:-5]
+    mouth = np.stack([np.cos(np.linspace(0, 2 * np.pi, len(LIP_CONTOUR_POINTS))) * 25,
+                      np.sin(np.linspace(0, 2 * np.pi, len(LIP_CONTOUR_POINTS))) * 8], -1) + 128
+    lips = np.repeat(mouth[None], n, 0) + rng.normal(0, 0.1, (n, len(LIP_CONTOUR_POINTS), 2))
+    lips[:, :, 1] += 10 * loud[:, None] * np.sign(lips[:, :, 1] - 128)
     audio = loud[:, None, None] * np.ones((n, 20, 80)) + rng.normal(0, 0.05, (n, 20, 80))
-    audio[:, :10] *= 0.5
-    return TrackData(lips, audio.astype(np.float32))
+    landmarks = np.full((n, 468, 2), np.nan, np.float32)
+    landmarks[:, list(LIP_CONTOUR_POINTS)] = lips
+    return Clip(f"c{seed}", f"ID{seed}", 25.0, landmarks, audio.astype(np.float32), (loud > 0.2).astype(np.float32))
 
 
-def test_sync_expert_learns_true_from_shifted_audio_and_finds_a_five_frame_offset():
-    tracks = [constructed_track(seed) for seed in range(8)]
-    expert = SyncExpert(visual_components=20, audio_components=20)
-    correlations = expert.fit(tracks[:6])
-    assert heldout_auc(expert, tracks[6:]) > 0.8  # measured 0.93; chance is 0.5
-    unrelated = SyncExpert(visual_components=20, audio_components=20)
-    chance = unrelated.fit([TrackData(t.lips, tracks[(i + 1) % 6].audio) for i, t in enumerate(tracks[:6])])  # another track's audio
-    assert correlations[0] > 0.9 and chance[0] < 0.6  # only true pairs share a direction
-    late = np.concatenate([tracks[7].audio[:1].repeat(5, 0), tracks[7].audio[:-5]])  # the audio 5 frames late
-    assert sync_score(expert, tracks[7].lips, late, max_offset=8).offset == 5
+def test_expert_learns_sync_from_constructed_clips_and_finds_a_known_offset(one_thread):
+    clips = [constructed_clip(seed) for seed in range(8)]
+    expert = SyncExpert(hidden=32, embed_dim=16)
+    fit(expert, sequences(expert, clips[:6]), TrainConfig(steps=60, batch=8, length=48, lr=5e-3))
+    held = measure(expert, clips[6:])
+    assert held["sync_auc_window"] > 0.8 and held["sync_auc_frozen"] > 0.8  # chance is 0.5
+    clip = clips[7]
+    late = clip.audio[np.clip(np.arange(len(clip.audio)) - 5, 0, None)]  # the audio 5 frames late
+    assert abs(sync_score(expert, clip.lips, late, max_offset=10).offset - 5) <= 1
 
 
-def test_sync_expert_round_trips_through_save_pretrained(tmp_path):
-    rng = np.random.default_rng(1)
-    tracks = [TrackData(rng.normal(100, 2, (60, len(LIP_CONTOUR_POINTS), 2)), rng.normal(0, 1, (60, 20, 80)).astype(np.float32)) for _ in range(3)]
-    expert = SyncExpert(visual_components=10, audio_components=10)
-    expert.fit(tracks)
-    expert.save_pretrained(tmp_path)
-    loaded, _ = load_sync_expert(str(tmp_path))
-    np.testing.assert_allclose(loaded.embed_audio(tracks[0].audio), expert.embed_audio(tracks[0].audio))
-    np.testing.assert_allclose(loaded.embed_video(tracks[0].lips), expert.embed_video(tracks[0].lips))
-    with pytest.raises(ValueError, match="audio windows of 20 x 80"):
-        expert.embed_audio(np.zeros((10, 20, 384), np.float32))
+@pytest.fixture(scope="module")
+def real_clip() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The clip's lips (face track stage) and audio windows (audio stage); another speaker's windows."""
+    torch.set_num_threads(1)
+    frames, pts = read_video(shared_clip(CLIP))
+    lips = face_track_landmarks(frames, pts)[:, list(LIP_CONTOUR_POINTS)]
+    audio, _ = audio_windows(read_wav(SHARED_DATA / "audio" / f"{CLIP}.wav"), pts)
+    other, _ = audio_windows(read_wav(SHARED_DATA / "audio" / f"{OTHER}.wav"), pts)
+    assert np.isfinite(lips).all()
+    return lips, audio, other
 
 
-def test_cross_validation_scores_each_clip_with_an_expert_that_never_saw_it():
-    """A clip whose audio belongs to another clip cannot be told apart from shifted audio: chance."""
-    tracks = [constructed_track(seed) for seed in range(6)]
-    groups = {f"clip{i}": [t] for i, t in enumerate(tracks[:5])}
-    groups["dubbed"] = [TrackData(tracks[5].lips, tracks[0].audio)]
-    pooled, per_clip = cross_validated_aucs({"visual_components": 20, "audio_components": 20}, groups)
-    assert set(per_clip) == set(groups) and pooled["frame_auc"] > 0.75
-    assert min(per_clip[f"clip{i}"] for i in range(5)) > 0.8 and abs(per_clip["dubbed"] - 0.5) < 0.15
+@pytest.mark.parametrize("delay", [-6, 6])
+def test_shipped_expert_finds_a_known_offset_in_a_real_clip(real_clip, delay):
+    expert, _ = load_sync_expert()
+    lips, audio, _ = real_clip
+    moved = audio[np.clip(np.arange(len(audio)) - delay, 0, len(audio) - 1)]  # positive: audio late
+    assert abs(sync_score(expert, lips, moved, max_offset=10).offset - delay) <= 1
+
+
+def test_shipped_expert_scores_a_frozen_mouth_and_other_audio_below_the_original(real_clip):
+    expert, _ = load_sync_expert()
+    lips, audio, other = real_clip
+    frozen = np.repeat(lips[:1], len(lips), 0)
+
+    def mean_logit(l: np.ndarray, a: np.ndarray) -> float:
+        return float(np.nanmean(logits_at_offsets(expert, l, a, range(0, 1))))
+
+    original = mean_logit(lips, audio)
+    assert original > mean_logit(frozen, audio) and original > mean_logit(lips, other)
+    assert speaking_probability(expert, lips, audio) > speaking_probability(expert, frozen, audio)
+    assert speaking_probability(expert, lips, audio) > speaking_probability(expert, lips, other)
+    assert sync_score(expert, lips, audio).lse_d < sync_score(expert, frozen, audio).lse_d
 
 
 @pytest.mark.slow
-def test_shipped_sync_expert_finds_a_known_offset_in_real_footage(corpus):
-    """Real crops through the same landmark path `stabledub eval` uses; the audio delayed by 6 frames.
+def test_eval_landmark_path_gives_the_expert_the_same_offset(real_clip):
+    """`stabledub eval` re-meshes the crops with LipLandmarks; the expert must read those too."""
+    from training.occlusion import track_crops
 
-    The clip is among the expert's fitting data, so this checks the measuring path, not generalisation;
-    that is the cross-validated AUC in its report.json (each clip scored by an expert that never saw it).
-    """
-    expert, report = load_sync_expert()
-    assert report["cross_validated_auc"] > 0.55 and len(report["cross_validated_per_clip_auc"]) == len(report["clips"])
-    _, members = next(read_shard(shard_urls(str(corpus["train"]))[0]))
-    lips = LipLandmarks().lips(np.load(io.BytesIO(members["crops.npy"])))
-    audio = np.load(io.BytesIO(members["audio.npy"]))
+    expert, _ = load_sync_expert()
+    _, audio, _ = real_clip
+    crops, _ = track_crops(read_video(shared_clip(CLIP))[0])
+    lips = LipLandmarks.steady(LipLandmarks()(crops))[:, list(expert.config.lip_points)]
+    late = audio[np.clip(np.arange(len(audio)) - 4, 0, len(audio) - 1)]
     assert abs(sync_score(expert, lips, audio).offset) <= 1
-    late = np.concatenate([audio[:1].repeat(6, 0), audio[:-6]])
-    assert abs(sync_score(expert, lips, late).offset - 6) <= 1
+    assert abs(sync_score(expert, lips, late).offset - 4) <= 1

@@ -1,0 +1,70 @@
+"""The sync expert network on its own: save/load round trip, refusal of features it was not trained on,
+score directions, and the shipped weights' size and report."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from models.face_landmarks import LIP_CONTOUR_POINTS
+from models.sync_expert import (
+    SyncExpert,
+    default_sync_expert,
+    distance,
+    load_sync_expert,
+    logits_at_offsets,
+    speaking_probability,
+    sync_score,
+)
+
+
+def random_track(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lips = rng.normal(0, 1.0, (n, len(LIP_CONTOUR_POINTS), 2)) + np.linspace(80, 176, len(LIP_CONTOUR_POINTS))[None, :, None]
+    return lips, rng.normal(0, 1, (n, 20, 80)).astype(np.float32)
+
+
+def test_expert_round_trips_through_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    expert = SyncExpert().eval()
+    expert.visual_std.fill_(2.0)  # buffers travel too
+    expert.save_pretrained(tmp_path)
+    loaded, report = load_sync_expert(str(tmp_path))
+    lips, audio = random_track()
+    np.testing.assert_allclose(logits_at_offsets(loaded, lips, audio, range(-3, 4)),
+                               logits_at_offsets(expert, lips, audio, range(-3, 4)), rtol=1e-5, atol=1e-5)
+    assert report == {} and float(loaded.visual_std[0]) == 2.0
+
+
+def test_expert_refuses_features_it_was_not_trained_on():
+    expert = SyncExpert().eval()
+    lips, audio = random_track()
+    with pytest.raises(ValueError, match="audio windows of 20 x 80 features, got 20 x 384"):
+        sync_score(expert, lips, np.zeros((60, 20, 384), np.float32))
+    with pytest.raises(ValueError, match="audio windows of 20 x 80 features, got 10 x 80"):
+        speaking_probability(expert, lips, audio[:, :10])
+    with pytest.raises(ValueError, match=r"lip landmarks \(N, 40, 2\)"):
+        sync_score(expert, np.zeros((60, 468, 2)), audio)
+
+
+def test_scores_have_their_documented_directions():
+    assert np.all(np.diff(distance(np.linspace(-5, 5, 11))) < 0)  # higher logit: lower distance
+    expert = SyncExpert().eval()
+    lips, audio = random_track()
+    score = sync_score(expert, lips, audio, max_offset=5)
+    assert score.lse_c >= 0 and score.lse_d <= score.distance_at_zero and -5 <= score.offset <= 5
+    assert 0.0 <= speaking_probability(expert, lips, audio) <= 1.0
+
+
+def test_shipped_expert_is_small_and_reports_its_validation():
+    path = default_sync_expert()
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert size < 10 << 20
+    expert, report = load_sync_expert()
+    assert expert.config.audio_window == 20 and expert.config.audio_dim == 80
+    assert tuple(expert.config.lip_points) == LIP_CONTOUR_POINTS
+    assert set(report["data"]["train"].values()).isdisjoint(report["data"]["validation"].values())  # split by identity
+    assert report["validation"]["sync_auc_window"] > 0.5 and "cross_validated_auc" in report
