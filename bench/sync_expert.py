@@ -42,9 +42,11 @@ def main() -> None:
     result = measure(expert, clips)
     spread = identity_spread(result["per_clip"])
     for name, entry in sorted(result.pop("per_clip").items(), key=lambda kv: kv[1]["identity"]):
-        print(f"{name:46s} {entry['identity']} windows {entry['windows']:3d} auc_window {entry['auc_window']:.3f} "
-              f"auc_frozen {entry['auc_frozen']:.3f} offset_error {entry['offset_error']:.1f} own_offset {entry['own_offset']:+d}")
-    print("per-identity auc_window: min %.3f median %.3f max %.3f" % (spread["min"], spread["median"], spread["max"]))
+        print(
+            f"{name:46s} {entry['identity']} windows {entry['windows']:3d} auc_window {entry['auc_window']:.3f} "
+            f"auc_frozen {entry['auc_frozen']:.3f} offset_error {entry['offset_error']:.1f} own_offset {entry['own_offset']:+d}"
+        )
+    print(f"per-identity auc_window: min {spread['min']:.3f} median {spread['median']:.3f} max {spread['max']:.3f}")
     raw = measure(expert, as_is)
     raw.pop("per_clip")
     print("without the audit (no clip dropped, no offset corrected):", json.dumps(raw))
@@ -53,6 +55,7 @@ def main() -> None:
     print(f"RESULT sync_auc_window {result['sync_auc_window']:.4f}")
     print(f"RESULT sync_auc_frozen {result['sync_auc_frozen']:.4f}")
     print(f"RESULT offset_error_frames {result['offset_error_frames']:.1f}")
+
 
 if __name__ == "__main__":
     main()

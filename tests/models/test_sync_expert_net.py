@@ -34,8 +34,12 @@ def test_expert_round_trips_through_save_pretrained(tmp_path):
     expert.save_pretrained(tmp_path)
     loaded, report = load_sync_expert(str(tmp_path))
     lips, audio = random_track()
-    np.testing.assert_allclose(logits_at_offsets(loaded, lips, audio, range(-3, 4)),
-                               logits_at_offsets(expert, lips, audio, range(-3, 4)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits_at_offsets(loaded, lips, audio, range(-3, 4)),
+        logits_at_offsets(expert, lips, audio, range(-3, 4)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert report == {} and float(loaded.visual_std[0]) == 2.0
 
 

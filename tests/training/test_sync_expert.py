@@ -19,8 +19,8 @@ from training.sync_expert import (
     Clip,
     LipLandmarks,
     TrainConfig,
-    audio_windows,
     auc,
+    audio_windows,
     face_track_landmarks,
     fit,
     measure,
@@ -51,8 +51,16 @@ def constructed_clip(seed: int, n: int = 160) -> Clip:
     """A mouth that opens with the audio's loudness, with pauses (quiet audio, closed mouth)."""
     rng = np.random.default_rng(seed)
     loud = np.convolve(rng.random(n + 10) * (rng.random(n + 10) > 0.3), np.ones(3) / 3, mode="same")[5:-5]
-    mouth = np.stack([np.cos(np.linspace(0, 2 * np.pi, len(LIP_CONTOUR_POINTS))) * 25,
-                      np.sin(np.linspace(0, 2 * np.pi, len(LIP_CONTOUR_POINTS))) * 8], -1) + 128
+    mouth = (
+        np.stack(
+            [
+                np.cos(np.linspace(0, 2 * np.pi, len(LIP_CONTOUR_POINTS))) * 25,
+                np.sin(np.linspace(0, 2 * np.pi, len(LIP_CONTOUR_POINTS))) * 8,
+            ],
+            -1,
+        )
+        + 128
+    )
     lips = np.repeat(mouth[None], n, 0) + rng.normal(0, 0.1, (n, len(LIP_CONTOUR_POINTS), 2))
     lips[:, :, 1] += 10 * loud[:, None] * np.sign(lips[:, :, 1] - 128)
     audio = loud[:, None, None] * np.ones((n, 20, 80)) + rng.normal(0, 0.05, (n, 20, 80))
@@ -97,8 +105,8 @@ def test_shipped_expert_scores_a_frozen_mouth_and_other_audio_below_the_original
     lips, audio, other = real_clip
     frozen = np.repeat(lips[:1], len(lips), 0)
 
-    def mean_logit(l: np.ndarray, a: np.ndarray) -> float:
-        return float(np.nanmean(logits_at_offsets(expert, l, a, range(0, 1))))
+    def mean_logit(mouth: np.ndarray, sound: np.ndarray) -> float:
+        return float(np.nanmean(logits_at_offsets(expert, mouth, sound, range(0, 1))))
 
     original = mean_logit(lips, audio)
     assert original > mean_logit(frozen, audio) and original > mean_logit(lips, other)
