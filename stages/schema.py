@@ -213,6 +213,29 @@ def segments_to_batch(segments: list[Segment]) -> dict[str, np.ndarray]:
     return rows_to_batch([to_row(s) for s in segments])
 
 
+def frames_segment(
+    frames: np.ndarray, pts: np.ndarray | None = None, key: str = "frames", metadata: dict[str, Any] | None = None
+) -> Segment:
+    """A whole film of decoded frames held in memory as one segment (tools and tests outside the
+    pipeline run stages on it directly). `pts` defaults to 25 fps."""
+    n, height, width = frames.shape[:3]
+    pts = np.arange(n) / 25.0 if pts is None else np.asarray(pts, np.float64)
+    return Segment(
+        film=FilmRef(key=key, shard_url="memory://", video=None, dub=None, metadata=metadata or {}),
+        index=0,
+        count=1,
+        start=0,
+        stop=n,
+        context_start=0,
+        pts=pts,
+        seek_pts=float(pts[0]) if n else 0.0,
+        width=width,
+        height=height,
+        time_base=(1, 90000),
+        frames=frames,
+    )
+
+
 def marker(film: FilmRef, status: Status, reason: str = "") -> Segment:
     """A row that stands for a whole film (or, with an empty key, a whole shard)."""
     return Segment(

@@ -8,6 +8,8 @@ import av
 import numpy as np
 import pytest
 
+from stages.media import probe_video
+from stages.schema import FilmRef, MemberRef, Segment
 from training.shared_data import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +43,23 @@ def write_h264(path: Path, frames: np.ndarray, crf: int) -> None:
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+
+
+def file_segment(path: Path, key: str, start: int = 0) -> Segment:
+    """A video file read in place as one segment of a one-film shard (the file is the member)."""
+    with open(path, "rb") as file:
+        info = probe_video(file)
+    film = FilmRef(key, str(path), MemberRef(str(path), path.name, 0, path.stat().st_size), None)
+    return Segment(
+        film=film,
+        index=0,
+        count=1,
+        start=start,
+        stop=len(info.pts),
+        context_start=0,
+        pts=info.pts,
+        seek_pts=0.0,
+        width=info.width,
+        height=info.height,
+        time_base=info.time_base,
+    )

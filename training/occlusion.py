@@ -87,25 +87,10 @@ def read_frames(path: Path, max_frames: int | None = None, step: int = 1) -> np.
 def track_crops(frames: np.ndarray, crop_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Aligned crops and lower-face masks of the longest face track, through the FaceTrack stage."""
     from stages.face_track import FaceTrack, FaceTrackConfig
-    from stages.schema import FilmRef, Segment
+    from stages.schema import frames_segment
 
     stage = FaceTrack(FaceTrackConfig(crop_size=crop_size))
-    n, h, w = frames.shape[:3]
-    segment = Segment(
-        film=FilmRef(key="crops", shard_url="memory://", video=None, dub=None),
-        index=0,
-        count=1,
-        start=0,
-        stop=n,
-        context_start=0,
-        pts=np.arange(n) / 25.0,
-        seek_pts=0.0,
-        width=w,
-        height=h,
-        time_base=(1, 25),
-        frames=frames,
-    )
-    segment = stage.process(segment)
+    segment = stage.process(frames_segment(frames, key="crops"))
     if not segment.tracks:
         raise ValueError("no face track found")
     track = max(segment.tracks, key=lambda t: len(t.frame_index))

@@ -19,11 +19,10 @@ from stages.decode import decode_frames
 from stages.encode import EncodeConfig, encode_segment
 from stages.face_track import FaceTrack, FaceTrackConfig
 from stages.inpaint import GreyModel, Inpaint
-from stages.media import probe_video
 from stages.occlusion import OcclusionSegment
 from stages.paste import paste_back
-from stages.schema import FilmRef, MemberRef, Segment
-from tests.conftest import write_h264
+from stages.schema import Segment, frames_segment
+from tests.conftest import file_segment, write_h264
 from training.occluders import HELDOUT_STYLES, composite_occluders
 from training.occlusion import DATA_DIR, EVAL_CLIPS, EVAL_SEED, read_frames
 
@@ -35,22 +34,7 @@ def write_video(path: Path, frames: np.ndarray) -> None:
 
 
 def segment_of(path: Path) -> Segment:
-    with open(path, "rb") as file:
-        info = probe_video(file)
-    film = FilmRef("occluded", str(path), MemberRef(str(path), path.name, 0, path.stat().st_size), None)
-    return Segment(
-        film=film,
-        index=0,
-        count=1,
-        start=0,
-        stop=len(info.pts),
-        context_start=0,
-        pts=info.pts,
-        seek_pts=0.0,
-        width=info.width,
-        height=info.height,
-        time_base=info.time_base,
-    )
+    return file_segment(path, "occluded")
 
 
 def to_frame(crop_values: np.ndarray, affine: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -64,20 +48,7 @@ def occluded_film(tmp_path_factory) -> dict:
     frames = read_frames(DATA_DIR / "video" / f"{EVAL_CLIPS[1]}.mp4", FRAMES)
     height, width = frames.shape[1:3]
     tracker = FaceTrack(FaceTrackConfig(speaker="all"))
-    clean = Segment(
-        film=FilmRef("clean", "memory://", None, None),
-        index=0,
-        count=1,
-        start=0,
-        stop=FRAMES,
-        context_start=0,
-        pts=np.arange(FRAMES) / 25.0,
-        seek_pts=0.0,
-        width=width,
-        height=height,
-        time_base=(1, 25),
-        frames=frames,
-    )
+    clean = frames_segment(frames, key="clean")
     track = tracker.process(clean).tracks[0]
     assert len(track.frame_index) == FRAMES
     comp = composite_occluders(

@@ -19,10 +19,9 @@ from stages.face_align import warp_crop
 from stages.face_masks import union_masks
 from stages.face_track import FaceTrack
 from stages.inpaint import Inpaint
-from stages.media import probe_video
 from stages.paste import paste_back
-from stages.schema import FilmRef, MemberRef, Segment
-from tests.conftest import write_h264
+from stages.schema import Segment
+from tests.conftest import file_segment, write_h264
 from tests.stages.test_face_track import background, clip_frames, composite
 
 SIZE = 256
@@ -87,22 +86,7 @@ def test_colour_drift_is_matched_at_the_boundary() -> None:
 
 def write_film(path: Path, frames: np.ndarray) -> Segment:
     write_h264(path, frames, crf=10)
-    with open(path, "rb") as file:
-        info = probe_video(file)
-    film = FilmRef("film", str(path), MemberRef(str(path), path.name, 0, path.stat().st_size), None)
-    return Segment(
-        film=film,
-        index=0,
-        count=1,
-        start=2,
-        stop=len(info.pts),
-        context_start=0,
-        pts=info.pts,
-        seek_pts=0.0,
-        width=info.width,
-        height=info.height,
-        time_base=info.time_base,
-    )
+    return file_segment(path, "film", start=2)
 
 
 def read_video(path: Path) -> np.ndarray:
