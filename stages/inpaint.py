@@ -15,9 +15,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import Annotated, Protocol
 
-import cv2
 import numpy as np
 
+from models.images import resize_square
 from stages.audio import AudioConfig, check_model_audio
 from stages.base import SegmentStage
 from stages.schema import Segment, Track
@@ -158,21 +158,15 @@ class StableDubInpainter:
             check_model_audio({"audio_encoder": spec["encoder"], "audio_window": spec["window"], "audio_dim": spec["dim"]}, audio)
         self.size = int(self.pipeline.unet.config.sample_size) * 8
 
-    def _resize(self, images: np.ndarray, size: int) -> np.ndarray:
-        if images.shape[1] == size:
-            return images
-        interpolation = cv2.INTER_AREA if images.shape[1] > size else cv2.INTER_CUBIC
-        return np.stack([cv2.resize(image, (size, size), interpolation=interpolation) for image in images])
-
     def __call__(self, track: Track, segment: Segment) -> np.ndarray:
         import torch
 
         s = self.settings
         crop = track.crops.shape[1]
         assert segment.audio_features is not None, "the audio stage must run before inpaint"
-        frames = self._resize(track.crops, self.size)
-        masks = self._resize(track.mask, self.size)
-        occlusion = None if track.occlusion is None else self._resize(track.occlusion, self.size)
+        frames = resize_square(track.crops, self.size)
+        masks = resize_square(track.mask, self.size)
+        occlusion = None if track.occlusion is None else resize_square(track.occlusion, self.size)
         reference, lip = pick_references(segment, track, s.lip_clip_frames)
         lip_frames = lip_audio = None
         if lip.stop - lip.start >= 2 and segment.source_audio_features is not None:
@@ -196,7 +190,7 @@ class StableDubInpainter:
         if self.size == crop:
             return result
         # back to the crop size: only the model's change is resized, so untouched pixels stay exact
-        change = self._resize(result.astype(np.int16) - frames.astype(np.int16), crop)
+        change = resize_square(result.astype(np.int16) - frames.astype(np.int16), crop)
         region = track.mask > 0
         out = track.crops.astype(np.int16)
         out[region] += change[region]
