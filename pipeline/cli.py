@@ -68,9 +68,9 @@ def check_input(pattern: str, allow_missing: bool) -> str | list[str]:
             f"input {pattern}: no shard it names exists (give existing shards, a glob such as films-*.tar, or pack first)"
         )
     if missing and not allow_missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        gone = f"shards {missing[0]} and {len(missing) - 1} more do" if len(missing) > 1 else f"shard {missing[0]} does"
         raise UsageError(
-            f"input {pattern}: shard {missing[0]}{more} does not exist ({len(present)} do); "
+            f"input {pattern}: {gone} not exist ({len(present)} do); "
             "name only existing shards, or pass --allow-missing to skip missing ones"
         )
     if missing:
@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=args.verbose,
         metrics_port=args.metrics_port,
     )
-    print(f"output: {args.output}  (run directory: {options.run_dir})", file=sys.stderr)
+    print(f"output: {args.output}  (run directory: {options.run_dir})")
     try:
         summary = run(options)  # prints the run's summary: the last line on stdout
     except (FileNotFoundError, RunDirError, LeaseHeld) as error:

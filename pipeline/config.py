@@ -166,7 +166,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 def embed_reference(readme: str) -> str:
     """`readme` with the text between the reference markers replaced by `config_reference()`."""
     start, end = readme.index(REFERENCE_START) + len(REFERENCE_START), readme.index(REFERENCE_END)
-    return readme[:start] + "\n" + config_reference() + readme[end:]
+    return readme[:start] + "\n" + config_reference() + "\n" + readme[end:]
 
 
 if __name__ == "__main__":  # python -m pipeline.config README.md: regenerate README's reference

@@ -32,7 +32,7 @@ def test_run_refuses_a_pattern_naming_missing_shards_and_a_missing_config(capsys
     (tmp_path / "films-0000.tar").write_bytes(b"x")
     pattern = str(tmp_path / "films-{0000..0009}.tar")
     line = refusal(capsys, ["run", pattern, str(tmp_path / "out")])
-    assert "films-0001.tar and 8 more does not exist" in line and "--allow-missing" in line
+    assert "films-0001.tar and 8 more do not exist" in line and "--allow-missing" in line
     line = refusal(capsys, ["run", str(tmp_path / "none-{0..3}.tar"), str(tmp_path / "out")])
     assert "no shard it names exists" in line
     line = refusal(capsys, ["run", pattern, str(tmp_path / "out"), "--config", str(tmp_path / "missing.yaml")])
