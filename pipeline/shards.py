@@ -67,6 +67,29 @@ def expand_urls(patterns: str | Iterable[str]) -> list[str]:
     return [u for u in urls if not (u in seen or seen.add(u))]
 
 
+def find_shards(patterns: str | Iterable[str]) -> tuple[list[str], list[str]]:
+    """The URLs a pattern expands to, split into (present, missing), listing each folder once
+    rather than asking for every shard (a 1000-shard pattern on S3 is one listing, not 1000)."""
+    present: list[str] = []
+    missing: list[str] = []
+    listings: dict[str, set[str] | None] = {}
+    for url in expand_urls(patterns):
+        fs, path = filesystem(url)
+        parent = posixpath.dirname(path.rstrip("/"))
+        folder = f"{type(fs).__name__}:{parent}"
+        if folder not in listings:
+            try:
+                listings[folder] = {posixpath.basename(p.rstrip("/")) for p in fs.ls(parent, detail=False)}
+            except (FileNotFoundError, NotADirectoryError):
+                listings[folder] = set()
+            except OSError:
+                listings[folder] = None  # not listable (permissions): ask per shard
+        names = listings[folder]
+        found = fs.exists(path) if names is None else posixpath.basename(path) in names
+        (present if found else missing).append(url)
+    return present, missing
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """webdataset convention: the key is the path up to the first dot of the basename."""
     directory, base = posixpath.split(name)
@@ -235,19 +258,33 @@ def pack(items: list[PackItem], output_pattern: str, max_shard_bytes: int = 1 <<
             handle.close()
             tar = handle = None
 
+    def discard() -> None:
+        # An error leaves the shard being written incomplete: remove it rather than leave a tar a
+        # run would read as truncated. Shards already closed are whole and stay.
+        nonlocal tar, handle
+        if tar is not None:
+            handle.close()
+            tar = handle = None
+            fs, path = filesystem(written.pop())
+            if fs.exists(path):
+                fs.rm(path)
+
+    planned: list[tuple[PackItem, str, int]] = []
+    for item in items:  # every film is checked before the first shard is opened
+        key = item.key or default_key(item.video)
+        problem = unsafe_key(key) or ("duplicate key" if key in keys else "")
+        if "." in key.rsplit("/", 1)[-1]:
+            problem = "keys may not contain '.' (webdataset splits the extension at the first dot)"
+        if problem:
+            raise ValueError(f"key {key!r} for {item.video}: {problem}")
+        keys.add(key)
+        for path in (item.video, item.dub):
+            if path and not filesystem(path)[0].exists(filesystem(path)[1]):
+                raise FileNotFoundError(f"{path} does not exist")
+        planned.append((item, key, sum(filesystem(p)[0].size(filesystem(p)[1]) for p in (item.video, item.dub) if p)))
+
     try:
-        for item in items:
-            key = item.key or default_key(item.video)
-            problem = unsafe_key(key) or ("duplicate key" if key in keys else "")
-            if "." in key.rsplit("/", 1)[-1]:
-                problem = "keys may not contain '.' (webdataset splits the extension at the first dot)"
-            if problem:
-                raise ValueError(f"key {key!r} for {item.video}: {problem}")
-            keys.add(key)
-            for path in (item.video, item.dub):
-                if path and not filesystem(path)[0].exists(filesystem(path)[1]):
-                    raise FileNotFoundError(f"{path} does not exist")
-            size = sum(filesystem(p)[0].size(filesystem(p)[1]) for p in (item.video, item.dub) if p)
+        for item, key, size in planned:
             if tar is None or (current and current + size > max_shard_bytes):
                 close()
                 name = next(names)
@@ -268,6 +305,8 @@ def pack(items: list[PackItem], output_pattern: str, max_shard_bytes: int = 1 <<
                 current += _add(tar, f"{key}.dub.{dub_ext}", item.dub, now)
             if item.metadata:
                 current += _add(tar, f"{key}.json", json.dumps(item.metadata).encode(), now)
-    finally:
-        close()
+    except BaseException:
+        discard()
+        raise
+    close()
     return written

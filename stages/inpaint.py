@@ -12,6 +12,7 @@ silences with a smooth transition.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Annotated, Protocol
 
@@ -149,6 +150,10 @@ class StableDubInpainter:
 
         self.settings = settings
         self.device = resolve_device(settings.device)
+        if os.environ.get("DIFFUSERS_VERBOSITY") == "error":  # a quiet run (pipeline/plan.py): no loading bar either
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
         self.pipeline = StableDubPipeline.from_pretrained(url)
         self.pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
         self.pipeline.set_progress_bar_config(disable=True)

@@ -205,7 +205,12 @@ class DecordReader:
     """Frame-indexed decoding with decord: random access by frame number."""
 
     def __init__(self, file: IO[bytes], threads: int = 0) -> None:
-        import decord
+        try:
+            import decord
+        except ImportError:
+            raise RuntimeError(
+                "decode.backend=decord needs the decord extra: pip install 'stabledub[decord]' (or use decode.backend=pyav)"
+            ) from None
 
         self._data = io.BytesIO(file.read())  # decord needs the whole container in memory
         self._reader = decord.VideoReader(self._data, num_threads=threads)

@@ -7,7 +7,17 @@ import tarfile
 
 import pytest
 
-from pipeline.shards import PackItem, ShardError, expand_urls, index_shard, pack, read_manifest, split_member_name, unsafe_key
+from pipeline.shards import (
+    PackItem,
+    ShardError,
+    expand_urls,
+    find_shards,
+    index_shard,
+    pack,
+    read_manifest,
+    split_member_name,
+    unsafe_key,
+)
 from stages.media import open_member, probe_video, read_member
 from tests.conftest import shared_clip, shared_dub
 
@@ -112,3 +122,41 @@ def test_keys_and_urls():
     assert split_member_name("dir/film.dub.wav") == ("dir/film", "dub.wav")
     assert unsafe_key("/abs") and unsafe_key("a/../b") and not unsafe_key("season1/ep01")
     assert expand_urls("s3://b/films-{0000..0002}.tar") == [f"s3://b/films-000{i}.tar" for i in range(3)]
+
+
+def test_find_shards_splits_a_pattern_into_present_and_missing(tmp_path):
+    for n in (0, 2):
+        (tmp_path / f"films-{n:04d}.tar").write_bytes(b"x")
+    present, missing = find_shards(str(tmp_path / "films-{0000..0003}.tar"))
+    assert present == [str(tmp_path / "films-0000.tar"), str(tmp_path / "films-0002.tar")]
+    assert missing == [str(tmp_path / "films-0001.tar"), str(tmp_path / "films-0003.tar")]
+    assert find_shards(str(tmp_path / "nowhere" / "films-{0..1}.tar")) == (
+        [],
+        [str(tmp_path / f"nowhere/films-{n}.tar") for n in (0, 1)],
+    )
+
+
+def test_pack_checks_every_film_before_writing_and_leaves_no_partial_shard(tmp_path):
+    clip, dub = str(shared_clip("frozen_298")), str(shared_dub("es"))
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        pack([PackItem(clip, dub, "a"), PackItem(str(tmp_path / "missing.mp4"), dub, "b")], str(tmp_path / "f-%04d.tar"))
+    assert list(tmp_path.glob("*.tar")) == []
+
+
+def test_pack_removes_the_shard_it_was_writing_when_a_film_fails_mid_shard(tmp_path, monkeypatch):
+    import pipeline.shards as shards
+
+    clip, dub = str(shared_clip("frozen_298")), str(shared_dub("es"))
+    real_add = shards._add
+
+    def failing_add(tar, name, source, mtime):
+        if name.startswith("b."):
+            raise OSError("read failed")
+        return real_add(tar, name, source, mtime)
+
+    monkeypatch.setattr(shards, "_add", failing_add)
+    items = [PackItem(clip, dub, "a"), PackItem(clip, dub, "b")]
+    with pytest.raises(OSError, match="read failed"):
+        pack(items, str(tmp_path / "f-%04d.tar"), max_shard_bytes=1)  # a is in f-0000 (closed), b in f-0001
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["f-0000.tar"]
+    assert [f.film.key for f in index_shard(str(tmp_path / "f-0000.tar")).films] == ["a"]
