@@ -30,6 +30,7 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: setup
+	$(PY) -m pip install -q -e '.[decord]'  # bench/decode.py compares the decord backend too
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
 clean:

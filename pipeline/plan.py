@@ -138,7 +138,7 @@ def build_dataset(
     return ds
 
 
-def open_run(input_pattern: str, output: str, run_dir: str) -> tuple[list[str], RunDir]:
+def open_run(input_pattern: str | list[str], output: str, run_dir: str) -> tuple[list[str], RunDir]:
     """The shard URLs a run reads (refusing a pattern that matches none), with its output ready."""
     urls = expand_urls(input_pattern)
     if not urls:

@@ -46,7 +46,7 @@ log = logging.getLogger("stabledub")
 
 @dataclass
 class RunOptions:
-    input: str
+    input: str | list[str]  # a shard pattern, or the shard URLs the CLI checked (--allow-missing)
     output: str
     config: PipelineConfig
     workdir: str | None = None

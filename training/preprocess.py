@@ -61,7 +61,7 @@ class FilterConfig(Settings, section="filter"):
 
 @dataclass
 class PreprocessOptions:
-    input: str
+    input: str | list[str]  # a shard pattern, or the shard URLs the CLI checked (--allow-missing)
     output: str
     config: PipelineConfig
     filters: FilterConfig = field(default_factory=FilterConfig)
