@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,16 +28,17 @@ from models.audio_encoder import AUDIO_RATE
 from models.face_landmarks import LMD_POINTS
 from models.images import resize_square
 from models.pipeline_stabledub import StableDubPipeline
-from models.sync_expert import load_sync_expert, sync_score
+from models.sync_expert import load_sync_expert, sync_score, window_confidence
 from pipeline.config import load_config
 from pipeline.shards import PackItem, pack
 from stages.audio_io import decode_audio
 from training.preprocess import FilterConfig, PreprocessOptions, preprocess
 from training.shards import decode_arrays, read_shard, shard_urls
-from training.sync_expert import LipLandmarks
+from training.sync_expert import LipLandmarks, data_list
 
 METRICS = ("psnr_mouth", "ssim_mouth", "lmd", "identity_sim", "sync_score", "jitter")
 BASELINES = ("source", "frozen")
+SYNC_KEYS = ("sync_score", "sync_distance", "sync_confidence")  # their per-clip spread is reported too
 PSNR_CAP = 100.0  # dB for identical pixels (JSON has no infinity)
 LANDMARK_SIZE = LipLandmarks.size  # landmarks and identity are measured on crops brought to this size
 
@@ -222,6 +224,18 @@ def write_wav(path: str, audio: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------------------- report
+def expert_data_split(clip: str, listed: dict[str, Any]) -> str:
+    """Whether the sync expert saw this clip: 'train' or 'validation' (by its data list), else ''.
+
+    An eval clip is a track sample keyed `<film key>__sNNNN_tN`; corpus clips packed under their
+    own name are matched by that key (other names cannot be matched and count as unseen)."""
+    film = re.sub(r"__s\d+_t\d+$", "", clip)
+    for split in ("train", "validation"):
+        if film in {re.sub(r"[^A-Za-z0-9_\-]", "_", n) for n in listed.get(split, [])}:
+            return split
+    return ""
+
+
 class Scorer:
     """Every metric of one method's output on one clip (detectors and the sync expert loaded once)."""
 
@@ -232,6 +246,9 @@ class Scorer:
             self.expert, self.expert_report = load_sync_expert(sync_expert)
         except OSError:
             self.expert, self.expert_report = None, {}
+        # The expert's own data list (the shipped expert's; a report naming its clips takes precedence).
+        data = self.expert_report.get("data", {})
+        self.expert_data = {k: list(data[k]) for k in ("train", "validation") if k in data} or data_list()
 
     def truth(self, truth: np.ndarray) -> dict[str, np.ndarray]:
         return {"points": self.landmarks(truth)[:, LMD_POINTS], "identity": self.identity(truth[::4])}
@@ -250,11 +267,15 @@ class Scorer:
             "sync_score": float("nan"),
         }
         if self.expert is not None:
-            sync = sync_score(self.expert, LipLandmarks.steady(mesh)[:, list(self.expert.config.lip_points)], audio)
+            lips = LipLandmarks.steady(mesh)[:, list(self.expert.config.lip_points)]
+            sync = sync_score(self.expert, lips, audio)
+            windows = window_confidence(self.expert, lips, audio, window=min(25, len(lips)))
             scores.update(
                 sync_score=sync.lse_c,
                 sync_distance=sync.lse_d,
                 sync_offset=sync.offset,
+                # The expert's 1 s window confidence at offset 0 (what its window AUC is measured on).
+                sync_confidence=float(np.mean(windows)) if len(windows) else float("nan"),
                 sync_expert_auc=self.expert_report.get("cross_validated_auc", float("nan")),
             )
         return scores
@@ -283,12 +304,18 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
         )
         reference = scorer.truth(clip.crops)
         outputs = {name: method(clip) for name, method in methods.items()}
-        row: dict[str, Any] = {"clip": clip.name, "frames": len(clip.crops)}
+        row: dict[str, Any] = {
+            "clip": clip.name,
+            "frames": len(clip.crops),
+            "in_sync_expert_data": expert_data_split(clip.name, scorer.expert_data),
+        }
         for name, frames in outputs.items():
             row[name] = {k: _round(v) for k, v in scorer(frames, clip.crops, clip.mask, clip.audio, reference).items()}
         per_clip.append(row)
         save_still(os.path.join(output, "stills", f"{clip.name}.png"), clip.crops, outputs)
     mean = {name: {k: _round(_nanmean([r[name][k] for r in per_clip])) for k in per_clip[0][name]} for name in methods}
+    spread = {name: {k: _spread([r[name][k] for r in per_clip]) for k in SYNC_KEYS if k in per_clip[0][name]} for name in methods}
+    seen = [r["clip"] for r in per_clip if r["in_sync_expert_data"] == "train"]
     result = {
         "model": model,
         "data": data,
@@ -298,6 +325,8 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
         "sync_expert": {
             "path": sync_expert or "models/weights/sync_expert",
             **{k: v for k, v in scorer.expert_report.items() if "auc" in k or k == "clips"},
+            # Sync numbers on clips the expert trained on are in-sample (optimistic).
+            "clips_in_its_training_data": seen,
         },
         "metrics": {
             "psnr_mouth": "dB inside the mouth region (capped at 100)",
@@ -305,9 +334,12 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
             "lmd": f"lip landmark distance, px at {LANDMARK_SIZE}",
             "identity_sim": "cosine of dlib face embeddings",
             "sync_score": "sync expert LSE-C (confidence; higher is better synced)",
+            "sync_distance": "sync expert LSE-D (distance at the best offset; lower is better synced)",
+            "sync_confidence": "sync expert 1 s window confidence at offset 0 (higher is better synced)",
             "jitter": f"lip landmark acceleration, px at {LANDMARK_SIZE}",
         },
         "mean": mean,
+        "spread": spread,
         "per_clip": per_clip,
     }
     with open(os.path.join(output, "metrics.json"), "w") as f:
@@ -320,6 +352,14 @@ def _round(value: Any) -> Any:
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 4)
     return value
+
+
+def _spread(values: list[Any]) -> dict[str, Any]:
+    """Per-clip spread of one metric: standard deviation, min, median, max."""
+    numbers = np.array([v for v in values if isinstance(v, (int, float))], np.float64)
+    if not len(numbers):
+        return {}
+    return {k: _round(float(f(numbers))) for k, f in (("std", np.std), ("min", np.min), ("median", np.median), ("max", np.max))}
 
 
 def _nanmean(values: list[Any]) -> float:
@@ -355,7 +395,8 @@ def write_html(path: str, result: dict[str, Any], folder: str) -> None:
         for name in methods
     )
     clips = "".join(
-        f"<h3>{html.escape(r['clip'])}</h3><p>truth | {' | '.join(methods)}</p><img src='stills/{html.escape(r['clip'])}.png'>"
+        f"<h3>{html.escape(r['clip'])}{' (in the sync expert training data)' if r.get('in_sync_expert_data') == 'train' else ''}"
+        f"</h3><p>truth | {' | '.join(methods)}</p><img src='stills/{html.escape(r['clip'])}.png'>"
         for r in result["per_clip"]
     )
     expert = result["sync_expert"]

@@ -14,6 +14,7 @@ those segments, and films and input shards whose markers are all written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import time
@@ -32,12 +33,13 @@ from pipeline.stage_table import PREPROCESS_STAGES
 from stages.audio import audio_signature
 from stages.face_speaker import mouth_opening
 from stages.schema import FilmRef, Segment, Status, Track, from_row
-from stages.settings import Count, NonNegativeFloat, NonNegativeInt, Probability, Range, Settings
+from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, Probability, Range, Settings
 from stages.storage import join, remove_temporaries, write_json
 from training.shards import ShardWriter, TrackSample, next_shard_index
 
 log = logging.getLogger("stabledub")
 
+OFFSET_ESTIMATORS = ("expert", "envelope")
 FIELDS = ("crops", "mask", "fine_mask", "coarse_mask", "landmarks", "occlusion", "audio", "vad", "silence", "frames")
 
 
@@ -51,12 +53,20 @@ class FilterConfig(Settings, section="filter"):
     max_lag: Count = 8  # AV offsets searched, in frames each way
     shift_max: NonNegativeInt = 2  # |offset| up to this (with enough confidence) is corrected by shifting the audio
     drop_offset: Count = 5  # |offset| at least this (with enough confidence) drops the sample
-    # Peak correlation minus the median over lags; below it the offset is unknown. On 2 s segments
-    # of the real sample clips (all in sync) 0.15 still dropped 6 of 28 tracks: be conservative.
+    # expert: the sync expert's best offset (models/sync_expert.py, LSE-C as confidence); envelope:
+    # mouth-opening change against audio-envelope change (correlation). bench/av_offset.py measures both.
+    offset_estimator: Annotated[str, OneOf(*OFFSET_ESTIMATORS)] = "expert"
+    # Confidence below which the offset is unknown (nothing shifted, nothing dropped), per estimator:
+    # envelope: peak correlation minus the median over lags. On 2 s segments of the real sample clips
+    # (all in sync) 0.15 still dropped 6 of 28 tracks: be conservative.
     min_confidence: Annotated[float, Range(-2, 2)] = 0.3  # a difference of correlations
+    # expert: LSE-C (median sync distance over offsets minus the best), another scale. On 2 s segments
+    # (bench/av_offset.py) 0.8 keeps 43 % of the estimates, 60 % of those within 1 frame, and drops
+    # 1 of 40 in-sync real segments (the envelope at 0.3: 33 % kept, 33 % within 1 frame, 3 of 40).
+    min_expert_confidence: NonNegativeFloat = 0.8
     min_correlation: Annotated[
         float, Range(-1, 1)
-    ] = -1.0  # poor audio-mouth correlation: peak correlation below this drops (off by default)
+    ] = -1.0  # envelope only: poor audio-mouth correlation, peak correlation below this drops (off by default)
 
 
 @dataclass
@@ -85,8 +95,9 @@ class AVOffset:
     """Audio-to-mouth offset: audio features shifted by `lag` frames line up best with the mouth."""
 
     lag: int
-    correlation: float  # Pearson correlation at the best lag
-    confidence: float  # best correlation minus the median over all lags
+    correlation: float  # envelope: Pearson correlation at the best lag; expert: NaN (none)
+    confidence: float  # envelope: best correlation minus the median over lags; expert: LSE-C
+    estimator: str = "envelope"
 
 
 def estimate_av_offset(opening: np.ndarray, envelope: np.ndarray, max_lag: int) -> AVOffset:
@@ -108,6 +119,42 @@ def estimate_av_offset(opening: np.ndarray, envelope: np.ndarray, max_lag: int) 
     return AVOffset(
         lag=best - max_lag, correlation=float(scores_arr[best]), confidence=float(scores_arr[best] - np.median(scores_arr))
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _sync_expert() -> Any:
+    from models.sync_expert import load_sync_expert
+
+    return load_sync_expert()[0]  # loaded once per process (the driver)
+
+
+def expert_av_offset(lips: np.ndarray, audio: np.ndarray, max_lag: int, expert: Any = None) -> AVOffset:
+    """Best audio offset by the sync expert (positive: audio is late); confidence is its LSE-C.
+
+    `lips`: the track's landmarks at `expert.config.lip_points` (face track's smoothed ones, crop px);
+    `audio`: the audio stage's per-frame windows. Raises ValueError for features the expert was not trained on.
+    """
+    from models.sync_expert import sync_score
+
+    expert = expert if expert is not None else _sync_expert()
+    score = sync_score(expert, lips, audio, max_offset=max_lag)
+    return AVOffset(lag=score.offset, correlation=float("nan"), confidence=score.lse_c, estimator="expert")
+
+
+def track_av_offset(landmarks: np.ndarray, audio: np.ndarray, estimator: str, max_lag: int) -> tuple[AVOffset, str]:
+    """A track's AV offset by `estimator` (landmarks (N, K, 2) of the face mesh, audio windows (N, W, F)).
+
+    The expert refuses features it was not trained on (another audio encoder or window); the
+    envelope estimate is used then, and the second value says why ('' otherwise)."""
+    if estimator == "expert":
+        expert = _sync_expert()
+        try:
+            return expert_av_offset(landmarks[:, list(expert.config.lip_points)], audio, max_lag, expert), ""
+        except ValueError as error:
+            fallback = f"expert refused the features: {error}"
+    else:
+        fallback = ""
+    return estimate_av_offset(mouth_opening(landmarks), audio_envelope(audio), max_lag), fallback
 
 
 def audio_envelope(features: np.ndarray) -> np.ndarray:
@@ -159,17 +206,20 @@ def track_sample(
     if speech < filters.min_speech:
         return None, "no speech", meta
     assert track.landmarks is not None
-    opening = mouth_opening(track.landmarks[keep])
-    offset = estimate_av_offset(opening, audio_envelope(audio), filters.max_lag)
+    offset, fallback = track_av_offset(track.landmarks[keep], audio, filters.offset_estimator, filters.max_lag)
     meta["av_offset"] = {
+        "estimator": offset.estimator,
         "lag_frames": offset.lag,
-        "correlation": round(offset.correlation, 4),
         "confidence": round(offset.confidence, 4),
+        "correlation": None if np.isnan(offset.correlation) else round(offset.correlation, 4),
+        **({"fallback": fallback} if fallback else {}),
     }
-    if offset.correlation < filters.min_correlation:
+    if offset.estimator == "envelope" and offset.correlation < filters.min_correlation:
         return None, "poor audio-mouth correlation", meta
+    threshold = filters.min_expert_confidence if offset.estimator == "expert" else filters.min_confidence
     # A peak on the edge of the search range is no estimate: the true lag may lie anywhere beyond it.
-    confident = offset.confidence >= filters.min_confidence and abs(offset.lag) < filters.max_lag
+    confident = offset.confidence >= threshold and abs(offset.lag) < filters.max_lag
+    meta["av_offset"]["confident"] = bool(confident)
     if confident and abs(offset.lag) >= filters.drop_offset:
         return None, "large av offset", meta
     shift = offset.lag if confident and 0 < abs(offset.lag) <= filters.shift_max else 0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from models.face_landmarks import LIP_CONTOUR_POINTS
 from models.face_mediapipe import FaceMesh
 from models.images import resize_square
-from models.sync_expert import SyncExpert, fill_gaps, sync_score, window_confidence
+from models.sync_expert import SyncExpert, fill_gaps, logits_at_offsets, sync_score, window_confidence
 from stages.face_align import eye_distance
 from stages.face_smooth import smooth
 from stages.face_track import FaceTrackConfig
@@ -540,8 +540,137 @@ def audited_clips(names: list[str], listed: dict, exclude: set[str] = frozenset(
     return [c.aligned(int(offsets.get(c.name, 0))) for c in load_clips([rows[n] for n in names if n not in dropped])]
 
 
+# ---------------------------------------------------------------------------------- audit
+# Which clips to drop and which constant AV offsets to correct, judged by experts that never saw the
+# clip's identity. Order matters: the first rule a clip breaks is its reason.
+AUDIT_MIN_FRAMES = 30  # a face stretch at least this long, or nothing can be scored
+AUDIT_MIN_SPEECH = 0.3  # fraction of frames with voice activity > 0.5
+AUDIT_MIN_LSE_C = 0.8  # the whole clip's LSE-C (offsets ±15): below it there is no sync peak
+AUDIT_DROP_OFFSET = 8  # |offset| at least this: not a constant few-frame offset, or no sync
+AUDIT_CORRECT_OFFSET = 4  # |offset| from this to AUDIT_DROP_OFFSET - 1 is corrected; smaller ones are the estimator's spread
+AUDIT_RULE = (
+    f"drop: VAD speech < {AUDIT_MIN_SPEECH}, LSE-C < {AUDIT_MIN_LSE_C} or |offset| >= {AUDIT_DROP_OFFSET} frames; "
+    f"correct the audio by the offset when {AUDIT_CORRECT_OFFSET} <= |offset| <= {AUDIT_DROP_OFFSET - 1} "
+    "(smaller estimates are within the estimator's spread)"
+)
+CROSS_FIT = "2-fold cross-fit expert (never saw this identity)"
+HELD_OUT = "audit expert trained on the training identities' own-audio clips"
+
+
+def clip_estimate(expert: SyncExpert, clip: Clip, audio: str, by: str) -> dict | None:
+    """A whole clip's offset, LSE-C and peak (mean logit profile's max over its median, offsets ±15) and speech fraction."""
+    runs = clip.runs(AUDIT_MIN_FRAMES)
+    if not runs:
+        return None
+    lips = np.concatenate([clip.lips[r] for r in runs])
+    sound = np.concatenate([clip.audio[r] for r in runs])
+    score = sync_score(expert, lips, sound, max_offset=MAX_SHIFT)
+    profile = np.nanmean(logits_at_offsets(expert, lips, sound, range(-MAX_SHIFT, MAX_SHIFT + 1)), axis=1)
+    return {
+        "offset": score.offset,
+        "lse_c": round(score.lse_c, 3),
+        "peak": round(float(profile.max() - np.median(profile)), 3),
+        "speech": round(float(np.mean(clip.vad > 0.5)), 2),
+        "audio": audio,
+        "by": by,
+    }
+
+
+def audit_decision(estimate: dict | None) -> tuple[str, int]:
+    """(reason to drop the clip or '', frames to correct its audio by) under AUDIT_RULE."""
+    if estimate is None:
+        return f"no face stretch of {AUDIT_MIN_FRAMES} frames", 0
+    if estimate["speech"] < AUDIT_MIN_SPEECH:
+        return f"almost no speech (VAD {estimate['speech']:.2f}): music or silence", 0
+    if estimate["lse_c"] < AUDIT_MIN_LSE_C:
+        return f"no sync peak (LSE-C {estimate['lse_c']:.2f})", 0
+    offset = int(estimate["offset"])
+    if abs(offset) >= AUDIT_DROP_OFFSET:
+        return f"audio offset {offset:+d} frames: not a few frames, or no sync", 0
+    return "", offset if abs(offset) >= AUDIT_CORRECT_OFFSET else 0
+
+
+def audit_expert(clips: list[Clip], steps: int, seed: int) -> SyncExpert:
+    torch.manual_seed(seed)
+    expert = SyncExpert()
+    fit(expert, sequences(expert, clips), TrainConfig(steps=steps, seed=seed), log_every=steps)
+    return expert
+
+
+def audit(listed: dict, steps: int = TrainConfig.steps, seed: int = 0) -> dict:
+    """The corpus audit: every training clip scored by an expert of a 2-fold cross-fit over the
+    training identities (the fold it is in was left out), every validation clip by an expert trained
+    on all training identities; both trained on own-audio clips only (`own?` ones are what is audited)."""
+    rows = {r["name"]: r for r in corpus_rows()}
+    train = [rows[n] for n in listed["train"]]
+    folds = sorted({r["identity"] for r in train}, key=lambda i: hashlib.sha1(f"fold:{i}".encode()).hexdigest())
+    estimates: dict[str, dict | None] = {}
+    for fold in (0, 1):
+        half = set(folds[fold::2])
+        expert = audit_expert(load_clips([r for r in train if r["identity"] not in half and r["audio"] == "own"]), steps, seed)
+        for clip_row, clip in _loaded([r for r in train if r["identity"] in half]):
+            estimates[clip_row["name"]] = clip_estimate(expert, clip, clip_row["audio"], CROSS_FIT) if clip else None
+            log.info("%s %s", clip_row["name"], estimates[clip_row["name"]])
+    expert = audit_expert(load_clips([r for r in train if r["audio"] == "own"]), steps, seed)
+    for clip_row, clip in _loaded([rows[n] for n in listed["validation"]]):
+        estimates[clip_row["name"]] = clip_estimate(expert, clip, clip_row["audio"], HELD_OUT) if clip else None
+        log.info("%s %s", clip_row["name"], estimates[clip_row["name"]])
+    offsets, excluded = {}, {}
+    for name, estimate in estimates.items():
+        reason, offset = audit_decision(estimate)
+        if reason:
+            excluded[name] = reason
+        elif offset:
+            offsets[name] = offset
+    return {"rule": AUDIT_RULE, "offsets": offsets, "excluded": excluded, "estimates": estimates}
+
+
+def _loaded(rows: list[dict]) -> list[tuple[dict, Clip | None]]:
+    """Each row with its clip (None when it could not be read: it is then audited as having no face)."""
+    clips = {c.name: c for c in load_clips(rows)}
+    return [(r, clips.get(r["name"])) for r in rows]
+
+
+def compare_audits(new: dict, recorded: dict) -> dict:
+    """Where a rerun's decisions differ from the recorded audit's (a clip dropped, or corrected by another offset)."""
+
+    def decision(audit_: dict, name: str) -> str:
+        if name in audit_.get("excluded", {}):
+            return "drop"
+        return f"offset {audit_.get('offsets', {}).get(name, 0):+d}"
+
+    names = sorted(set(new.get("estimates", {})) | set(recorded.get("estimates", {})))
+    return {
+        n: {"recorded": decision(recorded, n), "now": decision(new, n)}
+        for n in names
+        if decision(recorded, n) != decision(new, n)
+    }
+
+
+def audit_main(argv: list[str]) -> int:
+    """python -m training.sync_expert audit OUT.json: rerun the corpus audit, compare with the data list's."""
+    parser = argparse.ArgumentParser(prog="python -m training.sync_expert audit", description=audit_main.__doc__)
+    parser.add_argument("output")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=str(REPO / "training" / "sync_expert_data.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    listed = data_list(Path(args.data))
+    result = audit(listed, args.steps, args.seed)
+    result["differs_from_recorded"] = compare_audits(result, listed.get("audit", {}))
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: result[k] for k in ("offsets", "excluded", "differs_from_recorded")}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m training.sync_expert OUTPUT: train on the corpus's training identities, measure on the validation ones."""
+    argv = list(argv if argv is not None else os.sys.argv[1:])
+    if argv[:1] == ["audit"]:
+        return audit_main(argv[1:])
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("output")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
@@ -563,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     validation = measure(expert, val_clips)
     training_numbers = measure(expert, train_clips)
     report = {
-        "command": "python -m training.sync_expert " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": "python -m training.sync_expert " + " ".join(argv),
         "validation": {k: v for k, v in validation.items() if k != "per_clip"},
         "validation_spread": identity_spread(validation["per_clip"]),
         "validation_per_clip": validation["per_clip"],
