@@ -155,32 +155,72 @@ def pipeline_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def check_manifest(url: str) -> None:
+    """A manifest a run reads in place: it must exist and parse, with safe and distinct keys
+    (its films' files are checked per film: a missing one fails only that film)."""
+    from pipeline.shards import manifest_keys, read_manifest
+
+    try:
+        manifest_keys(read_manifest(url))
+    except FileNotFoundError:
+        raise UsageError(f"manifest {url} does not exist") from None
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"manifest {url}: {error}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
-    from pipeline.run import RunOptions, run
+    from pipeline.run import RunOptions, deliver_film, film_manifest, run
     from pipeline.rundir import RunDirError
+    from pipeline.shards import VIDEO_EXTENSIONS, is_manifest
 
     check_file(args.config, "--config")
     config = _load(load_config, args.config, pipeline_overrides(args))
-    shards = check_input(args.input, args.allow_missing)
-    check_output(args.output)
+    output = args.output or args.output_option
+    if not output or (args.output and args.output_option):
+        raise UsageError("give the output once: as OUTPUT or as -o/--output")
+    single = args.input.lower().endswith(tuple(f".{e}" for e in VIDEO_EXTENSIONS))
+    if single != bool(args.dub):
+        raise UsageError(
+            f"--dub goes with one film: stabledub run FILM.mp4 --dub DUB.wav -o OUT.mp4 (input {args.input})"
+            if args.dub
+            else f"input {args.input} is one film: give its dub track with --dub DUB.wav"
+        )
+    target = ""  # the single film's named output file
+    if single:
+        check_file(args.input, "film")
+        check_file(args.dub, "--dub")
+        if output.lower().endswith(".mp4"):
+            target, output = output, output + ".stabledub-run"
+        check_output(output)
+        shards: str | list[str] = film_manifest(args.input, args.dub, output)
+    elif is_manifest(args.input):
+        check_manifest(args.input)
+        shards = args.input
+        check_output(output)
+    else:
+        shards = check_input(args.input, args.allow_missing)
+        check_output(output)
     if args.workdir:
         check_output(args.workdir, "--workdir")
     options = RunOptions(
-        input=shards,  # the pattern, or the shards of it that exist (--allow-missing)
-        output=args.output,
+        input=shards,  # the pattern, or the shards of it that exist (--allow-missing), or a manifest
+        output=output,
         config=config,
         workdir=args.workdir,
         retry_failed=args.retry_failed,
         keep_intermediate=args.keep_intermediate,
         progress=args.verbose,
+        progress_every=None if args.quiet else args.progress_every,
         metrics_port=args.metrics_port,
     )
-    print(f"output: {args.output}  (run directory: {options.run_dir})")
+    print(f"output: {target or output}  (run directory: {options.run_dir})")
     try:
         summary = run(options)  # prints the run's summary: the last line on stdout
     except (FileNotFoundError, RunDirError, LeaseHeld) as error:
         raise UsageError(str(error)) from None
+    if target and summary.films_ok == 1:
+        deliver_film(output, target)
     return EXIT_SOME_FAILED if summary.films_failed or summary.shards_failed else EXIT_OK
 
 
@@ -304,6 +344,16 @@ def _count(low: int):  # noqa: ANN202 - an argparse type
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a positive number of seconds")
+    return value
+
+
 def _port(text: str) -> int:
     value = _count(1)(text)
     if value > 65535:
@@ -364,9 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing-dub", action="store_true", help="pack films without a dub track anyway")
     p.set_defaults(func=cmd_pack)
 
-    r = command("run", "dub every film of INPUT shards into OUTPUT")
-    r.add_argument("input", help="shard URL, brace pattern or glob, e.g. s3://bucket/films-{0000..0099}.tar")
-    r.add_argument("output", help="output directory URL (local path, s3://...)")
+    r = command("run", "dub every film of INPUT (shards, a manifest of files, or one film) into OUTPUT")
+    r.add_argument(
+        "input",
+        help="shard URL, brace pattern or glob (s3://bucket/films-{0000..0099}.tar); a manifest (.csv/.jsonl: "
+        "video,dub,key[,metadata]) of films read in place; or one film (with --dub)",
+    )
+    r.add_argument("output", nargs="?", help="output directory URL (local path, s3://...)")
+    r.add_argument("-o", "--output", dest="output_option", metavar="OUTPUT", help="the output, as an option (one film: OUT.mp4)")
+    r.add_argument("--dub", help="the dub track of a single film given as INPUT")
     r.add_argument(
         "--model", help="inpaint model: built-in name (identity, grey) or checkpoint path/URL (default: inpaint.model)"
     )
@@ -378,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true", help="retry films that failed in an earlier run")
     r.add_argument("--keep-intermediate", action="store_true", help="keep encoded segments and films in the run directory")
     r.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus metrics on this port during the run")
+    r.add_argument(
+        "--progress-every",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="off a terminal, print a progress line to stderr this often (a terminal gets a bar; -q: neither)",
+    )
     r.set_defaults(func=cmd_run)
 
     c = command("config", "print the effective configuration (defaults + --config + --set) as YAML")

@@ -18,6 +18,7 @@ from stages.storage import write_json
 
 if TYPE_CHECKING:
     from pipeline.metrics import Metrics
+    from pipeline.progress import Progress
 
 log = logging.getLogger("stabledub")
 
@@ -93,6 +94,7 @@ class Ledger:
         self.metrics = metrics
         self.report_fields = report_fields or {}  # added to every failed film's report
         self.shards: dict[str, ShardState] = {}
+        self.progress: Progress | None = None  # shown as rows arrive and films resolve
         self.dead: dict[str, dict[str, Any]] = {dead_key(e.get("shard", ""), e.get("key", "")): e for e in run.dead_letters()}
 
     # ------------------------------------------------------------------ hooks
@@ -111,6 +113,8 @@ class Ledger:
     def add(self, segment: Segment) -> None:
         if self.metrics:
             self.metrics.observe_segment(segment)
+        if self.progress:
+            self.progress.row(segment)
         film = segment.film
         shard = self.shards.setdefault(film.shard_url, ShardState(film.shard_url))
         if not film.key:  # the planner's verdict on a whole shard
@@ -148,13 +152,13 @@ class Ledger:
         self.summary.films_ok += 1
         if self.metrics:
             self.metrics.film_done(True)
-        self._resolve(shard, state, report)
+        self._resolve(shard, state, report, "ok")
 
     def film_skipped(self, shard: ShardState, state: FilmState) -> None:
         self.summary.films_skipped += 1
         if self.metrics:
             self.metrics.film_done(True, skipped=True)
-        self._resolve(shard, state, self.run.film_report(state.film) or {"key": state.film.key, "status": "ok"})
+        self._resolve(shard, state, self.run.film_report(state.film) or {"key": state.film.key, "status": "ok"}, "skipped")
 
     def film_failed(self, shard: ShardState, state: FilmState, reason: str, stage: str, notes: list[str]) -> None:
         film = state.film
@@ -173,9 +177,11 @@ class Ledger:
         if self.metrics:
             self.metrics.film_done(False, stage)
         log.error("film %s FAILED: %s", film.uid, reason)
-        self._resolve(shard, state, report)
+        self._resolve(shard, state, report, "failed")
 
-    def _resolve(self, shard: ShardState, state: FilmState, report: dict[str, Any]) -> None:
+    def _resolve(self, shard: ShardState, state: FilmState, report: dict[str, Any], outcome: str) -> None:
+        if self.progress:
+            self.progress.film_resolved(state.film.uid, outcome)
         state.closed = True
         shard.resolved[state.film.key] = report
         if shard.written or shard.expected is None or len(shard.resolved) < shard.expected:

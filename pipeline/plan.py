@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.planner import index_shard_rows, plan_film_rows
+from pipeline.planner import index_shard_rows, plan_film_rows, plan_items
 from pipeline.rundir import RunDir
 from pipeline.shards import expand_urls
 from pipeline.stage_table import STAGES, StageSpec
@@ -104,11 +104,13 @@ def build_dataset(
     stages: Sequence[StageSpec] = STAGES,
     retry_failed: bool = False,
 ):
-    """shards -> film rows -> segment rows -> each stage of `stages` as an actor pool."""
+    """shards (or manifests) -> film rows -> segment rows -> each stage of `stages` as an actor pool."""
     import ray
 
     ray.data.DataContext.get_current().target_max_block_size = SEGMENT_BLOCK_BYTES
-    ds = ray.data.from_items([{"shard_url": u} for u in urls], override_num_blocks=max(1, len(urls)))
+    items = plan_items(urls, run, retry_failed)
+    # one block per shard, as before; a manifest's films spread over up to 256 blocks to plan in parallel
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), max(len(urls), 256))))
     ds = ds.flat_map(index_shard_rows, fn_kwargs={"run_dir": run.url, "retry_failed": retry_failed}, num_cpus=0.1)
     ds = ds.flat_map(
         plan_film_rows,

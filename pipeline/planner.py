@@ -4,20 +4,32 @@ Two Ray Data `flat_map` steps run these functions: `index_shard_rows` reads a sh
 and emits one film marker per film (or a shard marker when the whole shard is unusable or already
 finished); `plan_film_rows` probes a film's video (demux only) and cuts it into segments at
 keyframes. Work finished by an earlier run comes out with status DONE and flows through untouched.
+
+A manifest (CSV/JSONL of existing files) is a virtual shard: `plan_items` reads it on the driver
+into one item per film, and `index_shard_rows` turns each into a film whose members are the files.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
 from pipeline.rundir import RunDir
-from pipeline.shards import ShardError, index_shard
+from pipeline.shards import (
+    PackItem,
+    ShardError,
+    index_shard,
+    is_manifest,
+    manifest_film,
+    manifest_keys,
+    read_manifest,
+)
 from stages.audio_io import describe_error, dub_alignment_notes, probe_audio
 from stages.media import open_member, probe_video
 from stages.schema import FilmRef, Segment, Status, from_row, marker, to_row
-from stages.storage import retrying
+from stages.storage import exists, read_json, retrying
 
 
 def failed_marker(film: FilmRef, reason: str) -> Segment:
@@ -29,11 +41,46 @@ def shard_film(url: str) -> FilmRef:
     return FilmRef(key="", shard_url=url, video=None, dub=None)
 
 
+def shard_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def plan_items(urls: list[str], run: RunDir, retry_failed: bool = False) -> list[dict[str, Any]]:
+    """The plan's first rows: one per tar shard, and one per film of each manifest (read here, on
+    the driver, so the films of one manifest are indexed and planned in parallel). A manifest whose
+    every film an earlier run resolved becomes one row that comes out as a finished shard."""
+    items: list[dict[str, Any]] = []
+    for url in urls:
+        item = {"shard_url": url, "video": "", "dub": "", "key": "", "metadata": "", "films": 0}
+        if not is_manifest(url):
+            items.append(item)
+            continue
+        films = read_manifest(url)
+        keys = manifest_keys(films)
+        if not retry_failed and manifest_finished(run, url, keys):
+            items.append(item)
+            continue
+        for film, key in zip(films, keys):
+            items.append(
+                item
+                | {"video": film.video, "dub": film.dub or "", "key": key, "metadata": json.dumps(film.metadata or {})}
+                | {"films": len(films)}
+            )
+    return items
+
+
+def manifest_finished(run: RunDir, url: str, keys: list[str]) -> bool:
+    """An earlier run resolved exactly these films (an edited manifest is planned again)."""
+    marker_url = run.shard_marker(shard_name(url))
+    return exists(marker_url) and sorted(read_json(marker_url).get("films", [])) == sorted(keys)
+
+
 def index_shard_rows(item: dict[str, Any], run_dir: str, retry_failed: bool = False) -> list[dict[str, Any]]:
     url = item["shard_url"]
     run = RunDir(run_dir)
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    if run.shard_done(name):
+    if item.get("video"):
+        return [index_manifest_film(item, run, retry_failed)]
+    if run.shard_done(shard_name(url)):
         return [to_row(marker(shard_film(url), Status.DONE, "output shard already written by an earlier run"))]
     try:
         index = retrying(lambda: index_shard(url), f"indexing {url}")
@@ -59,6 +106,18 @@ def index_shard_rows(item: dict[str, Any], run_dir: str, retry_failed: bool = Fa
             seg.notes.append(f"shard: {index.problem}")
             row.update(to_row(seg))
     return rows
+
+
+def index_manifest_film(item: dict[str, Any], run: RunDir, retry_failed: bool) -> dict[str, Any]:
+    """One film of a manifest: its files checked and sized, or its failure; skipped when done."""
+    film_item = PackItem(item["video"], item["dub"] or None, item["key"], json.loads(item["metadata"] or "{}"))
+    entry = manifest_film(item["shard_url"], film_item, item["key"], int(item["films"]))
+    report = run.film_report(entry.film)  # first: a film that failed earlier waits for --retry-failed
+    if report is not None and (report.get("status") == "ok" or not retry_failed):
+        return to_row(marker(entry.film, Status.DONE, "film finished by an earlier run"))
+    if entry.problem:
+        return to_row(failed_marker(entry.film, entry.problem))
+    return to_row(marker(entry.film, Status.OK))
 
 
 def cut_points(pts: np.ndarray, keyframe: np.ndarray, target: float, longest: float) -> list[int]:

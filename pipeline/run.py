@@ -4,6 +4,9 @@ Rows stream through plan -> decode -> face track -> occlusion -> audio -> inpain
 driver consumes the encoded segments as they arrive; when the last segment of a film is in, the
 film is assembled (in a thread, so consumption never stops), and when the last film of a shard is
 in, the output shard is written. There is no barrier across films or shards.
+
+Films of a manifest (existing files, no shards) are written as plain files instead:
+`OUTPUT/<key>.mp4` as each film is assembled, `OUTPUT/<key>.json` (its report) beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
 from pipeline.plan import build_dataset, init_ray, open_run
+from pipeline.progress import Progress
 from pipeline.rundir import RunDir
+from pipeline.shards import default_key, is_manifest
 from pipeline.stage_table import STAGES, StageSpec, stage_spec
 from stages.base import SegmentStage
 from stages.schema import FilmRef, Segment, Status, from_row
@@ -35,6 +40,7 @@ from stages.storage import (
     put_file,
     read_json,
     remove_temporaries,
+    write_bytes,
     write_json,
 )
 
@@ -52,7 +58,9 @@ class RunOptions:
     workdir: str | None = None
     retry_failed: bool = False
     keep_intermediate: bool = False
-    progress: bool = True
+    progress: bool = True  # Ray Data's own progress bars (`-v`)
+    # The run's progress on stderr: a bar on a terminal, else a line every this many seconds; None: off.
+    progress_every: float | None = None
     metrics_port: int | None = None  # serve Prometheus metrics on this port while the run lasts
     # The plan's stages: tools and tests swap one in with `replace_stage`.
     stages: tuple[StageSpec, ...] = STAGES
@@ -110,8 +118,9 @@ class Driver(Ledger):
         )
 
     def shard_complete(self, shard: ShardState) -> None:
+        write = write_output_reports if is_manifest(shard.url) else write_output_shard
         self._submit(
-            partial(write_output_shard, shard, self.options.output, self.run),
+            partial(write, shard, self.options.output, self.run),
             partial(self._shard_written, shard),
             partial(self._shard_write_failed, shard),
         )
@@ -126,7 +135,7 @@ class Driver(Ledger):
     def _shard_written(self, shard: ShardState, target: str) -> None:
         self.shard_finished(shard, target)
         self.summary.shards_written += 1
-        if not self.options.keep_intermediate:  # only once the marker vouches for the output shard
+        if not self.options.keep_intermediate and not is_manifest(shard.url):  # once the marker vouches for it
             remove_assembled_films(shard, self.run)
 
     def _shard_write_failed(self, shard: ShardState, error: Exception) -> None:
@@ -138,7 +147,9 @@ class Driver(Ledger):
         records = [read_json(self.run.segment_url(state.segments[i]) + ".json") for i in range(state.count or 0)]
         changed = sum(r["counts"].get("frames_changed", 0) for r in records)
         plan = AudioPlan(duration=film.duration, offset=float(film.metadata.get("dub_offset", 0.0) or 0.0))
-        target = self.run.film_url(film, ".mp4")
+        # a manifest's film goes straight to its output file; a shard's waits for its output shard
+        plain = is_manifest(film.shard_url)
+        target = join(self.options.output, f"{film.safe_key}.mp4") if plain else self.run.film_url(film, ".mp4")
         with tempfile.TemporaryDirectory(prefix="stabledub-film-") as tmp:
             local = os.path.join(tmp, "film.mp4")
             if changed:
@@ -147,6 +158,8 @@ class Driver(Ledger):
                 audio = copy_film(film.video, film.dub, plan, local)
             put_file(local, target)
         report = film_report(film, records, changed, audio, self.options.config)
+        if plain:
+            write_json(join(self.options.output, f"{film.safe_key}.json"), report)
         write_json(self.run.film_url(film, ".json"), report)  # the film's completion marker
         if not self.options.keep_intermediate:
             fs, path = filesystem(self.run.segment_dir(film))
@@ -247,12 +260,51 @@ def write_output_shard(shard: ShardState, output: str, run: RunDir) -> str:
     return target
 
 
+def write_output_reports(shard: ShardState, output: str, run: RunDir) -> str:
+    """A manifest's output: every film's `<key>.json` beside its `<key>.mp4` (failed films' too)."""
+    for key in sorted(shard.resolved):
+        write_json(join(output, f"{shard.films[key].film.safe_key}.json"), shard.resolved[key])
+    log.info("wrote the reports of %s into %s", shard.name, output)
+    return output
+
+
 def remove_assembled_films(shard: ShardState, run: RunDir) -> None:
     """The assembled films of a written output shard (their reports stay: they mark the films done)."""
     for key, report in shard.resolved.items():
         fs, path = filesystem(run.film_url(shard.films[key].film, ".mp4"))
         if report.get("status") == "ok" and fs.exists(path):
             fs.rm(path)
+
+
+def film_manifest(video: str, dub: str, work: str) -> str:
+    """`stabledub run film.mp4 --dub es.wav -o film.es.mp4`: the film as a one-film manifest in `work`."""
+    import csv
+    import io
+
+    def absolute(url: str) -> str:
+        return url if "://" in url else os.path.abspath(url)
+
+    body = io.StringIO()
+    writer = csv.writer(body)
+    writer.writerow(["video", "dub", "key"])
+    writer.writerow([absolute(video), absolute(dub), default_key(video)])
+    url = join(work, "film.csv")
+    write_bytes(url, body.getvalue().encode())
+    return url
+
+
+def deliver_film(work: str, target: str) -> bool:
+    """Move the one film of `work` to `target` (its report to `target`'s name with .json) and
+    remove `work`; a failed film leaves `work` as it is, for its report. True when delivered."""
+    fs, work_path = filesystem(work)
+    videos = [p for p in fs.ls(work_path, detail=False) if p.endswith(".mp4")]
+    if len(videos) != 1:
+        return False
+    report_target = target.rsplit(".", 1)[0] + ".json"
+    fs.mv(videos[0], filesystem(target)[1])
+    fs.mv(videos[0][: -len(".mp4")] + ".json", filesystem(report_target)[1])
+    fs.rm(work_path, recursive=True)
+    return True
 
 
 def replace_stage(stages: tuple[StageSpec, ...], name: str, stage: type[SegmentStage]) -> tuple[StageSpec, ...]:
@@ -285,13 +337,19 @@ def run(options: RunOptions) -> RunSummary:
 
         ray.data.DataContext.get_current().enable_progress_bars = options.progress
         metrics = start_metrics(options.metrics_port, options.stages)
+        progress = None
         try:
             ds = build_dataset(urls, options.config, run_dir, options.stages, retry_failed=options.retry_failed)
             driver = Driver(options, run_dir, metrics)
+            if options.progress_every is not None:
+                # with Ray Data's own bars on the terminal (-v), ours are lines, not a second bar
+                progress = driver.progress = Progress(len(urls), options.progress_every, bar=False if options.progress else None)
             for row in ds.iter_rows():
                 driver.add(from_row(row))
             summary = driver.finish()
         finally:
+            if progress:
+                progress.close()
             if metrics:
                 metrics.stop()
     summary.wall_seconds = time.perf_counter() - began

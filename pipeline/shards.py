@@ -17,7 +17,6 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import braceexpand
 
@@ -182,27 +181,85 @@ class PackItem:
     metadata: dict | None = None
 
 
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".json")
+
+
+def is_manifest(url: str) -> bool:
+    """A manifest of films (CSV or JSONL) rather than a tar shard: `run` reads its films in place."""
+    return url.lower().endswith(MANIFEST_EXTENSIONS)
+
+
 def read_manifest(path: str) -> list[PackItem]:
-    """CSV (header: video,dub,key[,metadata]) or JSONL ({"video":..., "dub":..., "key":..., ...})."""
-    text = Path(path).read_text()
-    base = Path(path).parent
+    """CSV (header: video,dub,key[,metadata]) or JSONL ({"video":..., "dub":..., "key":..., ...}).
+
+    `path` is a local path or any fsspec URL; relative film paths are relative to the manifest."""
+    fs, fs_path = filesystem(path)
+    with fs.open(fs_path, "rb") as f:
+        text = f.read().decode("utf-8-sig")
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
     items: list[PackItem] = []
-    if path.endswith((".jsonl", ".json")):
+    if path.lower().endswith((".jsonl", ".json")):
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
         rows = list(csv.DictReader(io.StringIO(text)))
     for n, row in enumerate(rows, 1):
-        if not row.get("video"):
+        if not isinstance(row, dict) or not row.get("video"):
             raise ValueError(f"{path}: row {n} has no 'video'")
         metadata = row.get("metadata")
         if isinstance(metadata, str) and metadata:
-            metadata = json.loads(metadata)
+            try:
+                metadata = json.loads(metadata)
+            except ValueError as error:
+                raise ValueError(f"{path}: row {n}: metadata is not valid JSON ({error})") from None
+        if metadata is not None and metadata != "" and not isinstance(metadata, dict):
+            raise ValueError(f"{path}: row {n}: metadata is not a JSON object")
 
         def resolve(p: str | None) -> str | None:
-            return None if not p else (p if "://" in p or os.path.isabs(p) else str(base / p))
+            return None if not p else (p if "://" in p or os.path.isabs(p) else posixpath.join(base, p))
 
         items.append(PackItem(resolve(row["video"]) or "", resolve(row.get("dub")), row.get("key") or None, metadata or None))
     return items
+
+
+def manifest_keys(items: list[PackItem]) -> list[str]:
+    """Each film's key (default: its file name), refusing unsafe and duplicate keys: outputs are
+    named by key, so two films with one key would overwrite each other."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        key = item.key or default_key(item.video)
+        problem = unsafe_key(key) or ("duplicate key" if key in seen else "")
+        if problem:
+            raise ValueError(f"key {key!r} for {item.video}: {problem}")
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def manifest_film(manifest_url: str, item: PackItem, key: str, films: int) -> FilmEntry:
+    """A manifest's film as a film of a virtual shard (the manifest): each file is a member at
+    offset 0 with its whole size, so the planner and the stages read it exactly as a tar member."""
+    film = FilmRef(key=key, shard_url=manifest_url, video=None, dub=None, metadata=dict(item.metadata or {}))
+    film.shard_films = films
+
+    def member(url: str, what: str) -> tuple[MemberRef | None, str]:
+        fs, path = filesystem(url)
+        try:
+            size = fs.size(path)
+        except FileNotFoundError:
+            return None, f"{what} {url} does not exist"
+        except OSError as error:
+            return None, f"cannot read {what} {url}: {type(error).__name__}: {error}"
+        if size == 0:
+            return None, f"{what} {url} is empty (0 bytes)"
+        return MemberRef(url, posixpath.basename(path), 0, size), ""
+
+    film.video, problem = member(item.video, "video")
+    if not problem and not item.dub:
+        problem = "no dub audio given (the manifest's 'dub' is empty)"
+    if not problem and item.dub:
+        film.dub, problem = member(item.dub, "dub audio")
+    return FilmEntry(film, problem)
 
 
 def default_key(video: str) -> str:
