@@ -217,7 +217,7 @@ class AEConfig:
     ssim_weight: float = 1.0
     mouth_weight: float = 2.0  # extra loss weight inside the mouth box
     mouth_patch: float = 0.5  # share of patches placed over the mouth box
-    minutes: float = 0.0  # stop after this much wall time (0: no limit); the lr schedule still follows `steps`
+    minutes: float = 0.0  # stop after this much wall time (0: no limit); the schedule follows time or steps
     eval_every: int = 250
     seed: int = 0
 
@@ -278,17 +278,21 @@ def calibrate_scale(vae, images: np.ndarray) -> float:
 def fit(vae, train: Crops, val: Crops | None, config: AEConfig, log_every: int = 50) -> list[dict]:
     """Train in place; returns the curve (loss terms, and validation metrics every `eval_every` steps)."""
     optimiser = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * min(s, config.steps) / config.steps))
-    )
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     side = train.images.shape[1]
     curve: list[dict] = []
     start = time.time()
+    full_share = config.full_steps / config.steps if config.steps else 0.0
     for step in range(config.steps):
-        late = config.full_steps and step >= config.steps - config.full_steps
-        stop_early = config.minutes and time.time() - start > config.minutes * 60
+        # Progress is steps or wall time, whichever is further, so a run cut by `minutes` still
+        # decays its learning rate and ends on whole crops.
+        elapsed = (time.time() - start) / (config.minutes * 60) if config.minutes else 0.0
+        progress = min(1.0, max(step / config.steps, elapsed))
+        late = full_share > 0 and progress >= 1 - full_share
+        stop_early = elapsed >= 1.0
+        for group in optimiser.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * progress))
         vae.train()
         pixels, weight = sample_batch(train, side if late else config.patch, config, rng)
         loss, terms = ae_loss(vae, pixels, weight, config, generator)
@@ -296,7 +300,6 @@ def fit(vae, train: Crops, val: Crops | None, config: AEConfig, log_every: int =
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimiser.step()
-        schedule.step()
         last = step == config.steps - 1 or stop_early
         if step % log_every == 0 or last:
             row = {"step": step, "loss": float(loss.detach()), **terms, "seconds": round(time.time() - start, 1)}
