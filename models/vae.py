@@ -54,6 +54,17 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         "scaling_factor": 1.0,
         "mid_block_add_attention": False,
     },
+    # Face crops at 128 px (training/autoencoder.py): SD's latent space (4 channels, /8), the demo's
+    # widths, no attention, so it is fully convolutional (trained on 64 px patches) and cheap on CPU.
+    "face128": {
+        **_BASE,
+        "block_out_channels": [16, 32, 64, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 128,
+        "scaling_factor": 1.0,
+        "mid_block_add_attention": False,
+    },
 }
 
 

@@ -69,3 +69,19 @@ def test_remote_folders_are_fetched_once_and_refreshed_on_request(tmp_path, mode
     refreshed = local_dir(url, refresh=True)
     assert open(os.path.join(refreshed, "sub", "a.json")).read() == "2"
     assert sorted(os.listdir(model_cache)) == [os.path.basename(first)]  # no staging or retired copies left
+
+
+def test_shipped_face_vae_maps_128_px_crops_to_unit_scaled_16_px_latents(clip64):
+    from models.images import resize_square
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "models", "weights", "face_vae")
+    vae = load_vae(folder)
+    assert vae.config.sample_size == 128 and vae.config.scaling_factor != 1.0
+    assert {k: vae.config[k] for k in ("block_out_channels", "latent_channels")} == {
+        k: VAE_PRESETS["face128"][k] for k in ("block_out_channels", "latent_channels")
+    }
+    pixels = to_pixels(resize_square(clip64[:4], 128))
+    latents = encode(vae, pixels)
+    assert latents.shape == (4, 4, 16, 16)
+    assert 0.3 < float(latents.std()) < 3.0  # scaled near unit variance, as the UNet's noise schedule assumes
+    assert float((decode(vae, latents) - pixels).abs().mean()) < 0.2
