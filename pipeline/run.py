@@ -25,6 +25,7 @@ from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
 from pipeline.plan import build_dataset, init_ray, open_run
+from pipeline.report import write_report
 from pipeline.rundir import RunDir
 from pipeline.stage_table import STAGES, StageSpec, stage_spec
 from stages.base import SegmentStage
@@ -216,6 +217,9 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
             "cut_seconds": round(audio.cut_seconds, 3),
         },
         "notes": notes,
+        # For the QC report: each dubbed face's changed frames and box, and where the source film is.
+        "faces": [{"segment": r["index"], **face} for r in records for face in r.get("faces", [])],
+        "source": dataclasses.asdict(film.video) if film.video else None,
     }
 
 
@@ -296,5 +300,6 @@ def run(options: RunOptions) -> RunSummary:
                 metrics.stop()
     summary.wall_seconds = time.perf_counter() - began
     write_json(run_dir.path("summary.json"), {**summary.__dict__, "line": summary.line()})
+    write_report(run_dir.url, join(options.output, "report.html"))
     print(summary.line())
     return summary
