@@ -36,7 +36,7 @@ class EncodeConfig(Settings, section="encode"):
     preset: Annotated[str, OneOf(*X264_PRESETS)] = "veryfast"
     feather: NonNegativeFloat = 2.0  # paste-back feather (crop pixels)
     threads: NonNegativeInt = 0
-    debug: bool = False  # also write debug videos and stills with face track overlays (see `debug_url`)
+    debug: bool = False  # also write face track overlay videos and stills per segment (see `debug_url`)
 
 
 def encoder_options(settings: EncodeConfig) -> dict[str, str]:
