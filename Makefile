@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[s3,test,demo]'
 	# the last mediapipe wheel that bundles its face models; --no-deps: see pyproject.toml
 	$(PY) -m pip install -q --no-deps 'mediapipe==0.10.21'
+	# headless Chromium for the report and eval page tests (they skip without it)
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -q chromium) || true
 	touch $(STAMP)
 
 demo: setup

@@ -330,6 +330,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import find_run_dir, write_report
+    from stages.storage import join
+
+    try:
+        find_run_dir(args.source)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    target = args.output or join(args.source, "report.html")
+    print(f"report: {write_report(args.source, target)}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------ parser
 def _count(low: int):  # noqa: ANN202 - an argparse type
     def parse(text: str) -> int:
@@ -491,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-clips", type=_count(0), default=0, help="evaluate at most this many clips (0: all)")
     e.add_argument("--steps", type=_count(1), default=20, help="denoising steps")
     e.set_defaults(func=cmd_eval)
+
+    q = command("report", "QC report of a run: one offline HTML page (films, changed ranges, thumbnails, failures)")
+    q.add_argument("source", help="output directory of `stabledub run`, or its run directory")
+    q.add_argument("-o", "--output", help="HTML file to write (default: SOURCE/report.html)")
+    q.set_defaults(func=cmd_report)
     return parser
 
 

@@ -29,6 +29,7 @@ from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
 from pipeline.plan import build_dataset, init_ray, open_run
 from pipeline.progress import Progress
+from pipeline.report import write_report
 from pipeline.rundir import RunDir
 from pipeline.shards import default_key, is_manifest
 from pipeline.stage_table import STAGES, StageSpec, stage_spec
@@ -229,6 +230,9 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
             "cut_seconds": round(audio.cut_seconds, 3),
         },
         "notes": notes,
+        # For the QC report: each dubbed face's changed frames and box, and where the source film is.
+        "faces": [{"segment": r["index"], **face} for r in records for face in r.get("faces", [])],
+        "source": dataclasses.asdict(film.video) if film.video else None,
     }
 
 
@@ -354,5 +358,9 @@ def run(options: RunOptions) -> RunSummary:
                 metrics.stop()
     summary.wall_seconds = time.perf_counter() - began
     write_json(run_dir.path("summary.json"), {**summary.__dict__, "line": summary.line()})
+    try:
+        write_report(run_dir.url, join(options.output, "report.html"))
+    except Exception as error:  # noqa: BLE001 - the films are dubbed; a report that fails must not fail the run
+        log.warning("QC report not written: %s: %s (run `stabledub report` on the output)", type(error).__name__, error)
     print(summary.line())
     return summary

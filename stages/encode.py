@@ -18,6 +18,7 @@ import av
 import numpy as np
 
 from stages.base import SegmentStage, StageError
+from stages.face_align import apply_affine, invert
 from stages.media import open_member, open_reader
 from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_back
@@ -35,7 +36,7 @@ class EncodeConfig(Settings, section="encode"):
     preset: Annotated[str, OneOf(*X264_PRESETS)] = "veryfast"
     feather: NonNegativeFloat = 2.0  # paste-back feather (crop pixels)
     threads: NonNegativeInt = 0
-    debug: bool = False  # also write <segment>.debug.mp4 and .debug.png with face track overlays
+    debug: bool = False  # also write face track overlay videos and stills per segment (see `debug_url`)
 
 
 def encoder_options(settings: EncodeConfig) -> dict[str, str]:
@@ -56,6 +57,7 @@ class Encode(SegmentStage):
         super().__init__(config)
         self.settings = config
         self.segment_url = segment_url
+        self._faces: dict[str, list[dict]] = {}  # segment id -> its dubbed faces, from process to commit
 
     def process(self, segment: Segment) -> Segment:
         target = self.segment_url(segment)
@@ -66,17 +68,64 @@ class Encode(SegmentStage):
             if self.settings.debug:
                 for made, suffix in zip(debug_paths(local), (".debug.mp4", ".debug.png")):
                     if os.path.exists(made):
-                        put_file(made, target + suffix)
+                        put_file(made, debug_url(target) + suffix)
         segment.output_path = target + ".mp4"
         segment.counts["frames_changed"] = changed
+        self._faces[segment.id] = dubbed_faces(segment)
         return segment.drop_payload()
 
     def commit(self, segment: Segment) -> None:
         # The completion marker is written last, after the segment file, with every stage's timings.
-        write_json(self.segment_url(segment) + ".json", segment_record(segment))
+        write_json(self.segment_url(segment) + ".json", segment_record(segment, self._faces.pop(segment.id, [])))
 
 
-def segment_record(segment: Segment) -> dict:
+def debug_url(target: str) -> str:
+    """Where a segment's debug overlays go: beside its film's segment folder, not in it, so they
+    outlive the segments once the film is assembled (`segments/<shard>/<key>.debug/<n>.debug.mp4`)."""
+    folder, name = target.rsplit("/", 1)
+    return f"{folder}.debug/{name}"
+
+
+def frame_ranges(frames: np.ndarray) -> list[list[int]]:
+    """Sorted frame numbers as [start, stop) runs: [3, 4, 5, 9] -> [[3, 6], [9, 10]]."""
+    runs: list[list[int]] = []
+    for f in sorted({int(f) for f in frames}):
+        if runs and runs[-1][1] == f:
+            runs[-1][1] = f + 1
+        else:
+            runs.append([f, f + 1])
+    return runs
+
+
+def dubbed_faces(segment: Segment) -> list[dict]:
+    """Per track pasted into the segment: its id, speech-sync score, the film frames it changed and its
+    face box (full-resolution x0, y0, x1, y1) at the middle one of them, for the QC report."""
+    faces = []
+    for track in segment.tracks:
+        keep = track.frame_index >= segment.context
+        if track.generated is None or not keep.any():
+            continue
+        frames = segment.context_start + track.frame_index[keep]
+        middle = len(frames) // 2
+        size = track.mask.shape[1]
+        square = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64)
+        corners = apply_affine(invert(track.affine[keep][middle]), square)
+        low = np.clip(np.floor(corners.min(axis=0)), 0, [segment.width, segment.height]).astype(int)
+        high = np.clip(np.ceil(corners.max(axis=0)), 0, [segment.width, segment.height]).astype(int)
+        sync = track.info.get("sync")
+        faces.append(
+            {
+                "track": track.track_id,
+                "sync": None if sync is None else round(float(sync), 4),
+                "frames": frame_ranges(frames),
+                "box": [int(low[0]), int(low[1]), int(high[0]), int(high[1])],
+                "box_frame": int(frames[middle]),
+            }
+        )
+    return faces
+
+
+def segment_record(segment: Segment, faces: list[dict] | None = None) -> dict:
     return {
         "segment_id": segment.id,
         "index": segment.index,
@@ -87,6 +136,7 @@ def segment_record(segment: Segment) -> dict:
         "workers": segment.workers,
         "counts": segment.counts,
         "notes": segment.notes,
+        "faces": faces or [],
     }
 
 

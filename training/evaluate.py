@@ -11,7 +11,6 @@ floor of sync). DIR gets metrics.json and index.html with plots and side-by-side
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -367,46 +366,105 @@ def _nanmean(values: list[Any]) -> float:
     return float(np.mean(numbers)) if numbers else float("nan")
 
 
+# Which way is better, per metric (shown on the eval page beside each metric).
+HIGHER_IS_BETTER = {
+    "psnr_mouth": True,
+    "ssim_mouth": True,
+    "lmd": False,
+    "identity_sim": True,
+    "sync_score": True,
+    "sync_distance": False,
+    "sync_confidence": True,
+    "jitter": False,
+}
+
+
 def save_still(path: str, truth: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
-    """Middle frame: truth | each method, side by side."""
+    """Middle frame at the output resolution: truth | each method, side by side."""
     middle = len(truth) // 2
     row = np.concatenate([truth[middle]] + [frames[middle] for frames in outputs.values()], axis=1)
     cv2.imwrite(path, cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
 
 
-def write_html(path: str, result: dict[str, Any], folder: str) -> None:
+def _direction(metric: str) -> str:
+    better = HIGHER_IS_BETTER.get(metric)
+    return "" if better is None else ("\u2191 higher is better" if better else "\u2193 lower is better")
+
+
+def save_plot(path: str, result: dict[str, Any]) -> None:
+    """One bar chart per metric over methods; a missing value is a gap marked 'n/a', never a 0 bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(result["mean"])
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3.2))
     for ax, metric in zip(axes, METRICS):
-        values = [result["mean"][m].get(metric) or 0.0 for m in methods]
-        ax.bar(methods, values, color=["C0", "C1", "C2"][: len(methods)])
-        ax.set_title(metric)
+        values = [result["mean"][m].get(metric) for m in methods]
+        positions = range(len(methods))  # numeric, so a method without a value keeps its place
+        ax.bar(positions, [np.nan if v is None else v for v in values], color=[f"C{i}" for i in positions])
+        ax.set_xticks(list(positions), methods)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        for i, v in enumerate(values):
+            if v is None:
+                ax.text(i, 0.04, "n/a", ha="center", va="bottom", color="0.4", transform=ax.get_xaxis_transform())
+        if all(v is None for v in values):
+            ax.set_yticks([])
+        ax.set_title(f"{metric}\n{_direction(metric)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "metrics.png"), dpi=80)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
-    head = "".join(f"<th>{m}</th>" for m in METRICS)
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{result['mean'][name].get(m)}</td>" for m in METRICS) + "</tr>"
-        for name in methods
-    )
-    clips = "".join(
-        f"<h3>{html.escape(r['clip'])}{' (in the sync expert training data)' if r.get('in_sync_expert_data') == 'train' else ''}"
-        f"</h3><p>truth | {' | '.join(methods)}</p><img src='stills/{html.escape(r['clip'])}.png'>"
-        for r in result["per_clip"]
-    )
+
+
+def write_html(path: str, result: dict[str, Any], folder: str) -> None:
+    """index.html: mean and per-clip tables (sortable, each metric's direction, missing values as
+    missing), the plot, and per clip its still at output resolution; images embedded (works offline)."""
+    from pipeline import html_page as h
+
+    save_plot(os.path.join(folder, "metrics.png"), result)
+    methods = list(result["mean"])
+    titles = [f"{m}: {result['metrics'].get(m, '')}; {_direction(m)}" for m in METRICS]
+    heads = [f"{m}<br><span class='muted small'>{h.esc(_direction(m))}</span>" for m in METRICS]
+    mean_rows = [[h.text(name)] + [h.number(result["mean"][name].get(m), 3) for m in METRICS] for name in methods]
+    clip_rows = []
+    for r in result["per_clip"]:
+        for name in methods:
+            seen = " (in the sync expert's training data)" if r.get("in_sync_expert_data") == "train" else ""
+            clip_rows.append(
+                [h.text(r["clip"] + seen), h.text(name), h.number(r.get("frames"), 0)]
+                + [h.number(r[name].get(m), 3) for m in METRICS]
+            )
+    size = int(result["resolution"])
+    zoom = max(1, 256 // size)  # small models' stills are shown enlarged, pixel for pixel
+    stills = []
+    for r in result["per_clip"]:
+        image = cv2.imread(os.path.join(folder, "stills", f"{r['clip']}.png"))
+        if image is None:
+            stills.append(f"<h3>{h.esc(r['clip'])}</h3><p class='missing'>{h.MISSING} no still</p>")
+            continue
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        tiles = [rgb[:, i * size : (i + 1) * size] for i in range(rgb.shape[1] // size)]
+        names = ["source (truth)", *methods][: len(tiles)]
+        figures = [h.figure(h.image_uri(t), n, width=size * zoom, pixelated=zoom > 1) for t, n in zip(tiles, names)]
+        stills.append(f"<h3>{h.esc(r['clip'])}</h3>" + h.pair(*figures))
     expert = result["sync_expert"]
-    auc = f"{expert.get('cross_validated_auc')} per frame, {expert.get('cross_validated_window_auc')} per 1 s window"
+    frame_auc, window_auc = (expert.get(k, h.MISSING) for k in ("cross_validated_auc", "cross_validated_window_auc"))
+    auc = f"{frame_auc} per frame, {window_auc} per 1 s window"
+    plot = cv2.imread(os.path.join(folder, "metrics.png"))
+    plural = "s" if result["clips"] != 1 else ""
     body = (
-        f"<html><head><meta charset='utf-8'><title>StableDub eval</title></head><body>"
-        f"<h1>Self-reenactment: {html.escape(str(result['model']))}</h1>"
-        f"<p>{result['clips']} clips at {result['resolution']}px; sync expert AUC on clips it never saw "
-        f"(true vs shifted audio; 0.5 is chance): {auc}</p>"
-        f"<table border=1><tr><th>method</th>{head}</tr>{rows}</table><img src='metrics.png'>{clips}</body></html>"
+        f"<h1>Self-reenactment: {h.esc(result['model'])}</h1>"
+        f"<p>{result['clips']} clip{plural} at {size} px, {result.get('denoising_steps', h.MISSING)} denoising steps; "
+        f"sync expert AUC on clips it never saw (true vs shifted audio; 0.5 is chance): {h.esc(auc)}. "
+        f"{h.MISSING} marks a value that could not be measured (no mouth found, no sync expert).</p>"
+        "<h2>Mean over clips</h2>"
+        + h.table(["method", *heads], mean_rows, ["", *titles])
+        + (h.figure(h.image_uri(cv2.cvtColor(plot, cv2.COLOR_BGR2RGB)), "means per metric") if plot is not None else "")
+        + "<h2>Per clip</h2><p class='small muted'>Click a column header to sort.</p>"
+        + h.table(["clip", "method", "frames", *heads], clip_rows, ["", "", "", *titles])
+        + f"<h2>Stills (middle frame, {size} px{f', shown x{zoom}' if zoom > 1 else ''})</h2>"
+        + "".join(stills)
     )
     with open(path, "w") as f:
-        f.write(body)
+        f.write(h.page(f"StableDub eval: {result['model']}", body))
