@@ -29,6 +29,7 @@ td.missing { color: #999; text-align: center; }
 .stat { border: 1px solid #d0d0d5; border-radius: 6px; padding: 8px 14px; min-width: 110px; }
 .stat b { display: block; font-size: 20px; }
 .pair { display: flex; gap: 6px; flex-wrap: nowrap; }
+.pair img { height: 112px; width: auto; max-width: none; }  /* a narrow column must not shrink them */
 img { max-width: 100%; height: auto; }
 figure { display: inline-block; max-width: 100%; margin: 0 6px 0 0; text-align: center; }
 figcaption { font-size: 12px; color: #666; }

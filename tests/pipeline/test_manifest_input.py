@@ -44,6 +44,7 @@ def test_a_manifest_is_dubbed_in_place_into_files_named_by_key_a_bad_row_fails_a
         "frozen.json",
         "frozen.mp4",
         "gone.json",
+        "report.html",  # the run's QC report
         "tlou.json",
         "tlou.mp4",
     ]

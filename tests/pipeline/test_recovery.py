@@ -118,7 +118,7 @@ def test_killed_driver_resumes_to_identical_output_without_redoing_work(shard, r
             assert deterministic(json.load(a.extractfile(name))) == deterministic(json.load(b.extractfile(name)))
     leftovers = [p for p in list(out.rglob("*")) + list(work.rglob("*")) if p.name.startswith(".tmp-")]
     assert leftovers == []
-    assert [p.name for p in out.iterdir()] == ["f-0000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["f-0000.tar", "report.html"]  # the shard and the QC report
 
 
 def test_a_second_run_on_the_same_output_refuses_while_the_first_holds_the_lease(shard, tmp_path, capsys):
