@@ -155,7 +155,8 @@ def run_demo(output: str, verbose: bool = False) -> int:
     shard = out / "dubbed" / Path(shards[0]).name
     result = out / "carphone.dubbed.mp4"
     # printed before the run, so that the run's summary is the last line
-    print(f"dubbed film: {result}\noutput shard: {shard}\nreport: {out / 'dubbed'} (carphone.json inside the shard)")
+    print(f"dubbed film: {result}\noutput shard: {shard} (carphone.json inside it: the film's report)")
+    print(f"QC report: {out / 'dubbed' / 'report.html'}")
     config = load_config(None, [f"inpaint.model={model}"])
     options = RunOptions(input=shards[0], output=str(out / "dubbed"), config=config, workdir=str(out / "run"), progress=verbose)
     summary = run(options)
