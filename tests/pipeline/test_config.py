@@ -5,6 +5,7 @@ before any Ray work."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -119,6 +120,19 @@ def test_unreadable_config_files_are_config_errors(tmp_path):
 def test_values_outside_the_declared_choices_and_ranges_are_refused(override, allowed):
     key, value = override.split("=")
     with pytest.raises(SettingError, match=f"^{key}=.*{value}.* is not allowed; allowed: .*{allowed}"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("resources.inpaint.max_actors=0", "resources.max_actors=0 is not allowed; allowed: at least 1"),
+        ("resources.decode.num_cpus=-1", "resources.num_cpus=-1.0 is not allowed; allowed: at least 0"),
+        ("resources.encode.min_actors=3", "resources.max_actors=2 is not allowed; allowed: at least min_actors"),
+    ],
+)
+def test_stage_resources_are_checked_like_every_other_section(override, message):
+    with pytest.raises(SettingError, match=re.escape(message)):
         load_config(None, [override])
 
 
