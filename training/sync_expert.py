@@ -30,7 +30,8 @@ from models.images import resize_square
 from models.sync_expert import SyncExpert, fill_gaps, logits_at_offsets, sync_score, window_confidence
 from stages.face_align import eye_distance
 from stages.face_smooth import smooth
-from stages.face_track import FaceTrackConfig
+from stages.face_track import FaceTrack, FaceTrackConfig
+from stages.schema import frames_segment
 
 log = logging.getLogger(__name__)
 
@@ -157,29 +158,12 @@ def read_video(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def face_track_landmarks(frames: np.ndarray, pts: np.ndarray, key: str = "clip") -> np.ndarray:
     """(N, 468, 2) landmarks in crop pixels of the longest track of each segment, NaN where none (FaceTrack stage)."""
-    from stages.face_track import FaceTrack
-    from stages.schema import FilmRef, Segment
-
     stage = FaceTrack(FaceTrackConfig())
-    n, h, w = frames.shape[:3]
+    n = len(frames)
     out = np.full((n, 468, 2), np.nan, np.float32)
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
-        segment = Segment(
-            film=FilmRef(key=key, shard_url="memory://", video=None, dub=None),
-            index=0,
-            count=1,
-            start=a,
-            stop=b,
-            context_start=a,
-            pts=pts[a:b],
-            seek_pts=0.0,
-            width=w,
-            height=h,
-            time_base=(1, 90000),
-            frames=frames[a:b],
-        )
-        segment = stage.process(segment)
+        segment = stage.process(frames_segment(frames[a:b], pts[a:b], key=key))
         if not segment.tracks:
             continue
         track = max(segment.tracks, key=lambda t: len(t.frame_index))
