@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo lint test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench pack train-cpu train-gpu clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,23 @@ test-fast: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[decord]'  # bench/decode.py compares the decord backend too
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# The model recipe (training/recipe.py, models/README.md). `make pack` on a CPU machine writes the
+# training pack (.pack, <= 40 MiB) and the one wheel a bare GPU box lacks (.whl: diffusers);
+# `make train-gpu` there (python3 with torch, opencv, einops) trains the shipped configuration.
+GPU_PYTHON ?= python3
+RECIPE_OUT ?= out/recipe
+
+pack: setup
+	$(PY) -m training.pack .pack
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl "diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')"
+
+train-cpu: setup
+	$(PY) -m training.recipe .pack $(RECIPE_OUT)-cpu --config models/configs/recipe_cpu.yaml
+
+train-gpu:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target /tmp/stabledub-site .whl/*.whl
+	PYTHONPATH=/tmp/stabledub-site:. $(GPU_PYTHON) -m training.recipe .pack $(RECIPE_OUT)-gpu --config models/configs/recipe_gpu.yaml
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.images import resize_square  # noqa: E402
-from models.vae import load_vae  # noqa: E402
+from models.vae import crop_size, load_vae  # noqa: E402
 from training.autoencoder import (  # noqa: E402
     CROP_SIZE,
     corpus_paths,
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def score(vae, images: np.ndarray, boxes: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     """Metrics at CROP_SIZE and the reconstructions; a VAE of another size sees resized crops."""
-    side = vae.config.sample_size
+    side = crop_size(vae)
     start = time.process_time()
     recon = reconstruct(vae, resize_square(images, side))
     core_ms = (time.process_time() - start) * 1000 / len(images)

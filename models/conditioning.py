@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 
-from models.vae import SCALE_FACTOR, encode, to_pixels
+from models.vae import SCALE_FACTOR, Autoencoder, encode, to_pixels
 
 
 @dataclass
@@ -50,7 +49,7 @@ def reference_index(frames: int, references: int) -> np.ndarray:
 
 
 def encode_conditioning(
-    vae: AutoencoderKL,
+    vae: Autoencoder,
     frames: np.ndarray,
     masks: np.ndarray,
     occlusion: np.ndarray | None,

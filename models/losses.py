@@ -4,7 +4,10 @@
 - latent coarse facial loss (L_LCF, early paper): the same error inside the coarse facial mask
   (a blob around the mouth), so lips get weight beyond their small share of the frame;
 - temporal consistency: frame-to-frame changes of the predicted clean latent must match the true
-  ones inside the regenerated region (flicker is a change the video does not have).
+  ones inside the regenerated region (flicker is a change the video does not have);
+- mouth pixels (optional, `PixelLoss`): the predicted clean latent of a few frames per window is
+  decoded by the frozen autoencoder and compared with the true crop inside the regenerated region
+  (L1, weighted by alpha_bar_t like the temporal term), so the loss sees the pixels a viewer sees.
 """
 
 from __future__ import annotations
@@ -23,6 +26,32 @@ from models.unet import StableDubUNet
 class LossWeights:
     lcf: float = 1.0
     temporal: float = 0.1
+
+
+@dataclass
+class PixelLoss:
+    """Decode `frames` frames per window of the predicted clean latent and score them in pixels."""
+
+    vae: torch.nn.Module  # frozen autoencoder (its parameters need no gradient)
+    pixels: torch.Tensor  # (B, F, 3, S, S) true crops in [-1, 1]
+    region: torch.Tensor  # (B, F, 1, S, S) regenerated region in [0, 1]
+    frames: int = 2
+    weight: float = 1.0
+
+
+def mouth_pixel_loss(pixel: PixelLoss, clean: torch.Tensor, alphas: torch.Tensor, generator=None) -> torch.Tensor:
+    """Mean L1 inside the region of decoded predicted-clean frames, each window weighted by alpha_bar_t."""
+    b, f = clean.shape[:2]
+    k = min(pixel.frames, f)
+    pick = torch.stack([torch.randperm(f, generator=generator, device="cpu")[:k] for _ in range(b)]).to(clean.device)
+    rows = torch.arange(b, device=clean.device)[:, None].expand(b, k)
+    latents = clean[rows, pick].flatten(0, 1)
+    decoded = pixel.vae.decode((latents / pixel.vae.config.scaling_factor).to(pixel.vae.dtype)).sample.float()
+    target = pixel.pixels[rows, pick].flatten(0, 1).float()
+    region = pixel.region[rows, pick].flatten(0, 1).float()
+    weight = alphas.float().repeat_interleave(k).view(-1, 1, 1, 1)
+    error = (decoded - target).abs().mean(dim=1, keepdim=True) * region * weight
+    return error.sum() / (region * weight).sum().clamp_min(1.0)
 
 
 @dataclass
@@ -118,8 +147,9 @@ def training_losses(
     timesteps: torch.Tensor | None = None,
     audio_dropout: float = 0.0,
     habit_dropout: float = 0.0,
+    pixel: PixelLoss | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Losses of one batch: {"total", "denoising", "lcf", "temporal"}.
+    """Losses of one batch: {"total", "denoising", "lcf", "temporal"} (+ "pixel" with `pixel`).
 
     `audio_dropout` zeroes whole samples' audio (enables audio classifier-free guidance);
     `habit_dropout` swaps in the neutral habit so it learns the average speaker.
@@ -164,4 +194,9 @@ def training_losses(
     alphas = scheduler.alphas_cumprod.to(device)[timesteps].float()
     losses["temporal"] = temporal_consistency_loss(clean, latents, batch.mask, alphas)
     losses["total"] = losses["denoising"] + weights.lcf * losses["lcf"] + weights.temporal * losses["temporal"]
+    if pixel is not None and pixel.weight > 0:
+        losses["pixel"] = mouth_pixel_loss(
+            pixel, clean, alphas, generator if generator is None or generator.device.type == "cpu" else None
+        )
+        losses["total"] = losses["total"] + pixel.weight * losses["pixel"]
     return losses

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -26,8 +26,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from models.conditioning import encode_conditioning
 from models.lip_habit import MIN_REFERENCE_FRAMES, LipHabitEncoder
 from models.remote import is_remote, local_dir, staging_dir, upload_dir
-from models.unet import LATENT_CHANNELS, StableDubUNet
-from models.vae import SCALE_FACTOR, check_latent_space, decode, to_pixels, to_uint8
+from models.unet import StableDubUNet
+from models.vae import SCALE_FACTOR, Autoencoder, check_latent_space, decode, latent_channels, to_pixels, to_uint8
 
 # Stable Diffusion 1.x's noise schedule, so an SD-initialised UNet sees the noise levels it knows.
 NOISE_SCHEDULE: dict[str, Any] = {
@@ -50,19 +50,23 @@ def shipped_demo_checkpoint() -> str | None:
 
 
 def make_scheduler(
-    name: str = "ddim", prediction_type: str = "epsilon"
+    name: str = "ddim", prediction_type: str = "epsilon", zero_snr: bool = False
 ) -> DDIMScheduler | DPMSolverMultistepScheduler | DDPMScheduler:
-    """ "ddim", "dpm++" (DPM-Solver++ 2M) for sampling, "ddpm" for training."""
+    """ "ddim", "dpm++" (DPM-Solver++ 2M) for sampling, "ddpm" for training.
+
+    `zero_snr` rescales the betas so the last training step is pure noise and places sampling steps
+    "trailing" (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed"): the
+    first of a few sampling steps then starts from what the model was trained on. Needs v-prediction.
+    """
+    schedule = {k: v for k, v in NOISE_SCHEDULE.items() if not (name == "dpm++" and k == "clip_sample")}
+    if zero_snr:
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
     if name == "ddpm":
-        return DDPMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type)
+        return DDPMScheduler(**schedule, prediction_type=prediction_type)
     if name == "dpm++":
-        return DPMSolverMultistepScheduler(
-            **{k: v for k, v in NOISE_SCHEDULE.items() if k != "clip_sample"},
-            prediction_type=prediction_type,
-            algorithm_type="dpmsolver++",
-        )
+        return DPMSolverMultistepScheduler(**schedule, prediction_type=prediction_type, algorithm_type="dpmsolver++")
     if name == "ddim":
-        return DDIMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type, set_alpha_to_one=False)
+        return DDIMScheduler(**schedule, prediction_type=prediction_type, set_alpha_to_one=False)
     raise ValueError(f"unknown scheduler {name!r}: one of ddim, dpm++, ddpm")
 
 
@@ -105,7 +109,7 @@ class StableDubPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: Autoencoder,
         unet: StableDubUNet,
         lip_habit: LipHabitEncoder,
         scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
@@ -117,6 +121,10 @@ class StableDubPipeline(DiffusionPipeline):
         in the last bit between train and eval mode)."""
         super().__init__()
         check_latent_space(vae)
+        if latent_channels(vae) != unet.config.latent_channels:
+            raise ValueError(
+                f"the VAE gives {latent_channels(vae)} latent channels; the UNet takes {unet.config.latent_channels}"
+            )
         if lip_habit.config.audio_channels != unet.config.audio_channels:
             raise ValueError("lip_habit.audio_channels must equal unet.audio_channels (it modulates those channels)")
         if image_encoder is not None and image_encoder.config.hidden_size != unet.config.clip_embed_dim:
@@ -286,7 +294,7 @@ class StableDubPipeline(DiffusionPipeline):
             clip_embeds = self.clip_tokens(reference)
         audio = torch.from_numpy(np.asarray(audio_features, np.float32)).to(device)
         if latents is None:
-            shape = (count, LATENT_CHANNELS, *conditioning.mask.shape[-2:])
+            shape = (count, self.unet.config.latent_channels, *conditioning.mask.shape[-2:])
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device, torch.float32)
 

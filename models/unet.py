@@ -37,9 +37,12 @@ from models.remote import local_dir
 
 SPATIAL_MIXERS = ("mamba", "attention", "none")  # "none": resnets only at that level
 TEMPORAL_MIXERS = ("mamba", "attention", "none")
-LATENT_CHANNELS = 4
-# noisy latent, masked-frame latent, regenerate mask, reference latent, occlusion mask
-IN_CHANNELS = 3 * LATENT_CHANNELS + 2
+LATENT_CHANNELS = 4  # Stable Diffusion's; a UNet's own count is its `latent_channels` config
+
+
+def input_channels(latent_channels: int) -> int:
+    """conv_in's inputs: noisy latent, masked-frame latent, regenerate mask, reference latent, occlusion mask."""
+    return 3 * latent_channels + 2
 
 
 @dataclass
@@ -235,10 +238,12 @@ class AppearanceEncoder(nn.Module):
     appearance net, while the reference latent itself also enters through conv_in.
     """
 
-    def __init__(self, hidden: int, out_dim: int, grid: int, clip_dim: int | None) -> None:
+    def __init__(
+        self, hidden: int, out_dim: int, grid: int, clip_dim: int | None, latent_channels: int = LATENT_CHANNELS
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(LATENT_CHANNELS, hidden, 3, padding=1),
+            nn.Conv2d(latent_channels, hidden, 3, padding=1),
             nn.SiLU(),
             nn.Conv2d(hidden, hidden, 3, padding=1),
             nn.SiLU(),
@@ -307,6 +312,7 @@ class StableDubUNet(ModelMixin, ConfigMixin):
         mamba_expand: int = 2,
         mamba_d_conv: int = 4,
         num_frames: int = 16,
+        latent_channels: int = LATENT_CHANNELS,
     ) -> None:
         super().__init__()
         levels = len(block_out_channels)
@@ -321,10 +327,10 @@ class StableDubUNet(ModelMixin, ConfigMixin):
         groups = norm_num_groups
         base = block_out_channels[0]
         temb = 4 * base
-        self.conv_in = nn.Conv2d(IN_CHANNELS, base, 3, padding=1)
+        self.conv_in = nn.Conv2d(input_channels(latent_channels), base, 3, padding=1)
         self.time_proj = Timesteps(base, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(base, temb)
-        self.appearance_encoder = AppearanceEncoder(base, appearance_dim, appearance_grid, clip_embed_dim)
+        self.appearance_encoder = AppearanceEncoder(base, appearance_dim, appearance_grid, clip_embed_dim, latent_channels)
         self.audio_proj = AudioProjection(audio_window, audio_dim, audio_channels)
 
         blocks = 0  # running count of hybrid blocks, to alternate spatial scan orientation
@@ -353,7 +359,7 @@ class StableDubUNet(ModelMixin, ConfigMixin):
             blocks += len(ins)
             channels = out
         self.conv_norm_out = nn.GroupNorm(groups, base, eps=1e-5)
-        self.conv_out = nn.Conv2d(base, LATENT_CHANNELS, 3, padding=1)
+        self.conv_out = nn.Conv2d(base, latent_channels, 3, padding=1)
 
     @property
     def audio_spec(self) -> dict[str, Any]:

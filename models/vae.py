@@ -1,22 +1,30 @@
-"""The latent space: diffusers AutoencoderKL configs (SD-compatible and small) and pixel <-> latent helpers.
+"""The latent space: diffusers autoencoder configs (SD-compatible and small) and pixel <-> latent helpers.
 
 `sd` is Stable Diffusion's VAE (4 latent channels, 8x downsampling): point `load_vae` at a copy of
 sd-vae-ft-mse or an SD checkpoint's `vae/` folder (local path or any fsspec URL). `small` and `tiny`
 keep the same interface (4 channels, /8) with far fewer weights, for the CPU demo and tests.
+`face128` is a diffusers `AutoencoderTiny` (TAESD's layout: plain conv blocks, no normalisation) with
+16 latent channels at /8, fitted on face crops by training/autoencoder.py. Every preset downsamples
+by 8; the number of latent channels is the autoencoder's and the UNet's `latent_channels` must match.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.utils import logging as diffusers_logging
 
 from models.remote import local_dir
 
 SCALE_FACTOR = 8  # pixels per latent cell: every preset downsamples three times
+
+Autoencoder = AutoencoderKL | AutoencoderTiny
+_CLASSES: dict[str, type[Autoencoder]] = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
 
 _BASE: dict[str, Any] = {
     "in_channels": 3,
@@ -54,43 +62,78 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         "scaling_factor": 1.0,
         "mid_block_add_attention": False,
     },
-    # Face crops at 128 px (training/autoencoder.py): SD's latent space (4 channels, /8), the demo's
-    # widths, no attention, so it is fully convolutional (trained on 64 px patches) and cheap on CPU.
+    # Face crops at 128 px (training/autoencoder.py): TAESD's layout (no GroupNorm: the earlier
+    # AutoencoderKL at these widths normalised colour away and decoded every face in sepia) with 16
+    # latent channels, so the mouth keeps its detail at /8 while the UNet sees only 16x16 cells.
     "face128": {
-        **_BASE,
-        "block_out_channels": [16, 32, 64, 64],
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "sample_size": 128,
+        "class": "AutoencoderTiny",
+        "in_channels": 3,
+        "out_channels": 3,
+        "encoder_block_out_channels": [32, 32, 32, 32],
+        "decoder_block_out_channels": [32, 32, 32, 32],
+        "num_encoder_blocks": [0, 2, 2, 2],  # no block at full resolution: 3x cheaper encode, same PSNR
+        "num_decoder_blocks": [2, 2, 2, 1],
+        "latent_channels": 16,
+        "act_fn": "relu",
         "scaling_factor": 1.0,
-        "mid_block_add_attention": False,
     },
 }
 
 
-def build_vae(preset: str = "small", **overrides: Any) -> AutoencoderKL:
-    """A freshly initialised AutoencoderKL from a preset name."""
+def build_vae(preset: str = "small", **overrides: Any) -> Autoencoder:
+    """A freshly initialised autoencoder from a preset name."""
     if preset not in VAE_PRESETS:
         raise ValueError(f"unknown VAE preset {preset!r}: one of {sorted(VAE_PRESETS)}")
-    return AutoencoderKL(**{**VAE_PRESETS[preset], **overrides})
+    config = {**VAE_PRESETS[preset], **overrides}
+    return _CLASSES[config.pop("class", "AutoencoderKL")](**config)
 
 
-def load_vae(url: str | os.PathLike, subfolder: str | None = None, torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
-    """AutoencoderKL from a diffusers folder at a local path or fsspec URL (never the hub)."""
+def load_vae(url: str | os.PathLike, subfolder: str | None = None, torch_dtype: torch.dtype | None = None) -> Autoencoder:
+    """An autoencoder from a diffusers folder at a local path or fsspec URL (never the hub)."""
     folder = local_dir(url)
     if subfolder is None and os.path.isdir(os.path.join(folder, "vae")):
         subfolder = "vae"
-    vae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, torch_dtype=torch_dtype, local_files_only=True)
+    config_path = os.path.join(folder, subfolder or "", "config.json")
+    name = json.loads(open(config_path).read()).get("_class_name", "AutoencoderKL") if os.path.exists(config_path) else ""
+    if name and name not in _CLASSES:
+        raise ValueError(f"{config_path}: autoencoder class {name!r} is not one of {sorted(_CLASSES)}")
+    cls = _CLASSES.get(name, AutoencoderKL)
+    # AutoencoderTiny records `block_out_channels` in its own config and then warns that it ignores it.
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        vae = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=torch_dtype, local_files_only=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
     check_latent_space(vae)
     return vae
 
 
-def check_latent_space(vae: AutoencoderKL) -> None:
-    """StableDub's UNet and masks assume 4 latent channels at 1/8 resolution."""
-    channels = vae.config.latent_channels
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if channels != 4 or factor != SCALE_FACTOR:
-        raise ValueError(f"VAE gives {channels} channels at 1/{factor}; StableDub needs 4 channels at 1/{SCALE_FACTOR}")
+def crop_size(vae: Autoencoder) -> int:
+    """The crop side an autoencoder was fitted at (AutoencoderTiny keeps no sample_size: face128's 128)."""
+    return int(vae.config.get("sample_size") or VAE_PRESETS["face128"].get("sample_size", 128))
+
+
+def latent_channels(vae: Autoencoder) -> int:
+    return int(vae.config.latent_channels)
+
+
+def downsampling(vae: Autoencoder) -> int:
+    widths = vae.config.encoder_block_out_channels if isinstance(vae, AutoencoderTiny) else vae.config.block_out_channels
+    return 2 ** (len(widths) - 1)
+
+
+def check_latent_space(vae: Autoencoder) -> None:
+    """StableDub's UNet and masks assume 1/8 resolution latents."""
+    if downsampling(vae) != SCALE_FACTOR:
+        raise ValueError(f"VAE downsamples by {downsampling(vae)}; StableDub needs 1/{SCALE_FACTOR}")
+
+
+def raw_latents(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents of pixels in [-1, 1]: the posterior mode for a KL autoencoder (deterministic)."""
+    if isinstance(vae, AutoencoderTiny):
+        return vae.encode(pixels).latents
+    return vae.encode(pixels).latent_dist.mode()
 
 
 def to_pixels(images: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -106,17 +149,17 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Scaled latents (N, 4, H/8, W/8) of pixels in [-1, 1]; the posterior mode, so it is deterministic."""
+def encode(vae: Autoencoder, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Scaled latents (N, C, H/8, W/8) of pixels in [-1, 1]; the posterior mode, so it is deterministic."""
     chunks = [
-        vae.encode(pixels[i : i + batch_size].to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        raw_latents(vae, pixels[i : i + batch_size].to(vae.dtype)) * vae.config.scaling_factor
         for i in range(0, len(pixels), batch_size)
     ]
     return torch.cat(chunks)
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def decode(vae: Autoencoder, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Pixels in [-1, 1] (N, 3, H, W) from scaled latents."""
     chunks = [
         vae.decode((latents[i : i + batch_size] / vae.config.scaling_factor).to(vae.dtype)).sample

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from models.face_landmarks import LIPS_OUTER
 from models.images import resize_square
-from models.vae import build_vae, to_pixels
+from models.vae import AutoencoderTiny, build_vae, load_vae, raw_latents, to_pixels
 from training.shared_data import REPO, SHARED_DATA
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def reconstruct(vae, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     out = []
     for i in range(0, len(images), batch_size):
         pixels = to_pixels(images[i : i + batch_size]).to(vae.dtype)
-        out.append(to_uint8(vae.decode(vae.encode(pixels).latent_dist.mode()).sample))
+        out.append(to_uint8(vae.decode(raw_latents(vae, pixels)).sample))
     return np.concatenate(out)
 
 
@@ -213,7 +213,7 @@ class AEConfig:
     full_steps: int = 300  # the last steps train on whole crops (GroupNorm then sees full-size statistics)
     full_batch: int = 8
     lr: float = 5e-4
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6  # KL (AutoencoderKL) or latent L2 (AutoencoderTiny) weight
     ssim_weight: float = 1.0
     mouth_weight: float = 2.0  # extra loss weight inside the mouth box
     mouth_patch: float = 0.5  # share of patches placed over the mouth box
@@ -257,11 +257,17 @@ def sample_batch(crops: Crops, size: int, config: AEConfig, rng: np.random.Gener
 
 
 def ae_loss(vae, pixels: torch.Tensor, weight: torch.Tensor, config: AEConfig, generator: torch.Generator):
-    posterior = vae.encode(pixels).latent_dist
-    recon = vae.decode(posterior.sample(generator=generator)).sample
+    if isinstance(vae, AutoencoderTiny):
+        # No posterior: a small L2 on the latents keeps their scale in check instead of a KL term.
+        latents = vae.encode(pixels).latents
+        recon = vae.decode(latents).sample
+        kl = latents.pow(2).mean()
+    else:
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        kl = posterior.kl().mean()
     l1 = ((recon - pixels).abs().mean(dim=1, keepdim=True) * weight).sum() / weight.sum()
     ssim = (ssim_map(recon, pixels) * weight).sum() / weight.sum()
-    kl = posterior.kl().mean()
     loss = l1 + config.ssim_weight * (1 - ssim) + config.kl_weight * kl
     return loss, {"l1": float(l1.detach()), "ssim": float(ssim.detach()), "kl": float(kl.detach())}
 
@@ -269,7 +275,7 @@ def ae_loss(vae, pixels: torch.Tensor, weight: torch.Tensor, config: AEConfig, g
 def calibrate_scale(vae, images: np.ndarray) -> float:
     """Stable Diffusion's recipe: scaling_factor = 1 / std of the (mode) latents of training crops."""
     with torch.no_grad():
-        latents = torch.cat([vae.encode(to_pixels(images[i : i + 16])).latent_dist.mode() for i in range(0, len(images), 16)])
+        latents = torch.cat([raw_latents(vae, to_pixels(images[i : i + 16])) for i in range(0, len(images), 16)])
     std = float(latents.std())
     vae.register_to_config(scaling_factor=1.0 / std)
     return 1.0 / std
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=AEConfig.eval_every)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="face128")
+    parser.add_argument("--init", help="continue from this autoencoder folder instead of a fresh preset")
     parser.add_argument("--frame-step", type=int, default=3)
     parser.add_argument("--max-crops", type=int, default=80, help="per clip")
     parser.add_argument(
@@ -366,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = load_crops(paths, args.frame_step, args.max_crops)
     val = None if args.clips else subsample(load_crops(corpus_paths(val_names), args.frame_step, args.max_crops), args.val_crops)
     log.info("%d training crops from %d clips", len(train.images), len(set(train.clip)))
-    vae = build_vae(args.preset)
+    vae = load_vae(args.init).train().requires_grad_(True) if args.init else build_vae(args.preset)
     start = time.time()
     curve = fit(vae, train, val, config)
     seconds = time.time() - start

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.vae import load_vae
+from models.vae import crop_size, load_vae
 from tests.conftest import SHARED_DATA
 from training import autoencoder
 from training.autoencoder import Crops, mouth_box, reconstruction_metrics, ssim_map
@@ -50,7 +50,7 @@ def test_training_runs_on_one_sample_clip_and_saves_a_scaled_vae(tmp_path, monke
     )
     assert report["train_crops"] > 0 and len(report["curve"]) >= 1
     vae = load_vae(out)
-    assert vae.config.sample_size == 128 and vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert crop_size(vae) == 128 and vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
     assert json.loads((out / "training.json").read_text())["train_clips"] == ["frozen_245"]
 
 
