@@ -318,10 +318,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--sync-expert {args.sync_expert} is not a folder")
     if not (os.path.isdir(args.data) and any(n.endswith((".mp4", ".mkv", ".mov")) for n in os.listdir(args.data))):
         check_training_data(args.data, "data")
+    if args.outputs and not os.path.isdir(args.outputs):
+        raise UsageError(f"--outputs {args.outputs} is not a folder; allowed: a folder of dubbed videos named like the sources")
     check_output(args.output)
     try:
         result = evaluate(
-            args.model, args.data, args.output, sync_expert=args.sync_expert, max_clips=args.max_clips, steps=args.steps
+            args.model,
+            args.data,
+            args.output,
+            sync_expert=args.sync_expert,
+            max_clips=args.max_clips,
+            steps=args.steps,
+            outputs=args.outputs,
         )
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
@@ -503,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sync-expert", default="", help="sync expert folder (default: the shipped one, if any)")
     e.add_argument("--max-clips", type=_count(0), default=0, help="evaluate at most this many clips (0: all)")
     e.add_argument("--steps", type=_count(1), default=20, help="denoising steps")
+    e.add_argument(
+        "--outputs",
+        default="",
+        help="folder of another system's dubbed videos, named like the source videos, scored beside the model",
+    )
     e.set_defaults(func=cmd_eval)
 
     q = command("report", "QC report of a run: one offline HTML page (films, changed ranges, thumbnails, failures)")

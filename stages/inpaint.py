@@ -37,7 +37,7 @@ class InpaintConfig(Settings, section="inpaint"):
     )
     dtype: Annotated[str, OneOf(*DTYPES)] = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     steps: Count = 20
-    scheduler: Annotated[str, OneOf(*SCHEDULERS)] = "ddim"  # ddim or dpm++
+    scheduler: Annotated[str, OneOf("auto", *SCHEDULERS)] = "auto"  # auto: the checkpoint's own sampler; or ddim, dpm++
     window: Count = 16  # frames the model sees at once
     overlap: NonNegativeInt = 4  # frames shared by neighbouring windows (blended)
     windows_per_batch: Count = 4  # windows per UNet call: raise on large GPUs to keep them busy
@@ -157,7 +157,8 @@ class StableDubInpainter:
         self.pipeline = StableDubPipeline.from_pretrained(url)
         self.pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
         self.pipeline.set_progress_bar_config(disable=True)
-        self.pipeline.use_scheduler(settings.scheduler)
+        if settings.scheduler != "auto":
+            self.pipeline.use_scheduler(settings.scheduler)
         if audio is not None:
             spec = self.pipeline.audio_spec
             check_model_audio({"audio_encoder": spec["encoder"], "audio_window": spec["window"], "audio_dim": spec["dim"]}, audio)

@@ -144,7 +144,11 @@ def model_method(path: str, steps: int, seed: int = 0) -> tuple[Callable[[Clip],
     """A StableDubPipeline as a method, and its crop size."""
     import torch
 
+    from models.devices import resolve_device, resolve_dtype
+
     pipe = StableDubPipeline.from_pretrained(path)
+    device = resolve_device("auto")  # a GPU when there is one
+    pipe.to(device, resolve_dtype("auto", device))
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * 8
 
@@ -162,6 +166,21 @@ def model_method(path: str, steps: int, seed: int = 0) -> tuple[Callable[[Clip],
         ).frames
 
     return run, size
+
+
+def outputs_method(folder: str) -> Callable[[Clip], np.ndarray | None]:
+    """Videos another system dubbed, paired with the eval's clips by name: `DIR/<name>.mp4` is the
+    output for the source `<name>.mp4`. They go through the same face track as the sources, so a
+    clip is scored on the crops of the same segment and track; a clip with no output gives None."""
+    by_name = {clip.name: clip for clip in load_clips(folder)}
+
+    def run(clip: Clip) -> np.ndarray | None:
+        other = by_name.get(clip.name)
+        if other is None or len(other.crops) != len(clip.crops):
+            return None
+        return resize_square(other.crops, clip.crops.shape[1])
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -223,6 +242,17 @@ def write_wav(path: str, audio: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------------------- report
+def model_training_clips(model: str) -> dict[str, list[str]]:
+    """The clips a checkpoint's training.json says it trained on (recipe runs list them by name)."""
+    path = os.path.join(model, "training.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        record = json.load(f)
+    pack = record.get("pack") or {}
+    return {"train": list(pack.get("clips", [])), "validation": list(pack.get("validation", []))}
+
+
 def expert_data_split(clip: str, listed: dict[str, Any]) -> str:
     """Whether the sync expert saw this clip: 'train' or 'validation' (by its data list), else ''.
 
@@ -280,8 +310,17 @@ class Scorer:
         return scores
 
 
-def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clips: int = 0, steps: int = 20) -> dict[str, Any]:
-    """Score MODEL (a checkpoint folder, or only the baselines for `source`/`frozen`) on DATA into OUTPUT."""
+def evaluate(
+    model: str,
+    data: str,
+    output: str,
+    sync_expert: str = "",
+    max_clips: int = 0,
+    steps: int = 20,
+    outputs: str = "",
+) -> dict[str, Any]:
+    """Score MODEL (a checkpoint folder, or only the baselines for `source`/`frozen`) on DATA into OUTPUT;
+    with `outputs`, another system's dubbed videos of the same clips are scored beside it ("outputs")."""
     os.makedirs(os.path.join(output, "stills"), exist_ok=True)
     clips = load_clips(data, max_clips)
     methods: dict[str, Callable[[Clip], np.ndarray]] = {}
@@ -289,9 +328,12 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
     if model not in BASELINES:
         run, size = model_method(model, steps)
         methods["model"] = run
+    if outputs:
+        methods["outputs"] = outputs_method(outputs)
     methods["source"] = lambda clip: clip.crops
     methods["frozen"] = lambda clip: frozen_mouth(clip.crops, clip.mask)
     scorer = Scorer(sync_expert)
+    model_data = model_training_clips(model) if model not in BASELINES else {}
     per_clip: list[dict[str, Any]] = []
     for clip in clips:
         clip = Clip(
@@ -302,25 +344,32 @@ def evaluate(model: str, data: str, output: str, sync_expert: str = "", max_clip
             clip.audio,
         )
         reference = scorer.truth(clip.crops)
-        outputs = {name: method(clip) for name, method in methods.items()}
+        results = {name: method(clip) for name, method in methods.items()}
         row: dict[str, Any] = {
             "clip": clip.name,
             "frames": len(clip.crops),
             "in_sync_expert_data": expert_data_split(clip.name, scorer.expert_data),
+            "in_model_training_data": expert_data_split(clip.name, model_data) if model_data else "",
         }
-        for name, frames in outputs.items():
+        scored = {name: frames for name, frames in results.items() if frames is not None}
+        for name, frames in scored.items():
             row[name] = {k: _round(v) for k, v in scorer(frames, clip.crops, clip.mask, clip.audio, reference).items()}
+        for name in results.keys() - scored.keys():  # no output for this clip: missing, not zero
+            row[name] = {k: None for k in row["source"]}
         per_clip.append(row)
-        save_still(os.path.join(output, "stills", f"{clip.name}.png"), clip.crops, outputs)
+        save_still(os.path.join(output, "stills", f"{clip.name}.png"), clip.crops, scored)
     mean = {name: {k: _round(_nanmean([r[name][k] for r in per_clip])) for k in per_clip[0][name]} for name in methods}
     spread = {name: {k: _spread([r[name][k] for r in per_clip]) for k in SYNC_KEYS if k in per_clip[0][name]} for name in methods}
     seen = [r["clip"] for r in per_clip if r["in_sync_expert_data"] == "train"]
+    trained_on = [r["clip"] for r in per_clip if r["in_model_training_data"] == "train"]
     result = {
         "model": model,
         "data": data,
         "clips": len(per_clip),
         "resolution": size,
         "denoising_steps": steps,
+        # Image and sync numbers on clips the model trained on are in-sample (optimistic).
+        "clips_in_model_training_data": trained_on,
         "sync_expert": {
             "path": sync_expert or "models/weights/sync_expert",
             **{k: v for k, v in scorer.expert_report.items() if "auc" in k or k == "clips"},

@@ -46,6 +46,11 @@ def test_eval_reads_a_folder_of_mp4_files_with_their_own_audio(tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()
     (clips / "frozen_298.mp4").symlink_to(shared_clip("frozen_298"))
-    result = evaluate("frozen", str(clips), str(tmp_path / "out"), sync_expert=str(tmp_path / "none"))
+    # Another system's outputs, paired by file name: here the untouched video, so it scores as the source.
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "frozen_298.mp4").symlink_to(shared_clip("frozen_298"))
+    result = evaluate("frozen", str(clips), str(tmp_path / "out"), sync_expert=str(tmp_path / "none"), outputs=str(others))
     assert result["clips"] >= 1 and result["per_clip"][0]["clip"].startswith("frozen_298")
     assert result["mean"]["source"]["psnr_mouth"] == 100.0 and result["mean"]["frozen"]["psnr_mouth"] < 40
+    assert result["mean"]["outputs"]["psnr_mouth"] == 100.0 and result["mean"]["outputs"]["lmd"] == 0.0
