@@ -5,6 +5,10 @@ OpenCV as the pipeline's own stages made it, and the GPU recipe's configuration 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +18,11 @@ from models.pipeline_stabledub import StableDubPipeline
 from stages.audio import AudioConfig, feature_windows
 from training import pack as pack_module
 from training.pack import build_pack, load_index, load_pack
-from training.recipe import RecipeConfig, load_config, main, train
+from training.recipe import RecipeConfig, load_config, train
 from training.shared_data import SHARED_DATA
 from training.sync_expert import read_video, read_wav
 
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_CLIP = "styletalk_kristinoem"  # a training identity
 VALIDATION_CLIP = "talking-face_pc-avs_620900105"  # a validation identity
 TINY = [
@@ -78,14 +83,22 @@ def test_pack_refuses_a_folder_that_is_not_one(tmp_path):
 def test_gpu_recipe_dry_runs_on_cpu_resumes_and_saves_a_pipeline_that_dubs(tiny_pack, tmp_path):
     root, _ = tiny_pack
     out = tmp_path / "model"
-    settings = ["--config", "models/configs/recipe_gpu.yaml", *sum((["--set", s] for s in TINY), [])]
+    settings = ["--config", str(REPO / "models/configs/recipe_gpu.yaml"), *sum((["--set", s] for s in TINY), [])]
     # First run: killed after 2 steps, with a checkpoint after every step.
-    config = load_config("models/configs/recipe_gpu.yaml", [*TINY, "steps=3", "checkpoint_every=1", "workers=0"])
+    config = load_config(str(REPO / "models/configs/recipe_gpu.yaml"), [*TINY, "steps=3", "checkpoint_every=1", "workers=0"])
     assert config.batch_size == 2 and config.minutes == 6.5
     assert train(str(root), str(out), config, stop_after=2) == {"steps": 2, "stopped": True}
     assert not (out / "model_index.json").exists()
-    # The rerun resumes at step 2 (data loading in a worker process, as on the GPU box) and finishes.
-    main([str(root), str(out), *settings, "--set", "steps=3", "--set", "workers=1"])
+    # The rerun resumes at step 2 and finishes, as on the bare GPU box: in a process where Ray, PyAV
+    # and MediaPipe cannot be imported, with data loading in a worker process.
+    bare = (
+        "import sys\n"
+        "for name in ('ray', 'av', 'mediapipe'):\n"
+        "    sys.modules[name] = None\n"
+        "from training.recipe import main\n"
+        f"main({[str(root), str(out), *settings, '--set', 'steps=3', '--set', 'workers=1']!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", bare], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     report = json.loads((out / "training.json").read_text())
     assert report["steps"] == 3 and report["device"] == "cpu"
     assert set(report["eval"]) == {"model", "frozen_mouth"}
