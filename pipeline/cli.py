@@ -170,6 +170,7 @@ def check_manifest(url: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
+    from pipeline.locations import OverlapError, inside, location
     from pipeline.run import RunOptions, deliver_film, film_manifest, run
     from pipeline.rundir import RunDirError
     from pipeline.shards import VIDEO_EXTENSIONS, is_manifest
@@ -192,12 +193,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_file(args.dub, "--dub")
         if output.lower().endswith(".mp4"):
             target, output = output, output + ".stabledub-run"
+        for given in (args.input, args.dub):
+            if inside(location(given), location(target or output)):
+                raise UsageError(f"output {target or output} is the input {given}: inputs are never written")
         check_output(output)
         shards: str | list[str] = film_manifest(args.input, args.dub, output)
     elif is_manifest(args.input):
         check_manifest(args.input)
         shards = args.input
         check_output(output)
+        if inside(location(args.input), location(output)):
+            raise UsageError(f"output {output} holds the input manifest {args.input}: inputs are never written")
     else:
         shards = check_input(args.input, args.allow_missing)
         check_output(output)
@@ -208,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output=output,
         config=config,
         workdir=args.workdir,
+        input_root=args.input if isinstance(shards, list) and not single else None,
         retry_failed=args.retry_failed,
         keep_intermediate=args.keep_intermediate,
         progress=args.verbose,
@@ -217,11 +224,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"output: {target or output}  (run directory: {options.run_dir})")
     try:
         summary = run(options)  # prints the run's summary: the last line on stdout
-    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
+    except (FileNotFoundError, RunDirError, LeaseHeld, OverlapError) as error:
         raise UsageError(str(error)) from None
     if target and summary.films_ok == 1:
         deliver_film(output, target)
-    return EXIT_SOME_FAILED if summary.films_failed or summary.shards_failed else EXIT_OK
+    return EXIT_SOME_FAILED if summary.any_failed else EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -250,6 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
+    from pipeline.locations import OverlapError
     from pipeline.rundir import RunDirError
     from training.preprocess import FilterConfig, PreprocessOptions, preprocess
 
@@ -273,9 +281,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     )
     try:
         summary = preprocess(options)
-    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
+    except (FileNotFoundError, RunDirError, LeaseHeld, OverlapError) as error:
         raise UsageError(str(error)) from None
-    return EXIT_SOME_FAILED if summary.films_failed else EXIT_OK
+    return EXIT_SOME_FAILED if summary.any_failed else EXIT_OK
 
 
 def check_training_data(data: str, what: str) -> None:
