@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.shards import is_manifest, read_manifest
+from pipeline.shards import input_root, is_manifest, read_manifest
 from stages.storage import filesystem, is_local
 
 
@@ -45,10 +45,20 @@ def input_files(urls: list[str]) -> list[str]:
     return files
 
 
-def check_disjoint(inputs: list[str], outputs: dict[str, str]) -> None:
-    """Refuse any output (name -> URL: the output, the run directory) that is an input, lies inside
-    an input's location, or holds an input: writing there could replace, or later read as input,
-    what the run was given."""
+def pattern_folders(patterns: str | list[str]) -> list[str]:
+    """The folder a wildcard or brace pattern reads from (`cat/*/films-*.tar` -> `cat`): what it
+    may match on a later run, so no output goes there."""
+    found = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if any(c in pattern for c in "*?[{"):
+            found.append(input_root(pattern))
+    return found
+
+
+def check_disjoint(inputs: list[str], outputs: dict[str, str], folders: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Refuse any output (name -> URL: the output, the run directory) that is an input, holds an
+    input, lies inside an input or inside a folder an input pattern reads (`folders`): writing
+    there could replace, or later be read as, what the run was given."""
     seen = [(url, location(url)) for url in inputs]
     for what, url in outputs.items():
         out = location(url)
@@ -60,3 +70,9 @@ def check_disjoint(inputs: list[str], outputs: dict[str, str]) -> None:
                 )
             if inside(out, where):
                 raise OverlapError(f"{what} {url} lies inside the input {source}: inputs are never written")
+        for folder in folders:
+            if inside(out, location(folder)):
+                raise OverlapError(
+                    f"{what} {url} lies inside {folder}, the folder the input pattern reads: inputs are never "
+                    "written and outputs are never read as input; give an output folder outside it"
+                )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.locations import OverlapError, check_disjoint, input_files
+from pipeline.locations import OverlapError, check_disjoint, input_files, pattern_folders
 from pipeline.planner import index_shard_rows, plan_film_rows, plan_items
 from pipeline.rundir import RunDir
 from pipeline.shards import expand_urls, input_root, relative_shard_names
@@ -148,7 +148,11 @@ def open_run(input_pattern: str | list[str], output: str, run_dir: str, root: st
     urls = expand_urls(input_pattern)
     if not urls:
         raise FileNotFoundError(f"no shards match {input_pattern}")
-    check_disjoint(input_files(urls), {"output": output, "run directory": run_dir})
+    check_disjoint(
+        input_files(urls),
+        {"output": output, "run directory": run_dir},
+        pattern_folders(root if root is not None else input_pattern),
+    )
     try:
         names = relative_shard_names(urls, input_root(root if root is not None else input_pattern))
     except ValueError as error:  # two inputs with one output name

@@ -185,7 +185,7 @@ def index_shard(url: str) -> ShardIndex:
         except Exception as error:  # noqa: BLE001 - whatever a member holds fails its film, never the shard
             names = ", ".join(_printable(i.name) for i in groups[key].values())
             entry = FilmEntry(_film_ref(url, key), f"cannot index member(s) {names}: {type(error).__name__}: {error}")
-        if key in problems and not entry.problem:
+        if key in problems:  # a link or a duplicate: said by name, before what follows from it
             entry.problem = problems[key]
         index.films.append(entry)
     if not index.films and not index.problem:
