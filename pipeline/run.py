@@ -152,7 +152,13 @@ class Driver(Ledger):
         assert film.video is not None and film.dub is not None
         records = [read_json(self.run.segment_url(state.segments[i]) + ".json") for i in range(state.count or 0)]
         changed = sum(r["counts"].get("frames_changed", 0) for r in records)
-        plan = AudioPlan(duration=film.duration, offset=float(film.metadata.get("dub_offset", 0.0) or 0.0))
+        encode = self.options.config.encode
+        plan = AudioPlan(
+            duration=film.duration,
+            offset=float(film.metadata.get("dub_offset", 0.0) or 0.0),
+            codec=encode.audio_codec,
+            bit_rate=encode.audio_bit_rate,
+        )
         # a manifest's film goes straight to its output file; a shard's waits for its output shard
         plain = is_manifest(film.shard_url)
         target = join(self.options.output, f"{film.safe_key}.mp4") if plain else self.run.film_url(film, ".mp4")
@@ -231,8 +237,11 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
             "dub_seconds": round(audio.dub_seconds, 3),
             "padded_seconds": round(audio.padded_seconds, 3),
             "cut_seconds": round(audio.cut_seconds, 3),
+            "layout": audio.layout,
+            "codec": audio.codec,
+            "bit_rate": audio.bit_rate,
         },
-        "notes": notes,
+        "notes": notes + audio.notes,
         "input": film.input_id,  # the input bytes this film was dubbed from (a changed input is redone)
         # For the QC report: each dubbed face's changed frames and box, and where the source film is.
         "faces": [{"segment": r["index"], **face} for r in records for face in r.get("faces", [])],

@@ -4,7 +4,7 @@ Layout (any fsspec URL):
     config.json                        the output-affecting config; a rerun must match it
     segments/<shard>/<key>/<n>.mp4     encoded segment (n: 5 digits); <n>.json beside it is written
                                        last (done); preprocess writes only the <n>.json markers
-    segments/<shard>/<key>/input.json  the input identity those segments were encoded from
+    segments/<shard>/<key>/input.id    the input identity those segments were encoded from
     films/<shard>/<key>.mp4            assembled film; <key>.json (its report) is written last
     shards/<shard>.json                every film of the shard resolved and, for `run`, the output
                                        shard committed (written last); names its failed films and
@@ -92,7 +92,7 @@ class RunDir:
         return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
 
     def segments_input_url(self, film: FilmRef) -> str:
-        return join(self.segment_dir(film), "input.json")
+        return join(self.segment_dir(film), "input.id")  # not `.json`: those are the segment markers
 
     def resume_segments(self, film: FilmRef) -> tuple[set[int], str]:
         """The film's segments finished by an earlier run on the same input bytes, and a note when
@@ -101,7 +101,7 @@ class RunDir:
         url = self.segments_input_url(film)
         note = ""
         if film.input_id and exists(url):
-            recorded = read_json(url).get("input", "")
+            recorded = read_bytes(url).decode().strip()
             if recorded != film.input_id:
                 remove_tree(self.segment_dir(film))
                 note = "input changed since an earlier run encoded some of its segments: every segment redone"
@@ -109,7 +109,7 @@ class RunDir:
             remove_tree(self.segment_dir(film))
             note = "segments of an earlier run without a recorded input identity: redone"
         if film.input_id:
-            write_json(url, {"input": film.input_id})
+            write_bytes(url, film.input_id.encode())
         return self.done_segments(film), note
 
     def shard_marker(self, shard_name: str) -> str:

@@ -26,6 +26,8 @@ from stages.schema import Segment, frame_tolerance
 from stages.settings import NonNegativeFloat, NonNegativeInt, OneOf, Range, Settings
 from stages.storage import put_file, write_json
 
+# Output audio encoders an mp4 carries and PyAV's FFmpeg has (the film assembler writes the dub with one).
+AUDIO_CODECS = ("aac", "ac3", "eac3", "libopus", "alac", "flac")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
 
@@ -37,6 +39,10 @@ class EncodeConfig(Settings, section="encode"):
     feather: NonNegativeFloat = 2.0  # paste-back feather (crop pixels)
     threads: NonNegativeInt = 0
     debug: bool = False  # also write face track overlay videos and stills per segment (see `debug_url`)
+    # the film's audio: the dub in its own channel layout (5.1 stays 5.1) with this encoder; a layout
+    # the encoder cannot carry is downmixed to stereo, noted in the film's report
+    audio_codec: Annotated[str, OneOf(*AUDIO_CODECS)] = "aac"
+    audio_bit_rate: NonNegativeInt = 0  # bits per second; 0: 96 kb/s a channel (alac and flac take none)
 
 
 def encoder_options(settings: EncodeConfig) -> dict[str, str]:
