@@ -34,6 +34,7 @@ USUAL_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1"
 class AudioPlan:
     duration: float  # seconds of audio to write (the film's duration)
     offset: float = 0.0  # dub starts this many seconds after the film starts (negative: earlier)
+    start: float = 0.0  # presentation time of the film's first frame: where the audio starts
     codec: str = "aac"  # the output audio's encoder (one of stages.encode.AUDIO_CODECS)
     bit_rate: int = 0  # bits per second; 0: 96 kb/s a channel (lossless codecs take none)
 
@@ -156,10 +157,10 @@ def _silence(samples: int, channels: int) -> Iterator[np.ndarray]:
 
 
 def _audio_packets(
-    stream: av.AudioStream, fmt: AudioFormat, chunks: Iterator[np.ndarray]
+    stream: av.AudioStream, fmt: AudioFormat, chunks: Iterator[np.ndarray], first_sample: int = 0
 ) -> Iterator[tuple[float, int, av.Packet]]:
     buffer = np.zeros((fmt.channels, 0), np.float32)
-    sample = 0
+    sample = first_sample
 
     def encode(block: np.ndarray | None) -> Iterator[tuple[float, int, av.Packet]]:
         nonlocal sample
@@ -199,7 +200,8 @@ def _mux(video_inputs: list[str | MemberRef], dub: MemberRef, plan: AudioPlan, o
         if result.bit_rate:
             audio_out.bit_rate = result.bit_rate
         video = _video_packets(video_inputs)
-        audio = _audio_packets(audio_out, fmt, _dub_chunks(dub_container, fmt, plan, result))
+        start = int(round(plan.start * OUTPUT_AUDIO_RATE))  # audio and picture start together
+        audio = _audio_packets(audio_out, fmt, _dub_chunks(dub_container, fmt, plan, result), start)
         for _, kind, packet in heapq.merge(video, audio, key=lambda item: (item[0], item[1])):
             packet.stream = video_out if kind == 0 else audio_out
             out.mux(packet)

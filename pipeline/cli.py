@@ -22,6 +22,15 @@ EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3  # the run finished, but some films or shards failed (see dead_letters.jsonl)
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM (a Kubernetes pod stopped) exits 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: the lease is released and what is finished stays finished."""
+
+
+def _terminate(signum, frame) -> None:  # noqa: ANN001 - a signal handler
+    raise Terminated()
 
 
 class UsageError(Exception):
@@ -535,11 +544,23 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version, or a refusal already printed
         return int(done.code or 0)
     configure_logging(args.verbose, args.quiet)
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as stop:
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{what}: finished films and segments are kept; run the same command again to resume", file=sys.stderr)
+        return 128 + 15 if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

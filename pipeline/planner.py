@@ -203,6 +203,9 @@ def _plan_film(
     step = float(np.median(np.diff(pts))) if len(pts) > 1 else 1 / 25
     film.frames = len(pts)
     film.duration = float(pts[-1] - pts[0] + step)
+    film.start = float(pts[0])
+    if film.start > 0.5:
+        film.notes.append(f"video timestamps start at {film.start:.3f} s: the dub's time zero plays with the first frame")
     assert film.dub is not None
     offset = float(film.metadata.get("dub_offset", 0.0) or 0.0)  # checked when the shard was indexed
     try:

@@ -156,6 +156,7 @@ class Driver(Ledger):
         plan = AudioPlan(
             duration=film.duration,
             offset=float(film.metadata.get("dub_offset", 0.0) or 0.0),
+            start=film.start,
             codec=encode.audio_codec,
             bit_rate=encode.audio_bit_rate,
         )

@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.base import SegmentStage, StageError
 from stages.face_align import apply_affine, invert
-from stages.media import open_member, open_reader
+from stages.media import display_info, keep_display, open_member, open_reader
 from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_back
 from stages.schema import Segment, frame_tolerance
@@ -179,6 +179,14 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
             stream.codec_context.thread_count = settings.threads
         debug = DebugWriter(path, segment, _nominal_rate(core)) if settings.debug else None
         with open_member(segment.film.video) as member:
+            display = display_info(member)
+            keep_display(stream, display)  # rotation, pixel aspect and colour tags survive the re-encode
+            if display.rotation and segment.index == 0:
+                segment.notes.append(
+                    f"video has a display rotation of {display.rotation} degrees: kept in the output; "
+                    "faces are looked for in the stored orientation"
+                )
+            member.seek(0)
             reader = open_reader(member, "pyav")
             try:
                 cursor = FrameCursor(reader.frames(segment.seek_pts, float(core[0]), float(core[-1]), None), tolerance)

@@ -75,6 +75,9 @@ class FilmRef:
     shard_films: int = 0  # films in this film's shard (the driver knows when a shard is complete)
     frames: int = 0  # frames in the film (set by the planner)
     duration: float = 0.0  # seconds, last frame's PTS plus one frame interval
+    # presentation time of the first frame (set by the planner): the dub's time zero plays with it
+    # (plus metadata `dub_offset`), whatever the film's timestamps start at
+    start: float = 0.0
     notes: list[str] = field(default_factory=list)  # film-level facts for the report (dub alignment)
     # The shard's path relative to the input's root (`2023/films-0000.tar`): the output shard's name
     # and the shard's name in the run directory, unique per input. Empty: the URL's basename.

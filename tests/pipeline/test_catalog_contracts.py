@@ -126,3 +126,34 @@ def test_a_film_replaced_after_its_run_finished_is_redone_from_the_new_input(tmp
     report = json.loads(result["a.json"])
     assert "input changed since an earlier run (ok): redone" in report["notes"] and report["input"]
     assert summary(out)["films_ok"] == 1 and summary(out)["films_skipped"] == 1
+
+
+def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_rerun_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    films = {f"f{i}": film(tmp_path / "src", 40 + 20 * i) for i in range(4)}
+    path = shard(tmp_path / "in" / "f-0000.tar", films)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "pipeline.cli", "run", str(path), str(out), *FAST]
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lease = out / "_stabledub_run" / "lease.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not lease.exists() and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(3)  # Ray is up and the plan runs
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert not lease.exists()  # released: the rerun needs no wait
+    assert main(["run", str(path), str(out), *FAST]) == EXIT_OK
+    assert {n for n in members(out / "f-0000.tar") if n.endswith(".mp4")} == {f"{k}.mp4" for k in films}

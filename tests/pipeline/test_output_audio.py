@@ -91,3 +91,57 @@ def test_a_layout_the_codec_cannot_carry_becomes_the_nearest_it_can_or_stereo_an
     result = copy_film(video, seven, AudioPlan(duration=2.0, codec="ac3"), str(tmp_path / "a.mp4"))
     assert output_audio(tmp_path / "a.mp4")[1] == "stereo" and result.layout == "stereo"
     assert "audio: ac3 cannot carry the dub's 6.1 layout: downmixed to stereo" in result.notes
+
+
+def test_a_film_whose_timestamps_start_late_keeps_picture_and_dub_together(tmp_path):
+    """Video timestamps from 3 s (a cut from a broadcast stream): a flash at its frame 10, a click
+    in the dub at 0.4 s. The dub's time zero plays with the first frame, in the featurizer's slice
+    and in the assembled film."""
+    import tarfile
+
+    from pipeline.planner import index_shard_rows, plan_film_rows
+    from stages.audio_io import AUDIO_RATE, decode_dub_slice
+    from stages.schema import from_row
+
+    video = tmp_path / "late.mp4"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(25):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 250 if i == 10 else 30, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 3000 + 40 * i, Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    click = np.zeros(RATE, np.float32)
+    click[int(0.4 * RATE) : int(0.4 * RATE) + 96] = 0.9
+    wav = tmp_path / "dub.wav"
+    import wave
+
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(RATE)
+        w.writeframes((click * 32767).astype("<i2").tobytes())
+    shard = tmp_path / "s-0000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, path in (("late.mp4", video), ("late.dub.wav", wav)):
+            tar.add(str(path), arcname=name)
+    (row,) = index_shard_rows({"shard_url": str(shard), "shard_name": shard.name}, str(tmp_path / "run"))
+    (segment,) = [from_row(r) for r in plan_film_rows(row, str(tmp_path / "run"), 2.0, 4.0, 0)]
+    film = segment.film
+    assert abs(film.start - 3.0) < 1e-6 and any("start at 3.000 s" in n for n in film.notes)
+
+    audio, audio_start = decode_dub_slice(segment)
+    heard = audio_start + int(np.argmax(np.abs(audio) > 0.5)) / AUDIO_RATE
+    assert abs(heard - 3.4) < 0.01  # the featurizer hears the click with the flash
+
+    out = tmp_path / "out.mp4"
+    copy_film(film.video, film.dub, AudioPlan(duration=film.duration, start=film.start), str(out))
+    with av.open(str(out)) as container:
+        flashes = [(f.time, f.to_ndarray(format="rgb24").mean()) for f in container.decode(video=0)]
+        container.seek(0)
+        frames = list(container.decode(audio=0))
+    flash = max(flashes, key=lambda item: item[1])[0]
+    samples = np.concatenate([f.to_ndarray()[0] for f in frames])
+    first = frames[0].time
+    sound = first + int(np.argmax(np.abs(samples) > 0.5)) / RATE
+    assert abs(flash - 3.4) < 0.01 and abs(sound - flash) < 0.03, (flash, sound, first)
