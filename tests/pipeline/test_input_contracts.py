@@ -270,3 +270,29 @@ def test_run_refuses_an_output_at_its_input_with_exit_2_before_ray_and_leaves_th
     assert shard.read_bytes() == before and film.read_bytes() == film_bytes["mp4"]
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["s-0000.tar"]
     shutil.rmtree(tmp_path / "x")
+
+
+def test_ctrl_c_and_sigterm_end_a_run_with_one_line_and_exit_130_or_143(tmp_path, film_bytes, capsys, monkeypatch):
+    import os
+    import signal
+
+    import pipeline.run
+
+    shard = tmp_path / "in" / "s-0000.tar"
+    shard.parent.mkdir()
+    shard_with(shard, film_bytes, film_bytes["mp4"])
+
+    def interrupted(options):
+        raise KeyboardInterrupt
+
+    def terminated(options):
+        os.kill(os.getpid(), signal.SIGTERM)  # what Kubernetes sends a pod it stops
+        raise AssertionError("SIGTERM did not stop the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    for fake, code, word in ((interrupted, 130, "interrupted"), (terminated, 143, "terminated")):
+        monkeypatch.setattr(pipeline.run, "run", fake)
+        assert main(["run", str(shard), str(tmp_path / "out"), "-q"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(f"{word}: finished films and segments are kept") and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler does not outlive it
