@@ -3,7 +3,8 @@
 Segments keep the source's timestamps and share encoder settings, so their packets are copied into
 one stream without re-encoding. A film in which no face was changed keeps its original video
 stream (packet copy from the source). The dub is decoded as a stream, shifted by the metadata's
-`dub_offset`, padded with silence or cut to the film's duration and encoded to AAC.
+`dub_offset`, padded with silence or cut to the film's duration and encoded (AAC by default) in its
+own channel layout (5.1 stays 5.1, mono stays mono); what had to change is noted.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import IO
 
 import av
 import fsspec
@@ -24,12 +24,19 @@ from stages.schema import MemberRef
 
 OUTPUT_AUDIO_RATE = 48000
 AUDIO_CHUNK = 1024
+LOSSLESS_AUDIO = ("alac", "flac")
+AUTO_BIT_RATE_PER_CHANNEL = 96_000  # stereo: 192 kb/s, 5.1: 576 kb/s
+MAX_BIT_RATE = {"ac3": 640_000}
+USUAL_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
 @dataclass
 class AudioPlan:
     duration: float  # seconds of audio to write (the film's duration)
     offset: float = 0.0  # dub starts this many seconds after the film starts (negative: earlier)
+    start: float = 0.0  # presentation time of the film's first frame: where the audio starts
+    codec: str = "aac"  # the output audio's encoder (one of stages.encode.AUDIO_CODECS)
+    bit_rate: int = 0  # bits per second; 0: 96 kb/s a channel (lossless codecs take none)
 
 
 @dataclass
@@ -37,6 +44,57 @@ class AudioResult:
     dub_seconds: float  # how long the decoded dub was
     padded_seconds: float  # silence added at the end
     cut_seconds: float  # dub audio dropped past the film's end
+    layout: str = ""  # the output audio's channel layout
+    codec: str = ""
+    bit_rate: int = 0
+    notes: list[str] = field(default_factory=list)  # what changed between the dub and the output audio
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    layout: str
+    channels: int
+
+
+def output_audio_format(dub: av.AudioStream, plan: AudioPlan, result: AudioResult) -> AudioFormat:
+    """The dub's own channel layout when the codec carries it, else stereo (noted); fills `result`."""
+    context = dub.codec_context
+    source = context.layout.name
+    layout = source
+    if not _encodes(plan.codec, layout):
+        count = len(context.layout.channels)
+        usual = USUAL_LAYOUTS.get(count, "")  # a count without a declared order (WAV): the usual layout
+        if usual and usual != source and _encodes(plan.codec, usual):
+            layout = usual
+            if source != f"{count} channels":
+                result.notes.append(f"audio: the dub's {source} layout written as {usual}")
+        else:
+            layout = "stereo"
+            result.notes.append(f"audio: {plan.codec} cannot carry the dub's {source} layout: downmixed to stereo")
+    rate = int(context.sample_rate or 0)
+    if rate and rate != OUTPUT_AUDIO_RATE:
+        result.notes.append(f"audio: dub resampled from {rate} Hz to {OUTPUT_AUDIO_RATE} Hz")
+    channels = len(av.AudioLayout(layout).channels)
+    result.layout, result.codec = layout, plan.codec
+    if plan.codec not in LOSSLESS_AUDIO:
+        wanted = plan.bit_rate or AUTO_BIT_RATE_PER_CHANNEL * channels
+        result.bit_rate = min(wanted, MAX_BIT_RATE.get(plan.codec, wanted))
+        if result.bit_rate < wanted:
+            result.notes.append(f"audio: {plan.codec} bit rate capped at {result.bit_rate // 1000} kb/s")
+    if context.name != plan.codec:
+        result.notes.append(f"audio: dub {context.name} {source} encoded as {plan.codec} {layout}")
+    return AudioFormat(layout, channels)
+
+
+def _encodes(codec: str, layout: str) -> bool:
+    try:
+        context = av.CodecContext.create(codec, "w")
+        context.sample_rate, context.layout = OUTPUT_AUDIO_RATE, layout
+        context.format = context.codec.audio_formats[0]
+        context.open()
+        return True
+    except (av.FFmpegError, ValueError):
+        return False
 
 
 def _video_packets(sources: list[str | MemberRef]) -> Iterator[tuple[float, int, av.Packet]]:
@@ -55,59 +113,60 @@ def _open_source(source: str | MemberRef):
     return open_member(source) if isinstance(source, MemberRef) else fsspec.open(source, "rb")
 
 
-def _dub_chunks(file: IO[bytes], plan: AudioPlan, result: AudioResult) -> Iterator[np.ndarray]:
-    """Stereo float32 chunks of exactly the film's duration, aligned by timestamps."""
+def _dub_chunks(container, fmt: AudioFormat, plan: AudioPlan, result: AudioResult) -> Iterator[np.ndarray]:  # noqa: ANN001
+    """Planar float32 chunks (channels, n) of exactly the film's duration, aligned by timestamps."""
     total = int(round(plan.duration * OUTPUT_AUDIO_RATE))
     emitted = 0
-    with av.open(file, mode="r", metadata_errors="ignore") as container:
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=OUTPUT_AUDIO_RATE)
-        skip = 0
-        decoded = 0
-        started = False
-        frames = itertools.chain(container.decode(stream), [None])
-        for frame in frames:
-            if not started and frame is not None:
-                started = True
-                first = (frame.time or 0.0) + plan.offset
-                if first > 0:  # dub starts late: lead with silence
-                    lead = min(total, int(round(first * OUTPUT_AUDIO_RATE)))
-                    yield from _silence(lead)
-                    emitted += lead
-                else:
-                    skip = int(round(-first * OUTPUT_AUDIO_RATE))
-            for out in resampler.resample(frame):
-                data = out.to_ndarray()
-                decoded += data.shape[1]
-                if skip:
-                    drop = min(skip, data.shape[1])
-                    data, skip = data[:, drop:], skip - drop
-                take = min(data.shape[1], total - emitted)
-                if take > 0:
-                    yield data[:, :take]
-                    emitted += take
-                result.cut_seconds += (data.shape[1] - max(take, 0)) / OUTPUT_AUDIO_RATE
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format="fltp", layout=fmt.layout, rate=OUTPUT_AUDIO_RATE)
+    skip = 0
+    decoded = 0
+    started = False
+    frames = itertools.chain(container.decode(stream), [None])
+    for frame in frames:
+        if not started and frame is not None:
+            started = True
+            first = (frame.time or 0.0) + plan.offset
+            if first > 0:  # dub starts late: lead with silence
+                lead = min(total, int(round(first * OUTPUT_AUDIO_RATE)))
+                yield from _silence(lead, fmt.channels)
+                emitted += lead
+            else:
+                skip = int(round(-first * OUTPUT_AUDIO_RATE))
+        for out in resampler.resample(frame):
+            data = out.to_ndarray()
+            decoded += data.shape[1]
+            if skip:
+                drop = min(skip, data.shape[1])
+                data, skip = data[:, drop:], skip - drop
+            take = min(data.shape[1], total - emitted)
+            if take > 0:
+                yield data[:, :take]
+                emitted += take
+            result.cut_seconds += (data.shape[1] - max(take, 0)) / OUTPUT_AUDIO_RATE
     result.dub_seconds = decoded / OUTPUT_AUDIO_RATE
     if emitted < total:
         result.padded_seconds = (total - emitted) / OUTPUT_AUDIO_RATE
-        yield from _silence(total - emitted)
+        yield from _silence(total - emitted, fmt.channels)
 
 
-def _silence(samples: int) -> Iterator[np.ndarray]:
-    """Stereo silence in one-second chunks: padding a long film must not allocate its whole length."""
+def _silence(samples: int, channels: int) -> Iterator[np.ndarray]:
+    """Silence in one-second chunks: padding a long film must not allocate its whole length."""
     for start in range(0, samples, OUTPUT_AUDIO_RATE):
-        yield np.zeros((2, min(OUTPUT_AUDIO_RATE, samples - start)), np.float32)
+        yield np.zeros((channels, min(OUTPUT_AUDIO_RATE, samples - start)), np.float32)
 
 
-def _audio_packets(stream: av.AudioStream, chunks: Iterator[np.ndarray]) -> Iterator[tuple[float, int, av.Packet]]:
-    buffer = np.zeros((2, 0), np.float32)
-    sample = 0
+def _audio_packets(
+    stream: av.AudioStream, fmt: AudioFormat, chunks: Iterator[np.ndarray], first_sample: int = 0
+) -> Iterator[tuple[float, int, av.Packet]]:
+    buffer = np.zeros((fmt.channels, 0), np.float32)
+    sample = first_sample
 
     def encode(block: np.ndarray | None) -> Iterator[tuple[float, int, av.Packet]]:
         nonlocal sample
         frame = None
         if block is not None:
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format="fltp", layout="stereo")
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format="fltp", layout=fmt.layout)
             frame.sample_rate = OUTPUT_AUDIO_RATE
             frame.pts = sample
             frame.time_base = Fraction(1, OUTPUT_AUDIO_RATE)
@@ -129,13 +188,20 @@ def _audio_packets(stream: av.AudioStream, chunks: Iterator[np.ndarray]) -> Iter
 
 def _mux(video_inputs: list[str | MemberRef], dub: MemberRef, plan: AudioPlan, output: str) -> AudioResult:
     result = AudioResult(0.0, 0.0, 0.0)
-    with open_member(dub) as dub_file, av.open(output, mode="w", format="mp4") as out:
+    with (
+        open_member(dub) as dub_file,
+        av.open(dub_file, mode="r", metadata_errors="ignore") as dub_container,
+        av.open(output, mode="w", format="mp4") as out,
+    ):
         with _open_source(video_inputs[0]) as handle, av.open(handle, mode="r", metadata_errors="ignore") as first:
             video_out = out.add_stream_from_template(first.streams.video[0])
-        audio_out = out.add_stream("aac", rate=OUTPUT_AUDIO_RATE, layout="stereo")
-        audio_out.bit_rate = 192_000
+        fmt = output_audio_format(dub_container.streams.audio[0], plan, result)
+        audio_out = out.add_stream(plan.codec, rate=OUTPUT_AUDIO_RATE, layout=fmt.layout)
+        if result.bit_rate:
+            audio_out.bit_rate = result.bit_rate
         video = _video_packets(video_inputs)
-        audio = _audio_packets(audio_out, _dub_chunks(dub_file, plan, result))
+        start = int(round(plan.start * OUTPUT_AUDIO_RATE))  # audio and picture start together
+        audio = _audio_packets(audio_out, fmt, _dub_chunks(dub_container, fmt, plan, result), start)
         for _, kind, packet in heapq.merge(video, audio, key=lambda item: (item[0], item[1])):
             packet.stream = video_out if kind == 0 else audio_out
             out.mux(packet)

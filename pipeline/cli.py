@@ -22,6 +22,15 @@ EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3  # the run finished, but some films or shards failed (see dead_letters.jsonl)
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM (a Kubernetes pod stopped) exits 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: the lease is released and what is finished stays finished."""
+
+
+def _terminate(signum, frame) -> None:  # noqa: ANN001 - a signal handler
+    raise Terminated()
 
 
 class UsageError(Exception):
@@ -170,6 +179,7 @@ def check_manifest(url: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
+    from pipeline.locations import OverlapError, inside, location
     from pipeline.run import RunOptions, deliver_film, film_manifest, run
     from pipeline.rundir import RunDirError
     from pipeline.shards import VIDEO_EXTENSIONS, is_manifest
@@ -192,12 +202,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_file(args.dub, "--dub")
         if output.lower().endswith(".mp4"):
             target, output = output, output + ".stabledub-run"
+        for given in (args.input, args.dub):
+            if inside(location(given), location(target or output)):
+                raise UsageError(f"output {target or output} is the input {given}: inputs are never written")
         check_output(output)
         shards: str | list[str] = film_manifest(args.input, args.dub, output)
     elif is_manifest(args.input):
         check_manifest(args.input)
         shards = args.input
         check_output(output)
+        if inside(location(args.input), location(output)):
+            raise UsageError(f"output {output} holds the input manifest {args.input}: inputs are never written")
     else:
         shards = check_input(args.input, args.allow_missing)
         check_output(output)
@@ -208,6 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output=output,
         config=config,
         workdir=args.workdir,
+        input_root=args.input if isinstance(shards, list) and not single else None,
         retry_failed=args.retry_failed,
         keep_intermediate=args.keep_intermediate,
         progress=args.verbose,
@@ -217,11 +233,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"output: {target or output}  (run directory: {options.run_dir})")
     try:
         summary = run(options)  # prints the run's summary: the last line on stdout
-    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
+    except (FileNotFoundError, RunDirError, LeaseHeld, OverlapError) as error:
         raise UsageError(str(error)) from None
     if target and summary.films_ok == 1:
         deliver_film(output, target)
-    return EXIT_SOME_FAILED if summary.films_failed or summary.shards_failed else EXIT_OK
+    return EXIT_SOME_FAILED if summary.any_failed else EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -250,6 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipeline.lease import LeaseHeld
+    from pipeline.locations import OverlapError
     from pipeline.rundir import RunDirError
     from training.preprocess import FilterConfig, PreprocessOptions, preprocess
 
@@ -273,9 +290,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     )
     try:
         summary = preprocess(options)
-    except (FileNotFoundError, RunDirError, LeaseHeld) as error:
+    except (FileNotFoundError, RunDirError, LeaseHeld, OverlapError) as error:
         raise UsageError(str(error)) from None
-    return EXIT_SOME_FAILED if summary.films_failed else EXIT_OK
+    return EXIT_SOME_FAILED if summary.any_failed else EXIT_OK
 
 
 def check_training_data(data: str, what: str) -> None:
@@ -540,11 +557,23 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version, or a refusal already printed
         return int(done.code or 0)
     configure_logging(args.verbose, args.quiet)
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as stop:
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{what}: finished films and segments are kept; run the same command again to resume", file=sys.stderr)
+        return 128 + 15 if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ class Summary:
 
     films_ok: int = 0
     films_failed: int = 0
-    films_skipped: int = 0  # finished by an earlier run
+    films_skipped: int = 0  # dubbed by an earlier run
+    films_failed_earlier: int = 0  # failed in an earlier run and not retried (still failed: exit 3)
     shards_written: int = 0
     shards_skipped: int = 0  # input shards finished by an earlier run
     shards_failed: int = 0
@@ -37,8 +38,15 @@ class Summary:
     wall_seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def any_failed(self) -> bool:
+        """Some film or shard of the requested set is failed, now or in an earlier run (exit 3)."""
+        return bool(self.films_failed or self.films_failed_earlier or self.shards_failed)
+
     def line(self) -> str:
         films = f"films ok {self.films_ok} / failed {self.films_failed} (skipped, done earlier: {self.films_skipped})"
+        if self.films_failed_earlier:
+            films += f"; failed in an earlier run: {self.films_failed_earlier} (--retry-failed retries them)"
         return "; ".join([films, *self.detail_parts(), f"wall {self.wall_seconds:.1f} s"])
 
     def detail_parts(self) -> list[str]:
@@ -64,14 +72,21 @@ class FilmState:
 @dataclass
 class ShardState:
     url: str
+    rel: str = ""  # its name under the output (relative to the input's root); '' = the basename
     expected: int | None = None  # films in the shard, known once one of them arrives
     films: dict[str, FilmState] = field(default_factory=dict)
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> film report
+    redone: int = 0  # films resolved by this run (not skipped): 0 means nothing to write again
+    stamp: str = ""  # the shard's size and etag/mtime when it was indexed
     written: bool = False  # finished (or given up): never finished twice
 
     @property
     def name(self) -> str:
-        return self.url.rstrip("/").rsplit("/", 1)[-1]
+        return self.rel or self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def failed(self) -> list[str]:
+        return sorted(k for k, r in self.resolved.items() if r.get("status") != "ok")
 
 
 def dead_key(shard_name: str, key: str) -> str:
@@ -116,11 +131,12 @@ class Ledger:
         if self.progress:
             self.progress.row(segment)
         film = segment.film
-        shard = self.shards.setdefault(film.shard_url, ShardState(film.shard_url))
+        shard = self.shards.setdefault(film.shard_url, ShardState(film.shard_url, film.shard_rel))
         if not film.key:  # the planner's verdict on a whole shard
             self._shard_marker(shard, segment)
             return
         shard.expected = film.shard_films
+        shard.stamp = film.shard_stamp or shard.stamp
         state = shard.films.setdefault(film.key, FilmState(film))
         if not segment.is_marker:
             state.count = segment.count
@@ -155,10 +171,17 @@ class Ledger:
         self._resolve(shard, state, report, "ok")
 
     def film_skipped(self, shard: ShardState, state: FilmState) -> None:
-        self.summary.films_skipped += 1
+        """Resolved by an earlier run: its report says how. A film that failed then is still failed
+        (counted, and its dead letter rebuilt from the report, whatever happened to the old list)."""
+        report = self.run.film_report(state.film) or {"key": state.film.key, "status": "ok"}
+        if report.get("status") == "ok":
+            self.summary.films_skipped += 1
+        else:
+            self.summary.films_failed_earlier += 1
+            self._dead_letter(shard, state.film.key, report.get("reason", "failed in an earlier run"), report.get("stage", ""))
         if self.metrics:
             self.metrics.film_done(True, skipped=True)
-        self._resolve(shard, state, self.run.film_report(state.film) or {"key": state.film.key, "status": "ok"}, "skipped")
+        self._resolve(shard, state, report, "skipped")
 
     def film_failed(self, shard: ShardState, state: FilmState, reason: str, stage: str, notes: list[str]) -> None:
         film = state.film
@@ -169,6 +192,7 @@ class Ledger:
             "reason": reason,
             "stage": stage,
             "notes": notes,
+            "input": film.input_id,
             **self.report_fields,
         }
         write_json(self.run.film_url(film, ".json"), report)
@@ -184,9 +208,16 @@ class Ledger:
             self.progress.film_resolved(state.film.uid, outcome)
         state.closed = True
         shard.resolved[state.film.key] = report
+        shard.redone += outcome != "skipped"
         if shard.written or shard.expected is None or len(shard.resolved) < shard.expected:
             return
         shard.written = True
+        earlier = self.run.read_shard_marker(shard.name) if not shard.redone else None
+        if earlier is not None and sorted(earlier.get("films", [])) == sorted(shard.resolved):
+            # indexed again (touched, or --retry-failed with nothing to retry): its output stands
+            self.summary.shards_skipped += 1
+            self.run.write_shard_marker(shard.name, sorted(shard.resolved), earlier.get("output", ""), shard.failed, shard.stamp)
+            return
         self.shard_complete(shard)
 
     # ------------------------------------------------------------------ shards
@@ -195,6 +226,13 @@ class Ledger:
         if segment.status is Status.DONE:
             self.summary.shards_skipped += 1
             log.info("shard %s: finished by an earlier run, skipped", shard.name)
+            self.dead.pop(dead_key(shard.name, ""), None)
+            for key in (self.run.read_shard_marker(shard.name) or {}).get("failed", []):
+                # still failed: counted, and its dead letter rebuilt from its report
+                film = FilmRef(key=key, shard_url=shard.url, video=None, dub=None, shard_rel=shard.rel)
+                report = self.run.film_report(film) or {}
+                self.summary.films_failed_earlier += 1
+                self._dead_letter(shard, key, report.get("reason", "failed in an earlier run"), report.get("stage", ""))
         else:
             self.shard_failed(shard, segment.reason, segment.failed_stage)
 
@@ -205,7 +243,7 @@ class Ledger:
 
     def shard_finished(self, shard: ShardState, output: str = "") -> None:
         """The shard's marker, written after everything it vouches for; its old dead letter goes."""
-        self.run.write_shard_marker(shard.name, sorted(shard.resolved), output)
+        self.run.write_shard_marker(shard.name, sorted(shard.resolved), output, shard.failed, shard.stamp)
         self.dead.pop(dead_key(shard.name, ""), None)
 
     def _dead_letter(self, shard: ShardState, key: str, reason: str, stage: str) -> None:

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.locations import OverlapError, check_disjoint, input_files, pattern_folders
 from pipeline.planner import index_shard_rows, plan_film_rows, plan_items
 from pipeline.rundir import RunDir
-from pipeline.shards import expand_urls
+from pipeline.shards import expand_urls, input_root, relative_shard_names
 from pipeline.stage_table import STAGES, StageSpec
 from stages.storage import filesystem, is_local
 
@@ -140,12 +141,23 @@ def build_dataset(
     return ds
 
 
-def open_run(input_pattern: str | list[str], output: str, run_dir: str) -> tuple[list[str], RunDir]:
-    """The shard URLs a run reads (refusing a pattern that matches none), with its output ready."""
+def open_run(input_pattern: str | list[str], output: str, run_dir: str, root: str | None = None) -> tuple[list[str], RunDir]:
+    """The shard URLs a run reads (refusing a pattern that matches none, and an output or run
+    directory that overlaps an input), with its output ready. Each shard's name under the output is
+    its path relative to `root` (default: the pattern's folder before its first wildcard)."""
     urls = expand_urls(input_pattern)
     if not urls:
         raise FileNotFoundError(f"no shards match {input_pattern}")
+    check_disjoint(
+        input_files(urls),
+        {"output": output, "run directory": run_dir},
+        pattern_folders(root if root is not None else input_pattern),
+    )
+    try:
+        names = relative_shard_names(urls, input_root(root if root is not None else input_pattern))
+    except ValueError as error:  # two inputs with one output name
+        raise OverlapError(str(error)) from None
     fs, out_path = filesystem(output)
     if is_local(fs):
         os.makedirs(out_path, exist_ok=True)
-    return urls, RunDir(run_dir)
+    return urls, RunDir(run_dir, names)

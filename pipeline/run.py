@@ -17,8 +17,9 @@ import os
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from stages.storage import (
     put_file,
     read_json,
     remove_temporaries,
+    remove_tree,
     write_bytes,
     write_json,
 )
@@ -57,6 +59,9 @@ class RunOptions:
     output: str
     config: PipelineConfig
     workdir: str | None = None
+    # the folder output shards mirror their paths from (default: `input`'s folder before its
+    # first wildcard); the CLI passes the pattern's when it hands over a list (--allow-missing)
+    input_root: str | None = None
     retry_failed: bool = False
     keep_intermediate: bool = False
     progress: bool = True  # Ray Data's own progress bars (`-v`)
@@ -147,7 +152,14 @@ class Driver(Ledger):
         assert film.video is not None and film.dub is not None
         records = [read_json(self.run.segment_url(state.segments[i]) + ".json") for i in range(state.count or 0)]
         changed = sum(r["counts"].get("frames_changed", 0) for r in records)
-        plan = AudioPlan(duration=film.duration, offset=float(film.metadata.get("dub_offset", 0.0) or 0.0))
+        encode = self.options.config.encode
+        plan = AudioPlan(
+            duration=film.duration,
+            offset=float(film.metadata.get("dub_offset", 0.0) or 0.0),
+            start=film.start,
+            codec=encode.audio_codec,
+            bit_rate=encode.audio_bit_rate,
+        )
         # a manifest's film goes straight to its output file; a shard's waits for its output shard
         plain = is_manifest(film.shard_url)
         target = join(self.options.output, f"{film.safe_key}.mp4") if plain else self.run.film_url(film, ".mp4")
@@ -163,9 +175,7 @@ class Driver(Ledger):
             write_json(join(self.options.output, f"{film.safe_key}.json"), report)
         write_json(self.run.film_url(film, ".json"), report)  # the film's completion marker
         if not self.options.keep_intermediate:
-            fs, path = filesystem(self.run.segment_dir(film))
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+            remove_tree(self.run.segment_dir(film))
         return report
 
     def _submit(self, work: Callable[[], Any], on_done: Callable[[Any], None], on_error: Callable[[Exception], None]) -> None:
@@ -228,8 +238,12 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
             "dub_seconds": round(audio.dub_seconds, 3),
             "padded_seconds": round(audio.padded_seconds, 3),
             "cut_seconds": round(audio.cut_seconds, 3),
+            "layout": audio.layout,
+            "codec": audio.codec,
+            "bit_rate": audio.bit_rate,
         },
-        "notes": notes,
+        "notes": notes + audio.notes,
+        "input": film.input_id,  # the input bytes this film was dubbed from (a changed input is redone)
         # For the QC report: each dubbed face's changed frames and box, and where the source film is.
         "faces": [{"segment": r["index"], **face} for r in records for face in r.get("faces", [])],
         "source": dataclasses.asdict(film.video) if film.video else None,
@@ -237,24 +251,34 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
 
 
 def write_output_shard(shard: ShardState, output: str, run: RunDir) -> str:
-    """Mirror the input shard's name: every film's `<key>.mp4` (when dubbed) and `<key>.json`."""
+    """Mirror the input shard's path under the output (its name relative to the input's root):
+    every film's `<key>.mp4` (when dubbed) and `<key>.json`. A film dubbed by an earlier run whose
+    assembled file is gone (the shard was written then) is copied from the output shard it wrote."""
     import io
     import json
 
     target = join(output, shard.name)
-    with tempfile.TemporaryDirectory(prefix="stabledub-shard-") as tmp:
-        local = os.path.join(tmp, shard.name)
+    with tempfile.TemporaryDirectory(prefix="stabledub-shard-") as tmp, ExitStack() as stack:
+        earlier: tarfile.TarFile | None = None
+        local = os.path.join(tmp, "shard.tar")
         with tarfile.open(local, "w", format=tarfile.PAX_FORMAT) as tar:
             for key in sorted(shard.resolved):
                 report = shard.resolved[key]
                 film = shard.films[key].film
                 if report.get("status") == "ok":
-                    fs, path = filesystem(run.film_url(film, ".mp4"))
                     info = tarfile.TarInfo(f"{film.safe_key}.mp4")
-                    info.size = fs.size(path)
                     info.mtime = 0  # reruns write identical bytes
-                    with fs.open(path, "rb") as f:
-                        tar.addfile(info, f)
+                    fs, path = filesystem(run.film_url(film, ".mp4"))
+                    if fs.exists(path):
+                        info.size = fs.size(path)
+                        source = stack.enter_context(fs.open(path, "rb"))
+                    else:
+                        if earlier is None:
+                            earlier = stack.enter_context(open_tar(target))
+                        member = earlier.getmember(info.name)  # KeyError: neither here nor written before
+                        info.size = member.size
+                        source = earlier.extractfile(member)
+                    tar.addfile(info, source)
                 body = json.dumps(report, indent=2, sort_keys=True).encode()
                 info = tarfile.TarInfo(f"{film.safe_key}.json")  # unsafe input names never reach a path
                 info.size = len(body)
@@ -262,6 +286,13 @@ def write_output_shard(shard: ShardState, output: str, run: RunDir) -> str:
         put_file(local, target)
     log.info("wrote %s", target)
     return target
+
+
+@contextmanager
+def open_tar(url: str) -> Iterator[tarfile.TarFile]:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        yield tar
 
 
 def write_output_reports(shard: ShardState, output: str, run: RunDir) -> str:
@@ -275,9 +306,8 @@ def write_output_reports(shard: ShardState, output: str, run: RunDir) -> str:
 def remove_assembled_films(shard: ShardState, run: RunDir) -> None:
     """The assembled films of a written output shard (their reports stay: they mark the films done)."""
     for key, report in shard.resolved.items():
-        fs, path = filesystem(run.film_url(shard.films[key].film, ".mp4"))
-        if report.get("status") == "ok" and fs.exists(path):
-            fs.rm(path)
+        if report.get("status") == "ok":
+            remove_tree(run.film_url(shard.films[key].film, ".mp4"))
 
 
 def film_manifest(video: str, dub: str, work: str) -> str:
@@ -330,10 +360,10 @@ def start_metrics(port: int | None, stages: tuple[StageSpec, ...] = STAGES) -> M
 
 def run(options: RunOptions) -> RunSummary:
     began = time.perf_counter()
-    urls, run_dir = open_run(options.input, options.output, options.run_dir)
+    urls, run_dir = open_run(options.input, options.output, options.run_dir, options.input_root)
     with Lease(run_dir.url):
         run_dir.check_config(options.config.output_fingerprint())
-        removed = remove_temporaries(run_dir.url) + remove_temporaries(options.output, recursive=False)
+        removed = remove_temporaries(run_dir.url) + remove_temporaries(options.output)
         if removed:
             log.warning("removed %d partial file(s) left by an interrupted run", removed)
         init_ray()

@@ -4,19 +4,24 @@ Layout (any fsspec URL):
     config.json                        the output-affecting config; a rerun must match it
     segments/<shard>/<key>/<n>.mp4     encoded segment (n: 5 digits); <n>.json beside it is written
                                        last (done); preprocess writes only the <n>.json markers
+    segments/<shard>/<key>/input.id    the input identity those segments were encoded from
     films/<shard>/<key>.mp4            assembled film; <key>.json (its report) is written last
     shards/<shard>.json                every film of the shard resolved and, for `run`, the output
-                                       shard committed (written last)
+                                       shard committed (written last); names its failed films and
+                                       records the shard's size and etag/mtime
     dead_letters.jsonl                 every film or shard that failed, with its reason
     summary.json                       the last run's summary
-Markers are written after the data they vouch for, so a killed run never leaves a marker without
-its data; reruns skip what has a marker and redo the rest.
+<shard> is the input shard's path relative to the input's root (`2023/films-0000.tar`), so shards
+of one name in different folders never meet. Markers are written after the data they vouch for, so
+a killed run never leaves a marker without its data; reruns skip what has a marker and redo the
+rest. Film reports and segment folders record the film's input identity: a resume that finds other
+input bytes redoes the film.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stages.schema import FilmRef, Segment
@@ -26,6 +31,7 @@ from stages.storage import (
     join,
     read_bytes,
     read_json,
+    remove_tree,
     write_bytes,
     write_json,
 )
@@ -38,9 +44,15 @@ class RunDirError(RuntimeError):
 @dataclass
 class RunDir:
     url: str
+    # input shard URL -> its name under the output and here (its path relative to the input's
+    # root, see `pipeline.shards.relative_shard_names`); a URL not in it is named by its basename
+    names: dict[str, str] = field(default_factory=dict)
 
     def path(self, *parts: str) -> str:
         return join(self.url, *parts)
+
+    def shard_name(self, url: str) -> str:
+        return self.names.get(url) or url.rstrip("/").rsplit("/", 1)[-1]
 
     # ---------------------------------------------------------------- config
     def check_config(self, fingerprint: dict[str, Any]) -> None:
@@ -79,15 +91,44 @@ class RunDir:
         names = [entry.rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
         return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
 
+    def segments_input_url(self, film: FilmRef) -> str:
+        return join(self.segment_dir(film), "input.id")  # not `.json`: those are the segment markers
+
+    def resume_segments(self, film: FilmRef) -> tuple[set[int], str]:
+        """The film's segments finished by an earlier run on the same input bytes, and a note when
+        there were some for other bytes (they are removed: a film is never spliced from two inputs).
+        Records the film's input identity before any of its segments is written."""
+        url = self.segments_input_url(film)
+        note = ""
+        if film.input_id and exists(url):
+            recorded = read_bytes(url).decode().strip()
+            if recorded != film.input_id:
+                remove_tree(self.segment_dir(film))
+                note = "input changed since an earlier run encoded some of its segments: every segment redone"
+        elif film.input_id and self.done_segments(film):  # segments of a run that recorded no identity
+            remove_tree(self.segment_dir(film))
+            note = "segments of an earlier run without a recorded input identity: redone"
+        if film.input_id:
+            write_bytes(url, film.input_id.encode())
+        return self.done_segments(film), note
+
     def shard_marker(self, shard_name: str) -> str:
         return self.path("shards", f"{shard_name}.json")
 
-    def write_shard_marker(self, shard_name: str, films: list[str], output: str = "") -> None:
-        """The shard is finished: its films resolved and (when `run` wrote one) its output shard committed."""
-        body: dict[str, Any] = {"films": films}
+    def write_shard_marker(
+        self, shard_name: str, films: list[str], output: str = "", failed: list[str] | None = None, stamp: str = ""
+    ) -> None:
+        """The shard is finished: its films resolved and (when `run` wrote one) its output shard
+        committed. It names the films that failed (a rerun counts them, `--retry-failed` retries
+        them) and the shard's size and etag/mtime (a changed shard is indexed again)."""
+        body: dict[str, Any] = {"films": films, "failed": sorted(failed or []), "stamp": stamp}
         if output:
             body["output"] = output
         write_json(self.shard_marker(shard_name), body)
+
+    def read_shard_marker(self, shard_name: str) -> dict[str, Any] | None:
+        url = self.shard_marker(shard_name)
+        return read_json(url) if exists(url) else None
 
     def shard_done(self, shard_name: str) -> bool:
         return exists(self.shard_marker(shard_name))

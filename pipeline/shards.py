@@ -8,8 +8,10 @@ indexed by reading only its tar headers; members are then read in place by byte 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -20,13 +22,14 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
-from stages.media import READ_BLOCK, read_member
+from stages.media import READ_BLOCK, open_member, read_member
 from stages.schema import FilmRef, MemberRef, unsafe_key
 from stages.storage import filesystem
 
 VIDEO_EXTENSIONS = ("mp4", "mkv", "mov", "webm", "avi", "m4v")
 DUB_EXTENSIONS = tuple(f"dub.{ext}" for ext in ("wav", "flac", "mp3", "m4a", "aac", "ogg", "opus", "mka"))
 MAX_METADATA_BYTES = 1 << 20
+MAX_DUB_OFFSET_S = 86400.0  # a day: anything further is a unit mix-up, not a dub
 
 
 class ShardError(Exception):
@@ -46,6 +49,7 @@ class ShardIndex:
     url: str
     films: list[FilmEntry] = field(default_factory=list)
     problem: str = ""  # set when the tar is truncated or has unreadable parts
+    stamp: str = ""  # the shard's size and etag/mtime (see `stat_stamp`)
 
 
 def expand_urls(patterns: str | Iterable[str]) -> list[str]:
@@ -96,18 +100,59 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext.lower()
 
 
+def member_name(name: str) -> str:
+    """A member's name as a key is read from it: GNU tar's `./` prefix (`tar cf s.tar -C dir .`) dropped."""
+    while name.startswith("./"):
+        name = name[2:]  # `.//x` becomes `/x`, refused as absolute like `/x` itself
+    return name
+
+
+MEMBER_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+}
+
+
+def member_kind(info: tarfile.TarInfo) -> str:
+    """'' for a regular member read in place; else what it is (its data is not a plain byte run)."""
+    if info.issparse():
+        return "a sparse file"
+    if info.isreg():
+        return ""
+    return MEMBER_KINDS.get(info.type, f"of tar type {info.type!r}")
+
+
+def stat_stamp(fs, path: str) -> str:  # noqa: ANN001 - an fsspec filesystem
+    """Size plus whatever the store says changes with the bytes (etag, mtime, generation)."""
+    info = fs.info(path)
+    parts = [str(info.get("size"))]
+    for name in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(name) is not None:
+            parts.append(f"{name}={info[name]}")
+    return ";".join(parts)
+
+
 def index_shard(url: str) -> ShardIndex:
-    """Read a shard's tar headers (no member data) and group members into films."""
+    """Read a shard's tar headers (no member data) and group members into films.
+
+    Every member name and type a tar may hold ends as at most one film's problem: directories are
+    skipped, links and special members, duplicates and unsafe names fail their film by name."""
     fs, path = filesystem(url)
     if not fs.exists(path):
         raise ShardError(f"shard {url} does not exist")
     index = ShardIndex(url)
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    problems: dict[str, str] = {}
     order: list[str] = []
     with fs.open(path, "rb", block_size=READ_BLOCK) as raw:
         size = fs.size(path)
         if size == 0:
             raise ShardError(f"shard {url} is empty (0 bytes)")
+        index.stamp = stat_stamp(fs, path)
         try:
             archive = tarfile.open(fileobj=raw, mode="r:")
         except tarfile.TarError as error:
@@ -115,35 +160,89 @@ def index_shard(url: str) -> ShardIndex:
         while True:
             try:
                 info = archive.next()
-            except (tarfile.TarError, EOFError) as error:
-                index.problem = f"tar is damaged after {len(order)} film(s): {error}"
+            except (tarfile.TarError, EOFError, UnicodeError, ValueError, OverflowError) as error:
+                index.problem = f"tar is damaged after {len(order)} film(s): {type(error).__name__}: {error}"
                 break
             if info is None:
                 break
-            if not info.isfile():
+            if info.isdir():
                 continue
-            key, ext = split_member_name(info.name)
+            name = member_name(info.name)
+            key, ext = split_member_name(name)
+            key = key or name  # `.mp4`: no key before the extension; the name stands in (and is refused)
             if key not in groups:
                 groups[key] = {}
                 order.append(key)
+            kind = member_kind(info)
+            if kind and key not in problems:
+                problems[key] = f"member {_printable(info.name)} is {kind} (only regular files are read)"
+            elif ext in groups[key] and key not in problems:
+                problems[key] = f"member {_printable(info.name)} appears twice in the shard"
             groups[key][ext] = info
     for key in order:
-        index.films.append(_film_entry(url, key, groups[key], size))
+        try:
+            entry = _film_entry(url, key, groups[key], size)
+        except Exception as error:  # noqa: BLE001 - whatever a member holds fails its film, never the shard
+            names = ", ".join(_printable(i.name) for i in groups[key].values())
+            entry = FilmEntry(_film_ref(url, key), f"cannot index member(s) {names}: {type(error).__name__}: {error}")
+        if key in problems:  # a link or a duplicate: said by name, before what follows from it
+            entry.problem = problems[key]
+        index.films.append(entry)
     if not index.films and not index.problem:
         raise ShardError(f"shard {url} holds no films")
     return index
 
 
+def _printable(name: str) -> str:
+    """A name that is not UTF-8 under a printable, reversible spelling (caf\\xe9)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _film_ref(url: str, key: str) -> FilmRef:
+    return FilmRef(key=_printable(key), shard_url=url, video=None, dub=None)
+
+
+def check_metadata(data: object, where: str) -> str:
+    """Why a film's metadata cannot be used ('' when it can), naming the member and the field.
+
+    Only the fields the pipeline reads are checked; others are kept for the user's own tools."""
+    if not isinstance(data, dict):
+        return f"metadata {where}: top level is not a JSON object"
+    offset = data.get("dub_offset")
+    if offset is not None:
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            return f"metadata {where}: dub_offset {offset!r} is not a finite number of seconds"
+        if abs(offset) > MAX_DUB_OFFSET_S:
+            return f"metadata {where}: dub_offset {offset!r} is more than {MAX_DUB_OFFSET_S:.0f} s"
+    ids = data.get("dub_track_ids")
+    if ids is not None and (
+        not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    ):
+        return f"metadata {where}: dub_track_ids {str(ids)[:80]} is not a list of track numbers (0, 1, ...)"
+    return ""
+
+
+def parse_metadata(body: bytes, where: str) -> tuple[dict, str]:
+    """A metadata member's JSON object, or why not (bad JSON, hostile nesting, bad fields)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        return {}, f"metadata {where} is not valid JSON ({error})"
+    except RecursionError:
+        return {}, f"metadata {where} is not valid JSON (nested too deeply)"
+    problem = check_metadata(data, where)
+    return (data if not problem else {}), problem
+
+
 def _film_entry(url: str, key: str, members: dict[str, tarfile.TarInfo], shard_size: int) -> FilmEntry:
     def ref(info: tarfile.TarInfo) -> MemberRef:
-        return MemberRef(url, info.name, info.offset_data, info.size)
+        return MemberRef(url, info.name, info.offset_data, info.size, f"mtime={info.mtime};chksum={info.chksum}")
 
     video = next((ref(members[e]) for e in VIDEO_EXTENSIONS if e in members), None)
     dub = next((ref(members[e]) for e in DUB_EXTENSIONS if e in members), None)
     problem = unsafe_key(key)
-    # a name that is not UTF-8 is reported under a printable, reversible spelling (caf\xe9)
-    printable = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    film = FilmRef(key=printable, shard_url=url, video=video, dub=dub)
+    film = _film_ref(url, key)
+    film.video, film.dub = video, dub
     if not problem:
         truncated = [i.name for i in members.values() if i.offset_data + i.size > shard_size]
         if truncated:
@@ -160,14 +259,59 @@ def _film_entry(url: str, key: str, members: dict[str, tarfile.TarInfo], shard_s
         if meta.size > MAX_METADATA_BYTES:
             problem = f"metadata {meta.name} is larger than 1 MiB"
         else:
-            try:
-                data = json.loads(read_member(ref(meta)))
-                if not isinstance(data, dict):
-                    raise ValueError("top level is not an object")
-                film.metadata = data
-            except (ValueError, UnicodeDecodeError) as error:
-                problem = f"metadata {meta.name} is not valid JSON ({error})"
+            film.metadata, problem = parse_metadata(read_member(ref(meta)), meta.name)
     return FilmEntry(film, problem)
+
+
+SAMPLE_BYTES = 64 << 10
+
+
+def film_identity(film: FilmRef) -> str:
+    """What says a film's input changed: its members' names, places, sizes and stamps (tar header
+    mtime and checksum, or the file's etag/mtime), a hash of their first and last 64 KiB, and the
+    metadata. Recorded with the film's markers; a resume that finds another identity redoes the film."""
+    digest = hashlib.sha256(json.dumps(film.metadata, sort_keys=True, default=str).encode())
+    for ref in (film.video, film.dub):
+        if ref is None:
+            continue
+        digest.update(f"{ref.name}|{ref.offset}|{ref.size}|{ref.stamp}".encode("utf-8", "surrogateescape"))
+        with open_member(ref) as member:
+            digest.update(member.read(SAMPLE_BYTES))
+            if ref.size > SAMPLE_BYTES:
+                member.seek(max(SAMPLE_BYTES, ref.size - SAMPLE_BYTES))
+                digest.update(member.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:32]
+
+
+def input_root(patterns: str | Iterable[str]) -> str:
+    """The folder every shard of the input lies under: the part of each pattern before its first
+    wildcard or brace, up to its last `/` (`cat/*/films-*.tar` -> `cat`); the common one of several."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    roots = []
+    for pattern in patterns:
+        cut = min([i for i in (pattern.find(c) for c in "*?[{") if i >= 0], default=len(pattern))
+        roots.append(posixpath.dirname(pattern[:cut]) or ".")
+    paths = [filesystem(r)[1].rstrip("/") or "/" for r in roots]
+    return posixpath.commonpath(paths) if len({p.startswith("/") for p in paths}) == 1 else ""
+
+
+def relative_shard_names(urls: list[str], root: str) -> dict[str, str]:
+    """Each shard's name under the output: its path relative to `root` (`2023/films-0000.tar`), so
+    two shards of one name in different folders never share an output or a run-directory entry.
+    Refuses (ValueError) two inputs that would still share a name."""
+    names: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for url in urls:
+        path = filesystem(url)[1]
+        name = posixpath.relpath(path, root) if root and (path + "/").startswith(root.rstrip("/") + "/") else ""
+        if not name or name.startswith("../"):
+            name = posixpath.basename(path.rstrip("/"))
+        if name in seen:
+            raise ValueError(f"inputs {seen[name]} and {url} would both be written as {name}; give them different names")
+        seen[name] = url
+        names[url] = name
+    return names
 
 
 # ----------------------------------------------------------------------------------- packing
@@ -246,14 +390,18 @@ def manifest_film(manifest_url: str, item: PackItem, key: str, films: int) -> Fi
         fs, path = filesystem(url)
         try:
             size = fs.size(path)
+            stamp = stat_stamp(fs, path)
         except FileNotFoundError:
             return None, f"{what} {url} does not exist"
         except OSError as error:
             return None, f"cannot read {what} {url}: {type(error).__name__}: {error}"
         if size == 0:
             return None, f"{what} {url} is empty (0 bytes)"
-        return MemberRef(url, posixpath.basename(path), 0, size), ""
+        return MemberRef(url, posixpath.basename(path), 0, size, stamp), ""
 
+    problem = check_metadata(film.metadata, f"of {key} in {manifest_url}")
+    if problem:
+        return FilmEntry(film, problem)
     film.video, problem = member(item.video, "video")
     if not problem and not item.dub:
         problem = "no dub audio given (the manifest's 'dub' is empty)"

@@ -153,7 +153,8 @@ def decode_dub_slice(segment: Segment, downmix: str = "centre", margin: float = 
     start = max(0.0, round(math.floor((float(segment.pts[0]) - margin) / SLICE_GRID_S) * SLICE_GRID_S, 9))
     stop = float(segment.pts[-1]) + margin
     try:
-        offset = float(segment.film.metadata.get("dub_offset", 0.0) or 0.0)
+        # film time of the dub's time zero: the first frame's (films may start late), shifted by the metadata
+        offset = segment.film.start + float(segment.film.metadata.get("dub_offset", 0.0) or 0.0)
     except (TypeError, ValueError):
         raise StageError(f"metadata dub_offset {segment.film.metadata.get('dub_offset')!r} is not a number") from None
     with open_member(dub) as member:

@@ -19,13 +19,15 @@ import numpy as np
 
 from stages.base import SegmentStage, StageError
 from stages.face_align import apply_affine, invert
-from stages.media import open_member, open_reader
+from stages.media import display_info, keep_display, open_member, open_reader
 from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_back
 from stages.schema import Segment, frame_tolerance
 from stages.settings import NonNegativeFloat, NonNegativeInt, OneOf, Range, Settings
 from stages.storage import put_file, write_json
 
+# Output audio encoders an mp4 carries and PyAV's FFmpeg has (the film assembler writes the dub with one).
+AUDIO_CODECS = ("aac", "ac3", "eac3", "libopus", "alac", "flac")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
 
@@ -37,6 +39,10 @@ class EncodeConfig(Settings, section="encode"):
     feather: NonNegativeFloat = 2.0  # paste-back feather (crop pixels)
     threads: NonNegativeInt = 0
     debug: bool = False  # also write face track overlay videos and stills per segment (see `debug_url`)
+    # the film's audio: the dub in its own channel layout (5.1 stays 5.1) with this encoder; a layout
+    # the encoder cannot carry is downmixed to stereo, noted in the film's report
+    audio_codec: Annotated[str, OneOf(*AUDIO_CODECS)] = "aac"
+    audio_bit_rate: NonNegativeInt = 0  # bits per second; 0: 96 kb/s a channel (alac and flac take none)
 
 
 def encoder_options(settings: EncodeConfig) -> dict[str, str]:
@@ -173,6 +179,14 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
             stream.codec_context.thread_count = settings.threads
         debug = DebugWriter(path, segment, _nominal_rate(core)) if settings.debug else None
         with open_member(segment.film.video) as member:
+            display = display_info(member)
+            keep_display(stream, display)  # rotation, pixel aspect and colour tags survive the re-encode
+            if display.rotation and segment.index == 0:
+                segment.notes.append(
+                    f"video has a display rotation of {display.rotation} degrees: kept in the output; "
+                    "faces are looked for in the stored orientation"
+                )
+            member.seek(0)
             reader = open_reader(member, "pyav")
             try:
                 cursor = FrameCursor(reader.frames(segment.seek_pts, float(core[0]), float(core[-1]), None), tolerance)

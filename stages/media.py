@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import IO, Protocol
 
 import av
@@ -141,6 +142,53 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
     if width <= 0 or height <= 0:
         raise ValueError(f"video stream has no usable size ({width}x{height})")
     return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio)
+
+
+@dataclass(frozen=True)
+class DisplayInfo:
+    """How a video stream is meant to be shown, beyond its pixels: what a re-encode must carry over."""
+
+    rotation: int = 0  # degrees the display matrix turns the stored picture (0, 90, 180, 270)
+    sample_aspect_ratio: Fraction | None = None  # None: square pixels / unspecified
+    color_range: int = 0  # FFmpeg enum values; 0 / 2: unspecified
+    color_primaries: int = 2
+    color_trc: int = 2
+    colorspace: int = 2
+
+
+def display_info(file: IO[bytes]) -> DisplayInfo:
+    """The stream's display rotation (read off its first frame's display matrix), sample aspect
+    ratio and colour tags (range, primaries, transfer, matrix)."""
+    with av.open(file, mode="r", metadata_errors="ignore") as container:
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        rotation = 0
+        for frame in container.decode(stream):
+            rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+            break
+        sar = stream.sample_aspect_ratio or context.sample_aspect_ratio
+        return DisplayInfo(
+            rotation=rotation,
+            sample_aspect_ratio=Fraction(sar) if sar and Fraction(sar) != 1 else None,
+            color_range=int(context.color_range or 0),
+            color_primaries=int(context.color_primaries or 2),
+            color_trc=int(context.color_trc or 2),
+            colorspace=int(context.colorspace or 2),
+        )
+
+
+def keep_display(stream: av.video.stream.VideoStream, info: DisplayInfo) -> None:
+    """Give an output stream the source's display rotation, sample aspect ratio and colour tags."""
+    if info.rotation:
+        stream.set_display_rotation(info.rotation)
+    if info.sample_aspect_ratio is not None:
+        stream.sample_aspect_ratio = info.sample_aspect_ratio
+        stream.codec_context.sample_aspect_ratio = info.sample_aspect_ratio
+    context = stream.codec_context
+    context.color_range = info.color_range
+    context.color_primaries = info.color_primaries
+    context.color_trc = info.color_trc
+    context.colorspace = info.colorspace
 
 
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:

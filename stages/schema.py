@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 
 _NAMESPACE = uuid.UUID("5f1d9a7e-2b8c-4c3e-9a51-7d0f3e2c8b14")
+# Output and run-directory names are built from keys: a file-system name level holds 255 bytes, and
+# the run directory adds a suffix (`.json`, `.mp4`) and its own folders.
+MAX_KEY_PART_BYTES = 200
+MAX_KEY_BYTES = 1000
 
 
 def unsafe_key(key: str) -> str:
@@ -32,9 +36,13 @@ def unsafe_key(key: str) -> str:
     if "\\" in key or "\x00" in key:
         return "member path contains a backslash or NUL"
     try:
-        key.encode("utf-8")
+        encoded = key.encode("utf-8")
     except UnicodeEncodeError:
         return "member name is not valid UTF-8"
+    if any(part.startswith(".") for part in key.split("/")):
+        return "member name starts with a dot (a hidden file, or no key before the extension)"
+    if len(encoded) > MAX_KEY_BYTES or any(len(part.encode()) > MAX_KEY_PART_BYTES for part in key.split("/")):
+        return f"member name is too long for an output name (over {MAX_KEY_PART_BYTES} bytes a folder level)"
     return ""
 
 
@@ -52,6 +60,7 @@ class MemberRef:
     name: str
     offset: int  # byte offset of the member's data inside the shard
     size: int
+    stamp: str = ""  # what says the bytes changed: tar header mtime and checksum, or a file's mtime/etag
 
 
 @dataclass
@@ -66,11 +75,19 @@ class FilmRef:
     shard_films: int = 0  # films in this film's shard (the driver knows when a shard is complete)
     frames: int = 0  # frames in the film (set by the planner)
     duration: float = 0.0  # seconds, last frame's PTS plus one frame interval
+    # presentation time of the first frame (set by the planner): the dub's time zero plays with it
+    # (plus metadata `dub_offset`), whatever the film's timestamps start at
+    start: float = 0.0
     notes: list[str] = field(default_factory=list)  # film-level facts for the report (dub alignment)
+    # The shard's path relative to the input's root (`2023/films-0000.tar`): the output shard's name
+    # and the shard's name in the run directory, unique per input. Empty: the URL's basename.
+    shard_rel: str = ""
+    input_id: str = ""  # identity of the film's input bytes (member index + samples); set by the planner
+    shard_stamp: str = ""  # the shard's size and mtime/etag when it was indexed
 
     @property
     def shard_name(self) -> str:
-        return self.shard_url.rstrip("/").rsplit("/", 1)[-1]
+        return self.shard_rel or self.shard_url.rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def safe_key(self) -> str:

@@ -11,6 +11,7 @@ import logging
 import os
 import posixpath
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -119,6 +120,22 @@ def write_json(url: str, data: Any) -> None:
     import json
 
     write_bytes(url, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+
+def remove_tree(url: str) -> None:
+    """Delete a file or a folder and everything under it, taking the name literally: fsspec's `rm`
+    expands glob characters, and a film key may hold `[`, `*` or `?`."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
+    if not retrying(lambda: fs.exists(path), f"checking {url}"):
+        return
+    for found in retrying(lambda: fs.find(path), f"listing {url}") or [path]:
+        retrying(lambda found=found: fs.rm_file(found), f"removing {found}")
 
 
 def remove_temporaries(url: str, recursive: bool = True) -> int:

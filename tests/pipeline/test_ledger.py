@@ -77,7 +77,8 @@ def test_the_shard_marker_follows_its_last_film_and_lists_every_film(tmp_path: P
     ledger.add(segment(film("a"), 0, 1))
     assert not run.shard_done("films-0000.tar")
     ledger.add(failed_marker(film("b"), "cannot read video b.mp4"))
-    assert json.loads((tmp_path / "shards" / "films-0000.tar.json").read_text()) == {"films": ["a", "b"]}
+    marker_body = json.loads((tmp_path / "shards" / "films-0000.tar.json").read_text())
+    assert marker_body == {"films": ["a", "b"], "failed": ["b"], "stamp": ""}
     ledger.close()
     assert (ledger.summary.films_ok, ledger.summary.films_failed, ledger.summary.shards_failed) == (1, 1, 0)
     assert list(dead_letters(run)) == [("films-0000.tar", "b")]
@@ -95,13 +96,43 @@ def test_a_rerun_replaces_dead_letters_and_a_film_that_now_succeeds_leaves_them(
     again = Films(run, Summary())
     again.add(segment(film("a"), 0, 1, "face_track"))  # fails again: one entry, with the new reason's stage
     again.add(segment(film("b"), 0, 1))  # retried and dubbed
-    again.add(marker(shard_film("/in/films-0001.tar"), Status.DONE))
-    again.close()
+    again.close()  # films-0001.tar is not in this rerun's set: its dead letter stays
     dead = dead_letters(run)
     assert set(dead) == {("films-0000.tar", "a"), ("films-0001.tar", "")}
     assert dead[("films-0000.tar", "a")]["stage"] == "face_track"
     assert len(run.dead_letters()) == 2
-    assert (again.summary.films_ok, again.summary.films_failed, again.summary.shards_skipped) == (1, 1, 1)
+    assert (again.summary.films_ok, again.summary.films_failed, again.summary.shards_skipped) == (1, 1, 0)
+
+
+def test_a_finished_shard_with_a_failed_film_stays_failed_on_every_rerun_even_with_its_dead_letters_lost(tmp_path: Path):
+    run = RunDir(str(tmp_path))
+    first = Films(run, Summary())
+    first.add(segment(film("a"), 0, 1))
+    first.add(segment(film("b"), 0, 1, "decode"))
+    first.close()
+    assert run.read_shard_marker("films-0000.tar")["failed"] == ["b"]
+    (tmp_path / "dead_letters.jsonl").unlink()  # a kill before the list was written, a full disk
+
+    again = Films(run, Summary())
+    again.add(marker(shard_film("/in/films-0000.tar"), Status.DONE))
+    again.close()
+    assert again.summary.any_failed and again.summary.films_failed_earlier == 1
+    assert "failed in an earlier run: 1" in again.summary.line()
+    assert dead_letters(run)[("films-0000.tar", "b")]["reason"] == "segment 0 (0-10): boom"
+    assert again.summary.failures[0]["key"] == "b"
+
+
+def test_a_film_that_failed_earlier_and_is_skipped_counts_as_failed_with_its_dead_letter(tmp_path: Path):
+    run = RunDir(str(tmp_path))
+    first = Films(run, Summary())
+    first.add(segment(film("b"), 0, 1, "decode"))
+    (tmp_path / "dead_letters.jsonl").unlink(missing_ok=True)  # killed before close
+
+    again = Films(run, Summary())
+    again.add(marker(film("b"), Status.DONE))
+    again.close()
+    assert (again.summary.films_failed, again.summary.films_failed_earlier, again.summary.films_skipped) == (0, 1, 0)
+    assert ("films-0000.tar", "b") in dead_letters(run)
 
 
 def test_a_shard_left_unresolved_counts_as_failed_and_gets_no_marker(tmp_path: Path):

@@ -1,0 +1,159 @@
+"""Catalog contracts through real runs (real Ray, real codecs): outputs never collide, a changed
+input is redone, every failure stays recorded and keeps the exit code at 3, `--retry-failed`
+reopens finished shards without losing their good films."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.cli import EXIT_OK, EXIT_SOME_FAILED, main
+from tests.conftest import write_h264
+
+pytestmark = pytest.mark.slow
+FAST = ["-q", "--model", "identity", "--set", "occlusion.method=none"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def film(folder: Path, grey: int) -> tuple[bytes, bytes]:
+    """A small real film of one flat grey (which film came out is read off its pixels) and a dub."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_h264(folder / f"{grey}.mp4", np.full((20, 48, 64, 3), grey, np.uint8), crf=18)
+    with wave.open(str(folder / f"{grey}.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(16000) / 7) * 5000).astype("<i2").tobytes())
+    return (folder / f"{grey}.mp4").read_bytes(), (folder / f"{grey}.wav").read_bytes()
+
+
+def shard(path: Path, films: dict[str, tuple[bytes, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, (video, dub) in films.items():
+            for name, data in ((f"{key}.mp4", video), (f"{key}.dub.wav", dub)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def grey_of(video: bytes) -> float:
+    with av.open(io.BytesIO(video)) as container:
+        return float(np.mean([f.to_ndarray(format="rgb24").mean() for f in container.decode(video=0)]))
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "_stabledub_run" / "summary.json").read_text())
+
+
+def dead(out: Path) -> dict[tuple[str, str], str]:
+    lines = (out / "_stabledub_run" / "dead_letters.jsonl").read_text().splitlines()
+    return {(d["shard"], d["key"]): d["reason"] for d in map(json.loads, lines)}
+
+
+def test_shards_of_one_name_in_two_folders_mirror_their_paths_and_neither_film_is_lost(tmp_path):
+    dark, light = film(tmp_path / "src", 60), film(tmp_path / "src", 190)
+    shard(tmp_path / "cat" / "2023" / "films-0000.tar", {"a": dark})
+    shard(tmp_path / "cat" / "2024" / "films-0000.tar", {"a": light})
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "cat" / "*" / "films-*.tar"), str(out), *FAST]) == EXIT_OK
+    assert abs(grey_of(members(out / "2023" / "films-0000.tar")["a.mp4"]) - 60) < 3
+    assert abs(grey_of(members(out / "2024" / "films-0000.tar")["a.mp4"]) - 190) < 3
+    assert summary(out)["films_ok"] == 2
+    assert main(["run", str(tmp_path / "cat" / "*" / "films-*.tar"), str(out), *FAST]) == EXIT_OK
+    assert summary(out)["shards_skipped"] == 2 and summary(out)["films_ok"] == 0
+
+
+def test_failures_stay_recorded_and_failing_on_every_rerun_and_retry_failed_keeps_the_good_film(tmp_path):
+    good = film(tmp_path / "src", 120)
+    broken = (good[0][:300], good[1])  # a truncated video: fails in planning
+    path = shard(tmp_path / "in" / "f-0000.tar", {"good": good, "broken": broken})
+    out = tmp_path / "out"
+    argv = ["run", str(path), str(out), *FAST]
+    assert main(argv) == EXIT_SOME_FAILED
+    first = members(out / "f-0000.tar")
+    assert set(first) == {"good.mp4", "good.json", "broken.json"}
+
+    # a kill or a full disk lost the run's lists: a rerun rebuilds them from the films' reports
+    (out / "_stabledub_run" / "dead_letters.jsonl").unlink()
+    (out / "_stabledub_run" / "summary.json").unlink()
+    assert main(argv) == EXIT_SOME_FAILED  # the set still holds a failed film: never 0
+    assert "video" in dead(out)[("f-0000.tar", "broken")]
+    assert [f["key"] for f in summary(out)["failures"]] == ["broken"]
+    assert summary(out)["films_failed_earlier"] == 1
+
+    assert main([*argv, "--retry-failed"]) == EXIT_SOME_FAILED  # retried (and failed again)
+    assert summary(out)["films_failed"] == 1 and summary(out)["films_skipped"] == 1
+    again = members(out / "f-0000.tar")
+    assert again["good.mp4"] == first["good.mp4"]  # the good film is kept, byte for byte
+    assert json.loads(again["broken.json"])["status"] == "failed"
+
+    shard(path, {"good": good, "broken": film(tmp_path / "fixed", 200)})  # the user fixes the input
+    assert main(argv) == EXIT_OK  # a changed input is redone without being asked
+    fixed = members(out / "f-0000.tar")
+    assert abs(grey_of(fixed["broken.mp4"]) - 200) < 3 and fixed["good.mp4"] == first["good.mp4"]
+    assert any("input changed" in n for n in json.loads(fixed["broken.json"])["notes"])
+    assert not dead(out)
+
+
+def test_a_film_replaced_after_its_run_finished_is_redone_from_the_new_input(tmp_path):
+    path = shard(tmp_path / "in" / "f-0000.tar", {"a": film(tmp_path / "src", 50), "b": film(tmp_path / "src", 90)})
+    out = tmp_path / "out"
+    assert main(["run", str(path), str(out), *FAST]) == EXIT_OK
+    shard(path, {"a": film(tmp_path / "new", 210), "b": film(tmp_path / "src", 90)})
+    assert main(["run", str(path), str(out), *FAST]) == EXIT_OK
+    result = members(out / "f-0000.tar")
+    assert abs(grey_of(result["a.mp4"]) - 210) < 3 and abs(grey_of(result["b.mp4"]) - 90) < 3
+    report = json.loads(result["a.json"])
+    assert "input changed since an earlier run (ok): redone" in report["notes"] and report["input"]
+    assert summary(out)["films_ok"] == 1 and summary(out)["films_skipped"] == 1
+
+
+def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_rerun_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    films = {f"f{i}": film(tmp_path / "src", 40 + 20 * i) for i in range(4)}
+    path = shard(tmp_path / "in" / "f-0000.tar", films)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "pipeline.cli", "run", str(path), str(out), *FAST]
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lease = out / "_stabledub_run" / "lease.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not lease.exists() and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(3)  # Ray is up and the plan runs
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert not lease.exists()  # released: the rerun needs no wait
+    assert main(["run", str(path), str(out), *FAST]) == EXIT_OK
+    assert {n for n in members(out / "f-0000.tar") if n.endswith(".mp4")} == {f"{k}.mp4" for k in films}
