@@ -24,6 +24,7 @@ import av
 import cv2
 import numpy as np
 import scipy.io.wavfile
+import skimage.data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,7 +65,7 @@ class Face:
 
 def shot(faces: list[Face], audio: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Face]]:
     n = min(len(f.frames) for f in faces)
-    scene = cv2.resize(cv2.GaussianBlur(faces[0].frames[0], (0, 0), 25), (SIZE[1], SIZE[0]))
+    scene = cv2.resize(skimage.data.rocket(), (SIZE[1], SIZE[0]), interpolation=cv2.INTER_AREA)  # a real scene, no face
     out = np.repeat(scene[None], n, axis=0)
     for f in faces:
         for i in range(n):

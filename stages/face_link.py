@@ -306,7 +306,9 @@ def frame_sync(expert: Any, track: Track, audio: np.ndarray, voiced: np.ndarray,
     n = len(track.frame_index)
     if n < 3:
         return np.full(n, np.nan)
-    table = logits_at_offsets(expert, lips, audio, range(-2, 3)).astype(np.float64)
+    found = logits_at_offsets(expert, lips, audio, range(-2, 3)).astype(np.float64)
+    table = np.full((found.shape[0], n), np.nan)  # fewer audio windows than frames (the film's end): no evidence there
+    table[:, : found.shape[1]] = found[:, :n]
     table[:, ~voiced] = np.nan
     smoothed = np.stack([moving_mean(row, settings.sync_window) for row in table])
     best_offset = int(np.nanargmax(np.nanmean(smoothed, axis=1))) if np.isfinite(smoothed).any() else 2
@@ -331,6 +333,9 @@ class Linked:
     scores: list[np.ndarray] = field(default_factory=list)  # per track: frame sync logits (NaN: unvoiced)
     snapshot: dict[str, Any] | None = None  # FilmLinks right after linking this segment (JSON)
     shots: np.ndarray | None = None  # (T,) film shot of every decoded frame
+    # its shot-tracks (shared with the film's state, so later segments' evidence shows; kept here
+    # because the film's state forgets a shot-track once its shot has ended)
+    shot_tracks: dict[int, ShotTrack] = field(default_factory=dict)
 
 
 def eligible(track: Track) -> bool:
@@ -346,7 +351,7 @@ def decide_auto(item: Linked, links: FilmLinks, settings: FaceLinkConfig) -> lis
     for shot in sorted({int(t.info["shot"]) for t in tracks if eligible(t)}):
         members = [i for i, t in enumerate(tracks) if eligible(t) and t.info["shot"] == shot]
         state = links.decisions.setdefault(shot, ShotState())
-        priors = {i: links.tracks[tracks[i].info["shot_track"]].prior() for i in members}
+        priors = {i: item.shot_tracks[tracks[i].info["shot_track"]].prior() for i in members}
         frames = sorted({int(f) for i in members for f in item.frames[i]})
         run_from = 0  # position in `frames` where `pending` took the lead
         for k, f in enumerate(frames):
@@ -406,12 +411,12 @@ def decide_fixed(item: Linked, links: FilmLinks, mode: str, persons: set[int]) -
         elif mode == "ids":
             dub.append(np.full(len(track.frame_index), track.track_id in persons))
         else:
-            size = links.tracks[track.info["shot_track"]].size()
+            size = item.shot_tracks[track.info["shot_track"]].size()
             here = np.ones(len(track.frame_index), bool)
             for j, other in enumerate(tracks):
                 if j == i or not eligible(other) or other.info["shot"] != track.info["shot"]:
                     continue
-                other_size = links.tracks[other.info["shot_track"]].size()
+                other_size = item.shot_tracks[other.info["shot_track"]].size()
                 if (other_size, -other.info["shot_track"]) > (size, -track.info["shot_track"]):
                     here &= ~np.isin(item.frames[i], item.frames[j])
             dub.append(here)
@@ -505,7 +510,11 @@ class FaceLink(SegmentStage):
         released: list[Segment] = []
         while queue.links.next_index in queue.waiting:
             item = queue.waiting.pop(queue.links.next_index)
-            self._timed(item, lambda s: queue.linked.append(self._link(queue, s)))
+            linked = [Linked(item)]  # a segment whose linking fails still leaves, failed, in its turn
+            self._timed(item, lambda s, linked=linked: linked.__setitem__(0, self._link(queue, s)))
+            if item.status is Status.FAILED:
+                _gap(queue.links)
+            queue.linked.append(linked[0])
             queue.links.next_index = item.index + 1
             end = queue.links.next_index >= item.count
             while queue.linked and (len(queue.linked) > self.settings.lookahead or end):
@@ -547,6 +556,7 @@ class FaceLink(SegmentStage):
             _gap(links)
             return item
         item.shots = link_segment(segment, links, self.settings)
+        item.shot_tracks = {int(t.info["shot_track"]): links.tracks[t.info["shot_track"]] for t in segment.tracks}
         features = segment.source_audio_features
         usable = (
             self.expert is not None
@@ -566,7 +576,7 @@ class FaceLink(SegmentStage):
             new = (frames >= segment.start) & (frames < segment.stop)  # overlap frames count once
             voiced_new = new & np.isfinite(scores)
             face_px = float(track.info.get("face_px", 0.0))
-            links.tracks[track.info["shot_track"]].evidence[segment.index] = [
+            item.shot_tracks[track.info["shot_track"]].evidence[segment.index] = [
                 float(scores[voiced_new].sum()),
                 int(voiced_new.sum()),
                 face_px * int(new.sum()),

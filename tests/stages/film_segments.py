@@ -26,6 +26,8 @@ def cut_film(
     """Segments of `segment_frames` frames, each decoding `overlap` frames of the one before."""
     film = FilmRef(key, "memory://films.tar", None, None, metadata=metadata or {})
     n = len(frames)
+    if audio is None:  # a silent film
+        audio = np.zeros(int(round((n / fps + 1.0) * AUDIO_RATE)), np.float32)
     starts = list(range(0, n, segment_frames))
     out = []
     for index, start in enumerate(starts):
