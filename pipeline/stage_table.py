@@ -98,7 +98,7 @@ STAGES: tuple[StageSpec, ...] = (
         reads=("tracks", "shots", "source_speech", "source_audio_features"),
         writes=("tracks", "tracks.speaking"),
         config_extras={"face_track": "face_track"},
-        plan_extras=("summary_url",),
+        plan_extras=("summary_url", "done_segments"),
     ),
     StageSpec(
         "inpaint",

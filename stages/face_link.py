@@ -26,20 +26,25 @@ resumed run picks the state up at the first segment it has to redo.
 
 from __future__ import annotations
 
+import logging
+import time
+import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any
 
 import numpy as np
 
 from models.face_landmarks import LIP_CONTOUR_POINTS
-from stages.base import SegmentStage
+from stages.base import WORKER, SegmentStage
 from stages.face_identity import similarity
 from stages.face_speaker import mouth_opening
 from stages.face_track import FaceTrackConfig, dub_person_ids
-from stages.schema import Segment, Status, Track, segments_from_batch, segments_to_batch
+from stages.schema import FilmRef, Segment, Status, Track, segments_from_batch, segments_to_batch
 from stages.settings import Count, NonNegativeInt, Probability, Range, Settings
 from stages.storage import exists, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,18 +118,36 @@ class FilmLinks:
     decided: dict[int, dict[int, bool]] = field(default_factory=dict)  # shot-track -> film frame -> dubbed (overlap)
     decisions: dict[int, ShotState] = field(default_factory=dict)  # film shot -> its state
 
-    def to_json(self) -> dict[str, Any]:
-        return json_ready(asdict(self))
+    def link_state(self) -> dict[str, Any]:
+        """What linking the next segment needs (JSON, floats exact: a resumed run links alike)."""
+        data = json_ready(asdict(self), exact=True)
+        del data["decided"], data["decisions"]
+        return data
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FilmLinks:
-        links = cls(next_index=int(data["next_index"]), shots=int(data["shots"]), next_track=int(data["next_track"]))
-        links.persons = [Person(**p) for p in data["persons"]]
-        links.tracks = {int(k): ShotTrack(**_int_keys(v, "tail", "evidence")) for k, v in data["tracks"].items()}
-        links.tail_shots = {int(k): int(v) for k, v in data["tail_shots"].items()}
-        links.decided = {int(k): {int(f): bool(d) for f, d in v.items()} for k, v in data["decided"].items()}
-        links.decisions = {int(k): ShotState(**v) for k, v in data["decisions"].items()}
-        return links
+    def decision_state(self) -> dict[str, Any]:
+        """What deciding the next segment's speakers needs, besides its links (JSON, exact)."""
+        return json_ready({"decided": self.decided, "decisions": asdict(self)["decisions"]}, exact=True)
+
+    def restore_links(self, data: dict[str, Any]) -> None:
+        """Take a saved `link_state`, in place: open shot-tracks keep their objects (segments linked
+        before, still waiting for their decisions, hold them and see the evidence added here)."""
+        self.next_index, self.shots, self.next_track = int(data["next_index"]), int(data["shots"]), int(data["next_track"])
+        self.persons = [Person(**p) for p in data["persons"]]
+        self.tail_shots = {int(k): int(v) for k, v in data["tail_shots"].items()}
+        tracks = {}
+        for key, value in data["tracks"].items():
+            saved = ShotTrack(**_int_keys(value, "tail", "evidence"))
+            track = self.tracks.get(int(key))
+            if track is None:
+                track = saved
+            else:
+                track.__dict__.update(saved.__dict__)
+            tracks[int(key)] = track
+        self.tracks = tracks
+
+    def restore_decisions(self, data: dict[str, Any]) -> None:
+        self.decided = {int(k): {int(f): bool(d) for f, d in v.items()} for k, v in data["decided"].items()}
+        self.decisions = {int(k): ShotState(**v) for k, v in data["decisions"].items()}
 
 
 def _int_keys(data: dict[str, Any], *names: str) -> dict[str, Any]:
@@ -134,15 +157,16 @@ def _int_keys(data: dict[str, Any], *names: str) -> dict[str, Any]:
     return out
 
 
-def json_ready(value: Any) -> Any:
+def json_ready(value: Any, exact: bool = False) -> Any:
+    """Plain JSON values; floats rounded to 5 decimals unless `exact` (state a resumed run reads back)."""
     if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v, exact) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
+        return [json_ready(v, exact) for v in value]
     if isinstance(value, np.ndarray):
-        return json_ready(value.tolist())
+        return json_ready(value.tolist(), exact)
     if isinstance(value, (np.floating, float)):
-        return round(float(value), 5)
+        return float(value) if exact else round(float(value), 5)
     if isinstance(value, np.integer):
         return int(value)
     return value
@@ -282,8 +306,11 @@ def moving_mean(values: np.ndarray, window: int) -> np.ndarray:
     finite = np.isfinite(values)
     filled = np.where(finite, values, 0.0)
     kernel = np.ones(window)
-    total = np.convolve(filled, kernel, mode="same")
-    count = np.convolve(finite.astype(np.float64), kernel, mode="same")
+    # the "full" convolution's centred slice: mode="same" returns max(len, window) entries, so a
+    # track shorter than the window (a short shot) would come back longer than itself
+    first = (window - 1) // 2
+    total = np.convolve(filled, kernel, mode="full")[first : first + len(values)]
+    count = np.convolve(finite.astype(np.float64), kernel, mode="full")[first : first + len(values)]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
@@ -331,11 +358,13 @@ class Linked:
     segment: Segment
     frames: list[np.ndarray] = field(default_factory=list)  # per track: film frame numbers
     scores: list[np.ndarray] = field(default_factory=list)  # per track: frame sync logits (NaN: unvoiced)
-    snapshot: dict[str, Any] | None = None  # FilmLinks right after linking this segment (JSON)
+    snapshot: dict[str, Any] | None = None  # FilmLinks.link_state() right after linking this segment
     shots: np.ndarray | None = None  # (T,) film shot of every decoded frame
     # its shot-tracks (shared with the film's state, so later segments' evidence shows; kept here
     # because the film's state forgets a shot-track once its shot has ended)
     shot_tracks: dict[int, ShotTrack] = field(default_factory=dict)
+    emit: bool = True  # False: a stand-in for a done segment the plan did not send (nothing to pass on)
+    saved: dict[str, Any] | None = None  # a done segment's saved summary (its links and decisions)
 
 
 def eligible(track: Track) -> bool:
@@ -463,6 +492,10 @@ class FilmQueue:
     links: FilmLinks = field(default_factory=FilmLinks)
     waiting: dict[int, Segment] = field(default_factory=dict)  # arrived ahead of their turn
     linked: list[Linked] = field(default_factory=list)  # linked, waiting for their lookahead
+    done_before: set[int] = field(default_factory=set)  # segments an earlier run finished
+
+
+FINISHED_FILMS = 4096  # films remembered as finished (a late duplicate row of one must not open it again)
 
 
 class FaceLink(SegmentStage):
@@ -473,14 +506,19 @@ class FaceLink(SegmentStage):
         config: FaceLinkConfig,
         face_track: FaceTrackConfig | None = None,
         summary_url: Callable[[Segment], str] | None = None,
+        done_segments: Callable[[FilmRef], set[int]] | None = None,
     ) -> None:
-        """`summary_url(segment)`: where a segment's track summary goes (the run directory's layout;
-        None: nowhere, for tools and tests)."""
+        """`summary_url(segment)`: where a segment's track summary goes; `done_segments(film)`: the
+        film's segments an earlier run finished (the run directory's layout; None: nowhere, for
+        tools and tests)."""
         super().__init__(config)
         self.settings = config
         self.track_settings = face_track or FaceTrackConfig()
         self.summary_url = summary_url
+        self.done_segments = done_segments
         self.films: dict[str, FilmQueue] = {}
+        self.finished: dict[str, None] = {}  # insertion-ordered set, the last FINISHED_FILMS films
+        self._stand_ins: set[tuple[str, int]] = set()  # (film, index) linked from the run directory only
         self.expert = None
         if self.track_settings.speaker in ("auto", "active"):
             import torch
@@ -502,13 +540,32 @@ class FaceLink(SegmentStage):
         return done
 
     def push(self, segment: Segment) -> list[Segment]:
-        """Take one segment; return the segments whose decisions are final (in film order)."""
+        """Take one segment; return the segments whose decisions are final (in film order).
+
+        Nothing waits forever: every segment of a film reaches this one actor (failed and done ones
+        too: they pass in their turn, a failed one as a gap in the links), so a film's segments
+        leave at the latest when its last segment arrives. A done segment that the plan did not
+        send (its completion marker exists) is stood in for from its saved summary. A segment seen
+        again (a retried task upstream) after its turn leaves at once if done, else is dropped:
+        its first copy was already released."""
         if segment.is_marker:
             return [segment]
-        queue = self.films.setdefault(segment.film.uid, FilmQueue())
+        uid = segment.film.uid
+        queue = self.films.get(uid)
+        late = uid in self.finished or (queue is not None and segment.index < queue.links.next_index)
+        if late or (queue is not None and segment.index in queue.waiting):
+            if segment.status is not Status.DONE:
+                log.warning("face_link: %s segment %d arrived again after its turn; dropped", uid, segment.index)
+                return []
+            return [segment]
+        if queue is None:
+            queue = self.films[uid] = FilmQueue(done_before=self._done_before(segment.film))
         queue.waiting[segment.index] = segment
         released: list[Segment] = []
-        while queue.links.next_index in queue.waiting:
+        while True:
+            self._stand_in_done(queue, segment)
+            if queue.links.next_index not in queue.waiting:
+                break
             item = queue.waiting.pop(queue.links.next_index)
             linked = [Linked(item)]  # a segment whose linking fails still leaves, failed, in its turn
             self._timed(item, lambda s, linked=linked: linked.__setitem__(0, self._link(queue, s)))
@@ -520,37 +577,64 @@ class FaceLink(SegmentStage):
             while queue.linked and (len(queue.linked) > self.settings.lookahead or end):
                 ready = queue.linked.pop(0)
                 self._timed(ready.segment, lambda s, ready=ready: self._release(queue, ready))
-                released.append(ready.segment)
+                if ready.emit:
+                    released.append(ready.segment)
         if queue.links.next_index >= segment.count and not queue.waiting and not queue.linked:
-            del self.films[segment.film.uid]
+            del self.films[uid]
+            self.finished[uid] = None
+            while len(self.finished) > FINISHED_FILMS:
+                del self.finished[next(iter(self.finished))]
         return released
+
+    def _done_before(self, film: FilmRef) -> set[int]:
+        """Listed once, when the film's first segment arrives here: nothing of the film has left this
+        stage yet, so every completion marker found is an earlier run's (or an earlier actor's)."""
+        if self.done_segments is None or self.summary_url is None:
+            return set()
+        try:
+            return set(self.done_segments(film))
+        except Exception:  # noqa: BLE001 - storage trouble: wait for the rows themselves
+            log.warning("face_link: cannot list the finished segments of %s: %s", film.uid, traceback.format_exc())
+            return set()
+
+    def _stand_in_done(self, queue: FilmQueue, arrived: Segment) -> None:
+        """The next segment has not arrived but an earlier run finished it: link it from its saved
+        summary without waiting for it (the plan may not send it, or send it later: it then passes
+        straight through)."""
+        index = queue.links.next_index
+        if index in queue.waiting or index not in queue.done_before or index >= arrived.count:
+            return
+        queue.waiting[index] = replace(arrived, index=index, status=Status.DONE, tracks=[], counts={}, notes=[])
+        self._stand_ins.add((arrived.film.uid, index))
 
     def _timed(self, segment: Segment, work: Callable[[Segment], None]) -> None:
         """Like `run_one`: an error fails this segment only (the film's links then restart at a gap)."""
-        import time
-
         began = time.perf_counter()
-        if segment.status is Status.OK:
-            try:
-                work(segment)
-            except Exception as error:  # noqa: BLE001 - one segment's crash must not stop the catalog
-                segment.fail(f"{self.name}: {type(error).__name__}: {error}", stage=self.name)
-        else:
+        try:
             work(segment)
+        except Exception as error:  # noqa: BLE001 - one segment's crash must not stop the catalog
+            log.warning("face_link failed on %s segment %d: %s", segment.film.uid, segment.index, traceback.format_exc())
+            if segment.status is Status.DONE:  # finished work stays finished; only its links are lost
+                segment.notes.append(f"{self.name}: {type(error).__name__}: {error}")
+            else:
+                segment.fail(f"{self.name}: {type(error).__name__}: {error}", stage=self.name)
         segment.timings[self.name] = segment.timings.get(self.name, 0.0) + time.perf_counter() - began
-        from stages.base import WORKER
-
         segment.workers[self.name] = WORKER
 
     def _link(self, queue: FilmQueue, segment: Segment) -> Linked:
         links = queue.links
-        item = Linked(segment)
+        item = Linked(segment, emit=(segment.film.uid, segment.index) not in self._stand_ins)
+        self._stand_ins.discard((segment.film.uid, segment.index))
         if segment.status is Status.DONE:
-            saved = self._saved_state(segment)
-            if saved is not None:
-                queue.links = FilmLinks.from_json(saved)
-            else:
+            # Finished by an earlier run: its saved links stand in for linking it again, and its
+            # saved decisions (at its release) for deciding it again, so the segments after it
+            # come out as in an uninterrupted run.
+            item.saved = self._saved_summary(segment)
+            if item.saved is None or "links" not in item.saved:
+                item.saved = None
                 _gap(links)
+            else:
+                links.restore_links(item.saved["links"])
             return item
         if segment.status is not Status.OK:
             _gap(links)
@@ -584,20 +668,27 @@ class FaceLink(SegmentStage):
             ]
         if self.expert is not None and not usable:
             segment.notes.append("face_link: no usable original audio features, dubbing the largest face of each shot")
-        item.snapshot = links.to_json()
+        links.next_index = segment.index + 1
+        item.snapshot = links.link_state()
         return item
 
-    def _saved_state(self, segment: Segment) -> dict[str, Any] | None:
+    def _saved_summary(self, segment: Segment) -> dict[str, Any] | None:
         if self.summary_url is None:
             return None
         url = self.summary_url(segment)
-        return read_json(url).get("state") if exists(url) else None
+        return read_json(url) if exists(url) else None
 
     def _release(self, queue: FilmQueue, item: Linked) -> None:
         segment = item.segment
+        links = queue.links
+        if segment.status is Status.DONE:
+            if item.saved is not None and "decisions" in item.saved:
+                links.restore_decisions(item.saved["decisions"])
+            else:
+                links.decided = {}
+            return
         if segment.status is not Status.OK:
             return
-        links = queue.links
         mode = self.track_settings.speaker
         auto = mode in ("auto", "active")
         usable = auto and any(np.isfinite(s).any() for s in item.scores)
@@ -620,10 +711,10 @@ class FaceLink(SegmentStage):
         segment.tracks = pieces
         segment.counts["tracks_dubbed"] = sum(t.speaking for t in pieces)
         if self.summary_url is not None:
-            state = dict(item.snapshot or links.to_json())
-            state["decisions"] = json_ready(asdict(links)["decisions"])
-            state["decided"] = json_ready(links.decided)
-            summary["state"] = state
+            # the state a resumed run picks up here: the links right after this segment was
+            # linked, the decisions right after it was decided
+            summary["links"] = item.snapshot
+            summary["decisions"] = links.decision_state()
             write_json(self.summary_url(segment), summary)
 
 

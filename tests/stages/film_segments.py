@@ -3,6 +3,8 @@ twice), run through face track, audio and face link: the film-level tests and be
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from models.audio_encoder import AUDIO_RATE
@@ -72,10 +74,19 @@ class FilmStages:
 
     def run(self, segments: list[Segment], order: list[int] | None = None, summary_url=None) -> list[Segment]:
         """Every segment through the stages; face link sees them in `order` (arrival order)."""
-        link = FaceLink(self.link_config, self.track_config, summary_url)
-        tracked = [self.audio.run_one(self.face_track.run_one(s)) for s in segments]
+        return self.link(self.track(segments), order, summary_url)
+
+    def track(self, segments: list[Segment]) -> list[Segment]:
+        """Face track and audio (the stages before face link), once per film."""
+        return [self.audio.run_one(self.face_track.run_one(s)) for s in segments]
+
+    def link(self, tracked: list[Segment], order=None, summary_url=None, done_segments=None, finished=True) -> list[Segment]:
+        """Copies of the tracked segments through a fresh face link actor, in `order`; `finished`:
+        assert that the actor holds nothing of the film afterwards."""
+        link = FaceLink(self.link_config, self.track_config, summary_url, done_segments)
         released: list[Segment] = []
-        for i in order or range(len(tracked)):
-            released += link.push(tracked[i])
-        assert not link.films, "every segment of the film is released"
+        for i in range(len(tracked)) if order is None else order:
+            released += link.push(copy.deepcopy(tracked[i]))
+        if finished:
+            assert not link.films, "every segment of the film is released"
         return released
