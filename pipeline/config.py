@@ -16,6 +16,7 @@ from pipeline.stage_table import STAGES, StageResources
 from stages.audio import AudioConfig
 from stages.decode import DecodeConfig
 from stages.encode import EncodeConfig
+from stages.face_link import FaceLinkConfig
 from stages.face_track import FaceTrackConfig
 from stages.inpaint import InpaintConfig
 from stages.occlusion import OcclusionConfig
@@ -42,6 +43,7 @@ class PipelineConfig:
     face_track: FaceTrackConfig = field(default_factory=FaceTrackConfig)
     occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    face_link: FaceLinkConfig = field(default_factory=FaceLinkConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     resources: dict[str, StageResources] = field(default_factory=_default_resources)

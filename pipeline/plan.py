@@ -124,7 +124,7 @@ def build_dataset(
         },
         num_cpus=0.1,
     )
-    plan_values = {"segment_url": run.segment_url}
+    plan_values = {"segment_url": run.segment_url, "summary_url": run.track_summary_url, "done_segments": run.done_segments}
     for spec in stages:
         res = config.resources[spec.name]
         ds = ds.map_batches(

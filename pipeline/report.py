@@ -190,6 +190,54 @@ def changed_ranges(report: dict[str, Any]) -> list[tuple[int, int]]:
     return merged
 
 
+def film_faces(film: FilmRef, summaries: list[dict[str, Any]], faces: list[dict[str, Any]]) -> dict[str, Any]:
+    """The film report's film-level view of its faces, from the face link stage's segment summaries
+    (each counts its own frames, overlap excluded) and the encoded segments' dubbed faces:
+    shots and changed frame ranges with timecodes, and per person the frames on screen, the frames
+    dubbed and the mean sync probability of the dubbed frames."""
+    step = film.duration / film.frames if film.frames else 0.04
+    shots: dict[int, list[int]] = {}
+    persons: dict[int, dict[str, float]] = {}
+    shot_tracks: set[int] = set()
+    dubbed_tracks: set[int] = set()
+    for summary in summaries:
+        for shot, (a, b) in summary.get("shots", {}).items():
+            span = shots.setdefault(int(shot), [a, b])
+            span[0], span[1] = min(span[0], a), max(span[1], b)
+        for track in summary.get("tracks", []):
+            p = persons.setdefault(int(track["person"]), {"frames": 0, "dubbed": 0, "sync_sum": 0.0, "sync_frames": 0})
+            for name in p:
+                p[name] += track.get(name, 0) or 0
+            shot_tracks.add(int(track["shot_track"]))
+            if track.get("dubbed"):
+                dubbed_tracks.add(int(track["shot_track"]))
+    changed = changed_ranges({"faces": faces})
+    return {
+        "shots": [
+            {"shot": shot, "frames": [a, b], "timecodes": [timecode(a * step), timecode(b * step)]}
+            for shot, (a, b) in sorted(shots.items())
+        ],
+        "persons": [
+            {
+                "id": pid,
+                "frames_on_screen": int(p["frames"]),
+                "frames_dubbed": int(p["dubbed"]),
+                "mean_sync_probability": round(p["sync_sum"] / p["sync_frames"], 4) if p["sync_frames"] else None,
+            }
+            for pid, p in sorted(persons.items())
+        ],
+        "changed_ranges": [{"frames": [a, b], "timecodes": [timecode(a * step), timecode(b * step)]} for a, b in changed],
+        "film_counts": {
+            "shots": len(shots),
+            "persons": len(persons),
+            "persons_dubbed": sum(1 for p in persons.values() if p["dubbed"]),
+            "shot_tracks": len(shot_tracks),
+            "shot_tracks_dubbed": len(dubbed_tracks),
+            "frames_changed": sum(b - a for a, b in changed),
+        },
+    }
+
+
 def _ranges_html(report: dict[str, Any]) -> h.Cell:
     ranges = changed_ranges(report)
     if not ranges or not report.get("frames"):
@@ -205,10 +253,22 @@ def _faces_html(report: dict[str, Any]) -> h.Cell:
     if not faces:
         return h.Cell(h.MISSING, "", "missing")
     lines = []
-    for face in faces:
-        sync = "sync " + (f"{face['sync']:+.2f}" if face.get("sync") is not None else h.MISSING)
-        frames = sum(b - a for a, b in face.get("frames", []))
-        lines.append(f"segment {face['segment']} track #{face['track']}: {frames} frames, {sync}")
+    for person in report.get("persons") or []:
+        sync = person.get("mean_sync_probability")
+        lines.append(
+            f"person {person['id']}: {person['frames_dubbed']} of {person['frames_on_screen']} frames dubbed, "
+            f"sync {h.MISSING if sync is None else format(sync, '.2f')}"
+        )
+    if not lines:  # a report written before the face link stage: per segment and track
+        for face in faces:
+            sync = "sync " + (f"{face['sync']:+.2f}" if face.get("sync") is not None else h.MISSING)
+            frames = sum(b - a for a, b in face.get("frames", []))
+            lines.append(f"segment {face['segment']} track #{face['track']}: {frames} frames, {sync}")
+    shots = report.get("shots") or []
+    if shots:
+        lines.append(
+            f"{len(shots)} shot(s): " + ", ".join(f"{s['timecodes'][0]}" for s in shots[:8]) + (" ..." if len(shots) > 8 else "")
+        )
     return h.Cell("<br>".join(h.esc(line) for line in lines), str(len(faces)), "small")
 
 
@@ -236,7 +296,7 @@ def film_row(entry: FilmEntry) -> list[h.Cell]:
         h.number(frames, 0),
         h.number(changed, 0),
         h.number(100.0 * changed / frames if frames and changed is not None else None, 1, " %"),
-        h.number(counts.get("tracks_dubbed") if ok else None, 0),
+        h.number(counts.get("persons_dubbed", counts.get("tracks_dubbed")) if ok else None, 0),
         h.number(float(np.mean(syncs)) if syncs else None, 2),
         _ranges_html(r),
         pictures,
@@ -252,11 +312,11 @@ FILM_COLUMNS = (
     "frames",
     "changed",
     "changed share",
-    "tracks dubbed",
+    "persons dubbed",
     "mean sync",
     "changed time ranges",
     "mouth: source | dubbed",
-    "dubbed faces",
+    "people and shots",
     "notes / failure",
 )
 FILM_TITLES = (
@@ -266,11 +326,11 @@ FILM_TITLES = (
     "frames in the film",
     "frames where a face was pasted back",
     "changed frames / frames",
-    "speaking tracks dubbed, summed over segments",
+    "people dubbed in the film (one id per person across shots)",
     "mean speech-sync score of the dubbed faces (higher: the face's mouth follows the film's own speech)",
     "HH:MM:SS.mmm, end exclusive",
     "the first dubbed face at its middle changed frame",
-    "per segment and track: frames changed and sync score",
+    "per person: frames dubbed of frames on screen, mean sync probability; the shots' start timecodes",
     "the film's notes, or why it failed",
 )
 

@@ -30,7 +30,7 @@ from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
 from pipeline.plan import build_dataset, init_ray, open_run
 from pipeline.progress import Progress
-from pipeline.report import write_report
+from pipeline.report import film_faces, write_report
 from pipeline.rundir import RunDir
 from pipeline.shards import default_key, is_manifest
 from pipeline.stage_table import STAGES, StageSpec, stage_spec
@@ -171,6 +171,7 @@ class Driver(Ledger):
                 audio = copy_film(film.video, film.dub, plan, local)
             put_file(local, target)
         report = film_report(film, records, changed, audio, self.options.config)
+        report.update(film_report_faces(film, report, self.run.track_summaries(film, state.count or 0)))
         if plain:
             write_json(join(self.options.output, f"{film.safe_key}.json"), report)
         write_json(self.run.film_url(film, ".json"), report)  # the film's completion marker
@@ -248,6 +249,17 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
         "faces": [{"segment": r["index"], **face} for r in records for face in r.get("faces", [])],
         "source": dataclasses.asdict(film.video) if film.video else None,
     }
+
+
+def film_report_faces(film: FilmRef, report: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Shots, persons and changed ranges of the film; its counts of shots and tracks film-wide, not summed per segment."""
+    faces = film_faces(film, summaries, report["faces"])
+    counts = dict(report["counts"])
+    for name in ("shots", "tracks", "tracks_dubbed"):
+        counts.pop(name, None)
+    counts.update(faces.pop("film_counts"))
+    counts["frames_changed"] = report["frames_changed"]  # frames pasted into (each written once)
+    return {**faces, "counts": counts}
 
 
 def write_output_shard(shard: ShardState, output: str, run: RunDir) -> str:

@@ -3,7 +3,9 @@
 Layout (any fsspec URL):
     config.json                        the output-affecting config; a rerun must match it
     segments/<shard>/<key>/<n>.mp4     encoded segment (n: 5 digits); <n>.json beside it is written
-                                       last (done); preprocess writes only the <n>.json markers
+                                       last (done); preprocess writes only the <n>.json markers;
+                                       <n>.tracks.json: the segment's persons, shots and dubbed
+                                       frames, and the film's face links after it (face_link stage)
     segments/<shard>/<key>/input.id    the input identity those segments were encoded from
     films/<shard>/<key>.mp4            assembled film; <key>.json (its report) is written last
     shards/<shard>.json                every film of the shard resolved and, for `run`, the output
@@ -83,6 +85,19 @@ class RunDir:
     def segment_url(self, segment: Segment) -> str:
         """Where a segment's outputs go, without extension: `.mp4` (dubbing) and the `.json` marker."""
         return join(self.segment_dir(segment.film), f"{segment.index:05d}")
+
+    def track_summary_url(self, segment: Segment) -> str:
+        """The face link stage's summary of a segment (the film report reads every one of its film)."""
+        return self.segment_url(segment) + ".tracks.json"
+
+    def track_summaries(self, film: FilmRef, count: int) -> list[dict[str, Any]]:
+        """The film's segment summaries that exist, in segment order."""
+        out = []
+        for index in range(count):
+            url = join(self.segment_dir(film), f"{index:05d}.tracks.json")
+            if exists(url):
+                out.append(read_json(url))
+        return out
 
     def done_segments(self, film: FilmRef) -> set[int]:
         fs, path = filesystem(self.segment_dir(film))

@@ -14,6 +14,7 @@ from stages.audio import AudioFeaturize
 from stages.base import SegmentStage
 from stages.decode import Decode
 from stages.encode import Encode
+from stages.face_link import FaceLink
 from stages.face_track import FaceTrack
 from stages.inpaint import Inpaint
 from stages.occlusion import OcclusionSegment
@@ -87,6 +88,17 @@ STAGES: tuple[StageSpec, ...] = (
         StageResources(num_cpus=0.125),
         reads=("audio", "source_audio"),
         writes=("audio_features", "source_audio_features", "voice_activity", "silence"),
+    ),
+    # One actor on purpose: it links each film's segments in order and keeps a little state per
+    # film (rows only pass through it; a segment waits at most `face_link.lookahead` segments).
+    StageSpec(
+        "face_link",
+        FaceLink,
+        StageResources(num_cpus=0.125, max_actors=1),
+        reads=("tracks", "shots", "source_speech", "source_audio_features"),
+        writes=("tracks", "tracks.speaking"),
+        config_extras={"face_track": "face_track"},
+        plan_extras=("summary_url", "done_segments"),
     ),
     StageSpec(
         "inpaint",

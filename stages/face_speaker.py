@@ -49,6 +49,14 @@ def has_speech(energy: np.ndarray) -> bool:
     return bool(loud > SILENCE_DB and loud - quiet > 6.0)
 
 
+def voiced_frames(energy: np.ndarray, below_peak_db: float = 18.0) -> np.ndarray:
+    """(T,) bool: frames whose speech-band level is within `below_peak_db` of the segment's loud
+    syllables (its 95th percentile), in a segment that has speech at all."""
+    if not has_speech(energy):
+        return np.zeros(len(energy), bool)
+    return energy > max(SILENCE_DB, float(np.percentile(energy, 95)) - below_peak_db)
+
+
 def opening_energy_correlation(opening: np.ndarray, energy: np.ndarray, max_lag: int = 2) -> float:
     """Best rank (Spearman) correlation of mouth opening with speech energy over small frame offsets.
 

@@ -29,14 +29,16 @@ from stages.face_align import (
     warp_crop,
     yaw_degrees,
 )
+from stages.face_identity import face_descriptor
 from stages.face_masks import coarse_mask, fine_mask, union_masks
 from stages.face_smooth import runs, shake_percent, smooth
-from stages.face_speaker import has_speech, mouth_opening, opening_energy_correlation, speech_energy
+from stages.face_speaker import has_speech, mouth_opening, opening_energy_correlation, speech_energy, voiced_frames
 from stages.face_tracker import FaceTracker, RawTrack, TrackerSettings, shot_ids
 from stages.schema import Segment, Track
 from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
 
-SPEAKER_MODES = ("active", "all", "largest", "ids")
+# auto: who speaks, from the sync expert over the whole shot (stages/face_link.py; "active" is its old name)
+SPEAKER_MODES = ("auto", "active", "all", "largest", "ids")
 
 
 @dataclass
@@ -52,8 +54,8 @@ class FaceTrackConfig(Settings, section="face_track"):
     max_yaw: Annotated[float, Range(0, 180)] = 55.0  # degrees: faces turned further (median over the track) are left untouched
     min_track_frames: Count = 8  # shorter tracks are left untouched
     max_jitter: PositiveFloat = 20.0  # raw landmark shake (% of eye distance) above which a "face" is not one
-    speaker: Annotated[str, OneOf(*SPEAKER_MODES)] = "active"  # active (speech-mouth sync per shot) | all | largest | ids
-    track_ids: list[int] = field(default_factory=list)  # speaker=ids; film metadata dub_track_ids wins
+    speaker: Annotated[str, OneOf(*SPEAKER_MODES)] = "auto"  # auto (sync expert over each shot) | all | largest | ids
+    track_ids: list[int] = field(default_factory=list)  # speaker=ids: person ids; film metadata dub_person_ids wins
     # Active speaker: least mouth/speech rank correlation to be dubbed. Over one 2 s segment it is a
     # noisy cue (own speech: median 0.3, 5th percentile -0.4), so by default it only ranks the faces
     # and any face whose mouth moves while speech is heard is dubbed; raise it to demand sync.
@@ -94,6 +96,9 @@ class FaceTrack(SegmentStage):
             track.track_id = track_id
         choose_speakers(tracks, segment, self.settings)
         segment.tracks = tracks
+        segment.shots = shots.astype(np.int32)
+        energy = speech_energy(segment.source_audio, segment.audio_start, segment.pts)
+        segment.source_speech = None if energy is None else voiced_frames(energy)
         segment.counts["shots"] = int(shots[-1]) + 1 if len(shots) else 0
         segment.counts["detector_passes"] = self.tracker.detector_passes - passes
         segment.counts["tracks"] = len(tracks)
@@ -177,15 +182,17 @@ def build_track(raw: RawTrack, frames: np.ndarray, working_scale: float, fps: fl
         coarse_mask=coarse,
         speaking=False,
         info=info,
+        descriptor=face_descriptor(crops),
     )
 
 
 def choose_speakers(tracks: list[Track], segment: Segment, s: FaceTrackConfig) -> None:
     """Set `speaking` on the tracks to dub: per shot, by `s.speaker` (see FaceTrackConfig)."""
     eligible = [t for t in tracks if "skipped" not in t.info]
-    ids = segment.film.metadata.get("dub_track_ids", s.track_ids) if segment.film.metadata else s.track_ids
-    energy = speech_energy(segment.source_audio, segment.audio_start, segment.pts) if s.speaker == "active" else None
-    if s.speaker == "active" and energy is None:
+    ids = dub_person_ids(segment.film.metadata, s.track_ids)
+    auto = s.speaker in ("auto", "active")
+    energy = speech_energy(segment.source_audio, segment.audio_start, segment.pts) if auto else None
+    if auto and energy is None:
         segment.notes.append("face_track: no original audio, dubbing the largest face of each shot")
     for shot in sorted({t.info["shot"] for t in eligible}):
         members = [t for t in eligible if t.info["shot"] == shot]
@@ -199,6 +206,13 @@ def choose_speakers(tracks: list[Track], segment: Segment, s: FaceTrackConfig) -
             chosen = active_speaker(members, energy, s.min_sync, s.min_mouth_motion)
         for track in chosen:
             track.speaking = True
+
+
+def dub_person_ids(metadata: dict | None, default: list[int]) -> list[int]:
+    """speaker=ids: the film's `dub_person_ids` (or its older name `dub_track_ids`), else the config's."""
+    metadata = metadata or {}
+    found = metadata.get("dub_person_ids", metadata.get("dub_track_ids"))
+    return [int(i) for i in found] if isinstance(found, list) else list(default)
 
 
 def active_speaker(members: list[Track], energy: np.ndarray, min_sync: float, min_motion: float) -> list[Track]:

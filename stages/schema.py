@@ -123,6 +123,8 @@ class Track:
     generated: np.ndarray | None = None  # (N, S, S, 3) uint8, set by the inpaint stage
     speaking: bool = True  # chosen for dubbing (active speaker)
     info: dict[str, Any] = field(default_factory=dict)
+    # (D,) float32 appearance descriptor (stages/face_identity.py): re-identifies the person across shots
+    descriptor: np.ndarray | None = None
 
 
 @dataclass
@@ -152,6 +154,8 @@ class Segment:
     source_audio_features: np.ndarray | None = None  # the same windows of the film's own audio (lip habit)
     voice_activity: np.ndarray | None = None  # (T,) float32 speech probability per frame
     silence: np.ndarray | None = None  # (T,) bool: frame inside a long silence, keep the mouth closed
+    shots: np.ndarray | None = None  # (T,) int: shot number inside the segment (face track; 0 = the first decoded frame's)
+    source_speech: np.ndarray | None = None  # (T,) bool: the film's own audio has speech at the frame (face track)
     tracks: list[Track] = field(default_factory=list)
     output_path: str = ""  # encoded segment file in the run directory (set by encode)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
@@ -182,6 +186,7 @@ class Segment:
         """Release everything heavy: after encoding, a row carries only bookkeeping to the driver."""
         self.frames = self.audio = self.source_audio = None
         self.audio_features = self.source_audio_features = self.voice_activity = self.silence = None
+        self.shots = self.source_speech = None
         self.tracks = []
         return self
 

@@ -220,7 +220,10 @@ def no_work(monkeypatch):
             "inpaint.scheduler='euler' is not allowed; allowed: ddim, dpm++",
         ),
         (["run", "in.tar", "out", "--set", "encode.crf=99"], "encode.crf=99 is not allowed; allowed: 0 to 51"),
-        (["config", "--set", "face_track.speaker=bogus"], "face_track.speaker='bogus' is not allowed; allowed: active, all"),
+        (
+            ["config", "--set", "face_track.speaker=bogus"],
+            "face_track.speaker='bogus' is not allowed; allowed: auto, active, all",
+        ),
         (["config", "--set", "encode.nope=1"], "encode.nope: unknown key"),
         (["preprocess", "in.tar", "out", "--set", "encode.crf=99"], "encode.crf=99 is not allowed"),
         (["preprocess", "in.tar", "out", "--filter", "min_speech=2"], "filter.min_speech=2.0 is not allowed; allowed: 0 to 1"),

@@ -88,13 +88,13 @@ def test_killed_driver_resumes_to_identical_output_without_redoing_work(shard, r
     deadline = time.time() + 240
     markers: list[Path] = []
     while time.time() < deadline and not markers and process.poll() is None:
-        markers = list((work / "segments").glob("*/*/*.json")) if (work / "segments").exists() else []
+        markers = list((work / "segments").glob("*/*/?????.json")) if (work / "segments").exists() else []
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its embedded Ray die at once
     process.wait()
     assert markers, "the run never finished a segment before the kill"
     assert not (out / "f-0000.tar").exists()
-    done_before = {p: p.with_suffix(".mp4").stat().st_mtime_ns for p in (work / "segments").glob("*/*/*.json")}
+    done_before = {p: p.with_suffix(".mp4").stat().st_mtime_ns for p in (work / "segments").glob("*/*/?????.json")}
     total = sum(json.loads(p.read_text())["index"] >= 0 for p in done_before)
 
     summary = run(
