@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from models.devices import to_device
 from models.vae import SCALE_FACTOR, encode, to_pixels
 
 
@@ -30,7 +31,7 @@ def unit_mask(mask: np.ndarray | None, like: np.ndarray, device: torch.device | 
     """uint8 (N, S, S) 0..255 -> float (N, 1, S, S) in [0, 1]; None -> zeros."""
     if mask is None:
         return torch.zeros(like.shape[0], 1, *like.shape[1:3], device=device)
-    return torch.from_numpy(np.ascontiguousarray(mask)).to(device).float().div(255.0)[:, None]
+    return to_device(mask, device).float().div(255.0)[:, None]
 
 
 def regenerate_region(mask: torch.Tensor, occlusion: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from models.devices import to_device
 from models.remote import local_dir
 
 SCALE_FACTOR = 8  # pixels per latent cell: every preset downsamples three times
@@ -95,7 +96,7 @@ def check_latent_space(vae: AutoencoderKL) -> None:
 
 def to_pixels(images: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    tensor = to_device(images, device)
     return (tensor.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0).contiguous()
 
 
