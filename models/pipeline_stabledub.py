@@ -26,7 +26,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from models.conditioning import encode_conditioning
+from models.conditioning import encode_conditioning_batch
 from models.devices import to_device
 from models.lip_habit import MIN_REFERENCE_FRAMES, LipHabitEncoder
 from models.remote import is_remote, local_dir, staging_dir, upload_dir
@@ -131,7 +131,14 @@ class _Track:
 
 @dataclass
 class WindowCall:
-    """One UNet call: (track, window) pairs of one window length, padded to `size` windows."""
+    """One UNet call: (track, window) pairs of one window length, run as exactly `size` windows.
+
+    Every call has the same shape: CPU kernels are chosen by batch size and differ in the last
+    bits (measured on the demo checkpoint: one window against several; the tiny VAE: 8 frames
+    against 16), while at one shape a window's result does not depend on the other windows or
+    its position. So a track gives the same bytes alone or batched, and a GPU sees one shape per
+    window length (what torch.compile or CUDA graphs want); the cost is the padding of the last
+    call."""
 
     windows: list[tuple[int, int]]
     size: int
@@ -141,24 +148,19 @@ class WindowCall:
         return self.windows + [self.windows[-1]] * (self.size - len(self.windows))
 
 
-def call_size(windows: int, windows_per_batch: int) -> int:
-    """How many windows a call of `windows` real ones runs: the next power of two, at least 2,
-    at most `windows_per_batch`.
-
-    Why pad: on CPU a UNet call of one window takes other kernels than a call of several and
-    differs in the last bits (measured on the demo checkpoint; calls of 2..6 windows agree bit for
-    bit, whatever the other windows and positions), so a lone window runs with a copy of itself
-    and a track gives the same bytes alone or batched. Powers of two keep the shapes a GPU sees
-    (and compiles or captures for) few."""
-    if windows_per_batch == 1:
-        return 1
-    return min(windows_per_batch, max(2, 1 << (windows - 1).bit_length()))
+def same_crop_size(frames: list[np.ndarray]) -> list[list[int]]:
+    """Indices grouped by crop size (tensors of one size can share a VAE call), in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(frames):
+        groups.setdefault(tuple(f.shape[1:3]), []).append(i)
+    return list(groups.values())
 
 
 def pack_windows(window_lengths: list[list[int]], windows_per_batch: int) -> list[WindowCall]:
     """UNet calls for every window of every track: windows of equal length (in track, then
     window, order) packed `windows_per_batch` at a time; each track's windows keep their order, so
-    the blend of its overlapping predictions adds up in the same order however it was packed."""
+    the blend of its overlapping predictions adds up in the same order however it was packed.
+    Each call runs as `windows_per_batch` windows (see `WindowCall`)."""
     by_length: dict[int, list[tuple[int, int]]] = {}
     for i, lengths in enumerate(window_lengths):
         for j, length in enumerate(lengths):
@@ -167,7 +169,7 @@ def pack_windows(window_lengths: list[list[int]], windows_per_batch: int) -> lis
     for windows in by_length.values():
         for first in range(0, len(windows), windows_per_batch):
             chunk = windows[first : first + windows_per_batch]
-            calls.append(WindowCall(chunk, call_size(len(chunk), windows_per_batch)))
+            calls.append(WindowCall(chunk, windows_per_batch))
     return calls
 
 
@@ -227,6 +229,12 @@ class StableDubPipeline(DiffusionPipeline):
         folder = staging_dir()
         super().save_pretrained(folder, **kwargs)
         upload_dir(folder, url)
+
+    @property
+    def vae_batch_size(self) -> int:
+        """Frames per VAE call, every call exactly this many (models.vae.in_chunks): 8 on CPU keeps
+        the padding of a lone track's last call small, 32 feeds a GPU."""
+        return 32 if torch.device(self._execution_device).type == "cuda" else 8
 
     @property
     def audio_spec(self) -> dict[str, Any]:
@@ -399,7 +407,7 @@ class StableDubPipeline(DiffusionPipeline):
         if not requests:
             return []
         with self._autocast():
-            tracks = [self._prepare(r, num_inference_steps, window, overlap) for r in requests]
+            tracks = self._prepare(requests, num_inference_steps, window, overlap)
             if len({t.clip is None for t in tracks}) > 1:
                 raise ValueError("clip_embeds: give them for every track or for none")
             calls = pack_windows([[stop - start for start, stop in t.spans] for t in tracks], windows_per_batch)
@@ -412,7 +420,7 @@ class StableDubPipeline(DiffusionPipeline):
                         predictions[i][start:stop] += out.float() * tracks[i].weights[j][:, None, None, None]
                 for track, prediction in zip(tracks, predictions):
                     track.latents = track.scheduler.step(prediction, t, track.latents, return_dict=False)[0]
-            results = [track.latents if output_type == "latent" else self._paste(track) for track in tracks]
+            results = [track.latents for track in tracks] if output_type == "latent" else self._paste(tracks)
         self.maybe_free_model_hooks()
         return results
 
@@ -424,49 +432,72 @@ class StableDubPipeline(DiffusionPipeline):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _prepare(self, request: TrackRequest, steps: int, window: int, overlap: int) -> _Track:
-        """One track's conditioning, noise, windows and scheduler, ready for the first step."""
+    def _prepare(self, requests: list[TrackRequest], steps: int, window: int, overlap: int) -> list[_Track]:
+        """Each track's conditioning (the VAE sees the frames of all tracks together), noise,
+        windows and scheduler, ready for the first step."""
         device = self._execution_device
-        frames = request.frames
-        count = len(frames)
-        reference = request.reference if request.reference is not None else frames[count // 2 : count // 2 + 1]
-        conditioning, region = encode_conditioning(self.vae, frames, request.masks, request.occlusion, reference, device)
-        scale, shift = self.habit_modulation(request.lip_frames, request.lip_audio)
-        clip = request.clip_embeds
-        if clip is None and self.image_encoder is not None:
-            clip = self.clip_tokens(reference)
-        latents = request.latents
-        if latents is None:
-            shape = (count, LATENT_CHANNELS, *conditioning.mask.shape[-2:])
-            latents = randn_tensor(shape, generator=request.generator, device=device, dtype=torch.float32)
-        # each track its own scheduler: multistep samplers (dpm++) keep a history per sample
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps, device=device)
-        spans = window_spans(count, window, overlap)
-        return _Track(
-            frames=frames,
-            conditioning=conditioning,
-            region=region,
-            audio=to_device(np.asarray(request.audio_features, np.float32), device),
-            scale=scale,
-            shift=shift,
-            clip=clip,
-            latents=latents.to(device, torch.float32) * scheduler.init_noise_sigma,
-            spans=spans,
-            weights=[w.to(device) for w in blend_weights(spans, count, overlap)],
-            scheduler=scheduler,
-        )
+        references = [
+            r.reference if r.reference is not None else r.frames[len(r.frames) // 2 : len(r.frames) // 2 + 1] for r in requests
+        ]
+        encoded: list[Any] = [None] * len(requests)
+        for group in same_crop_size([r.frames for r in requests]):
+            items = [(requests[i].frames, requests[i].masks, requests[i].occlusion, references[i]) for i in group]
+            for i, result in zip(
+                group, encode_conditioning_batch(self.vae, items, device, self.vae_batch_size, fixed_shape=True)
+            ):
+                encoded[i] = result
+        tracks = []
+        for request, reference, (conditioning, region) in zip(requests, references, encoded):
+            count = len(request.frames)
+            scale, shift = self.habit_modulation(request.lip_frames, request.lip_audio)
+            clip = request.clip_embeds
+            if clip is None and self.image_encoder is not None:
+                clip = self.clip_tokens(reference)
+            latents = request.latents
+            if latents is None:
+                shape = (count, LATENT_CHANNELS, *conditioning.mask.shape[-2:])
+                latents = randn_tensor(shape, generator=request.generator, device=device, dtype=torch.float32)
+            # each track its own scheduler: multistep samplers (dpm++) keep a history per sample
+            scheduler = copy.deepcopy(self.scheduler)
+            scheduler.set_timesteps(steps, device=device)
+            spans = window_spans(count, window, overlap)
+            track = _Track(
+                frames=request.frames,
+                conditioning=conditioning,
+                region=region,
+                audio=to_device(np.asarray(request.audio_features, np.float32), device),
+                scale=scale,
+                shift=shift,
+                clip=clip,
+                latents=latents.to(device, torch.float32) * scheduler.init_noise_sigma,
+                spans=spans,
+                weights=[w.to(device) for w in blend_weights(spans, count, overlap)],
+                scheduler=scheduler,
+            )
+            tracks.append(track)
+        return tracks
 
-    def _paste(self, track: _Track) -> np.ndarray:
-        """Decoded crops inside the region, the input bytes outside it."""
-        generated = decode(self.vae, track.latents.to(self.vae.dtype)).float()
-        original = to_pixels(track.frames, self._execution_device)
-        region = track.region
-        result = to_uint8(original * (1 - region) + generated * region)
-        # Outside the region (and on occluders) return the input bytes, not a float round trip.
-        keep = (region[:, 0] == 0).cpu().numpy()
-        result[keep] = track.frames[keep]
-        return result
+    def _paste(self, tracks: list[_Track]) -> list[np.ndarray]:
+        """Decoded crops inside the region, the input bytes outside it (the VAE decodes the
+        latents of all tracks of one crop size together)."""
+        results: list[Any] = [None] * len(tracks)
+        for group in same_crop_size([t.frames for t in tracks]):
+            latents = torch.cat([tracks[i].latents for i in group]).to(self.vae.dtype)
+            decoded = (
+                decode(self.vae, latents, self.vae_batch_size, fixed_shape=True)
+                .float()
+                .split([len(tracks[i].frames) for i in group])
+            )
+            for i, generated in zip(group, decoded):
+                track = tracks[i]
+                original = to_pixels(track.frames, self._execution_device)
+                region = track.region
+                result = to_uint8(original * (1 - region) + generated * region)
+                # Outside the region (and on occluders) return the input bytes, not a float round trip.
+                keep = (region[:, 0] == 0).cpu().numpy()
+                result[keep] = track.frames[keep]
+                results[i] = result
+        return results
 
     def _predict(self, tracks: list[_Track], call: WindowCall, t: torch.Tensor, guidance: float) -> torch.Tensor:
         """UNet output (len(call.windows), W, 4, h, w) for one packed call, with audio guidance when asked."""

@@ -106,21 +106,34 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def in_chunks(fn: Any, x: torch.Tensor, batch_size: int, fixed_shape: bool = False) -> torch.Tensor:
+    """fn over x, `batch_size` items at a time.
+
+    `fixed_shape`: every call gets exactly `batch_size` items, the last chunk padded with copies of
+    its last item (their results are dropped). CPU kernels are chosen by batch size and differ in
+    the last bits (measured on the tiny VAE: chunks of 2..8 agree, 1 and 16 differ), so only a fixed
+    shape makes an item's result independent of how many others share its batch."""
+    chunks = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        real = len(chunk)
+        if fixed_shape and real < batch_size:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
+        chunks.append(fn(chunk)[:real])
+    return torch.cat(chunks)
+
+
 @torch.no_grad()
-def encode(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def encode(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 16, fixed_shape: bool = False) -> torch.Tensor:
     """Scaled latents (N, 4, H/8, W/8) of pixels in [-1, 1]; the posterior mode, so it is deterministic."""
-    chunks = [
-        vae.encode(pixels[i : i + batch_size].to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-        for i in range(0, len(pixels), batch_size)
-    ]
-    return torch.cat(chunks)
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        return vae.encode(x.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+    return in_chunks(one, pixels, batch_size, fixed_shape)
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16, fixed_shape: bool = False) -> torch.Tensor:
     """Pixels in [-1, 1] (N, 3, H, W) from scaled latents."""
-    chunks = [
-        vae.decode((latents[i : i + batch_size] / vae.config.scaling_factor).to(vae.dtype)).sample
-        for i in range(0, len(latents), batch_size)
-    ]
-    return torch.cat(chunks)
+    return in_chunks(lambda x: vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample, latents, batch_size, fixed_shape)

@@ -234,13 +234,12 @@ def test_optional_clip_image_encoder_adds_appearance_tokens(track, tmp_path):
         StableDubPipeline(**tiny_pipeline().components | {"image_encoder": encoder})
 
 
-def test_windows_are_packed_by_length_in_track_order_and_padded_to_few_shapes():
+def test_windows_are_packed_by_length_in_track_order_into_calls_of_one_shape():
     calls = pack_windows([[8, 8, 8], [5], [8, 8]], windows_per_batch=4)
     assert [c.windows for c in calls] == [[(0, 0), (0, 1), (0, 2), (2, 0)], [(2, 1)], [(1, 0)]]
-    assert [c.size for c in calls] == [4, 2, 2]  # a lone window runs beside a copy of itself
-    assert calls[1].padded() == [(2, 1), (2, 1)]
+    assert [c.size for c in calls] == [4, 4, 4]  # every call has one shape
+    assert calls[1].padded() == [(2, 1)] * 4
     assert [c.size for c in pack_windows([[8] * 5], windows_per_batch=1)] == [1] * 5
-    assert [c.size for c in pack_windows([[8] * 11], windows_per_batch=6)] == [6, 6]
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
