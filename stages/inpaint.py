@@ -82,11 +82,12 @@ BUILTIN = {"identity": IdentityModel, "grey": GreyModel}
 class Inpaint(SegmentStage):
     name = "inpaint"
 
-    def __init__(self, config: InpaintConfig, *, audio: AudioConfig | None = None) -> None:
-        """`audio`: the run's audio features, checked against the ones the model was trained on."""
+    def __init__(self, config: InpaintConfig, *, audio: AudioConfig | None = None, model: InpaintModel | None = None) -> None:
+        """`audio`: the run's audio features, checked against the ones the model was trained on.
+        `model`: one already built (benchmarks), instead of loading `config.model`."""
         super().__init__(config)
         self.settings = config
-        self.model = load_model(config.model, config, audio)
+        self.model = model if model is not None else load_model(config.model, config, audio)
         self._generated: dict[int, np.ndarray] = {}  # id(track) -> crops made for the whole batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,8 +197,21 @@ class StableDubInpainter:
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
-        self.pipeline = StableDubPipeline.from_pretrained(url)
-        self.pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
+        pipeline = StableDubPipeline.from_pretrained(url)
+        pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
+        self._use(pipeline, settings, audio)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, settings: InpaintConfig) -> StableDubInpainter:
+        """An inpainter around a pipeline that is already built and placed on its device (benchmarks)."""
+        inpainter = cls.__new__(cls)
+        inpainter.settings = settings
+        inpainter.device = pipeline.device
+        inpainter._use(pipeline, settings, None)
+        return inpainter
+
+    def _use(self, pipeline: Any, settings: InpaintConfig, audio: AudioConfig | None) -> None:
+        self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.use_scheduler(settings.scheduler)
         if audio is not None:
