@@ -48,6 +48,57 @@ def _softplus(x):
 
 
 @triton.jit
+def _tile(base, channels, t, mask, s_d, s_l):
+    """A (steps, channels) tile of a (b, d, L) tensor as float32, 0 outside `mask`."""
+    return tl.load(base + channels[None, :] * s_d + t[:, None] * s_l, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _state_tile(base, states, t, mask, s_n, s_l):
+    """A (steps, states) tile of B or C (one group) as float32, 0 outside `mask`."""
+    return tl.load(base + states[None, :] * s_n + t[:, None] * s_l, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _step_sizes(delta_base, channels, t, mask, s_d, s_l, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta + bias (softplus's argument) and the step size; 0 outside `mask`, so a step past the
+    end has decay 1 and input 0 and the state carries through it."""
+    raw = _tile(delta_base, channels, t, mask, s_d, s_l)
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return raw, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _chunk_states(dt, u, A, Bt, h0):
+    """The states of one chunk (steps, channels, states) from the state before it, and the inputs x."""
+    decay = tl.exp(dt[:, :, None] * A[None, :, :])
+    x = (dt * u)[:, :, None] * Bt[:, None, :]
+    carried, local = tl.associative_scan((decay, x), 0, _combine)
+    return local + carried * h0[None, :, :], x
+
+
+@triton.jit
+def _channel_parameters(
+    A_ptr, D_ptr, bias_ptr, channels, states, dstate, channel_ok, state_ok, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """A (channels, states), D and delta_bias (channels,) as float32; zeros where absent."""
+    A = tl.load(A_ptr + channels[:, None] * dstate + states[None, :], mask=channel_ok[:, None] & state_ok[None, :], other=0.0).to(
+        tl.float32
+    )
+    Dv = tl.zeros(channels.shape, dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    bias = tl.zeros(channels.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    return A, Dv, bias
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr,
     delta_ptr,
@@ -100,13 +151,8 @@ def _scan_fwd_kernel(
     channel_ok = channels < dim
     state_ok = states < dstate
     group = (pid_d * BLOCK_D) // channels_per_group  # the block's channels share one group
-
     dn_mask = channel_ok[:, None] & state_ok[None, :]
-    A = tl.load(A_ptr + channels[:, None] * dstate + states[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    A, Dv, bias = _channel_parameters(A_ptr, D_ptr, bias_ptr, channels, states, dstate, channel_ok, state_ok, HAS_D, HAS_BIAS)
     B_base = B_ptr + pid_b * sB_b + group * sB_g
     C_base = C_ptr + pid_b * sC_b + group * sC_g
     state_base = states_ptr + (pid_b * dim + channels[:, None]) * n_chunks * dstate + states[None, :]
@@ -117,29 +163,18 @@ def _scan_fwd_kernel(
         t = chunk * BLOCK_L + rows
         time_ok = t < length
         ld = time_ok[:, None] & channel_ok[None, :]
-        u = tl.load(u_ptr + pid_b * su_b + channels[None, :] * su_d + t[:, None] * su_l, mask=ld, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + pid_b * sdt_b + channels[None, :] * sdt_d + t[:, None] * sdt_l, mask=ld, other=0.0)
-        dt = dt.to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(ld, dt, 0.0)  # steps past the end: decay 1, input 0, so the state carries through
         ln = time_ok[:, None] & state_ok[None, :]
-        Bt = tl.load(B_base + states[None, :] * sB_n + t[:, None] * sB_l, mask=ln, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + states[None, :] * sC_n + t[:, None] * sC_l, mask=ln, other=0.0).to(tl.float32)
-
-        decay = tl.exp(dt[:, :, None] * A[None, :, :])
-        x = (dt * u)[:, :, None] * Bt[:, None, :]
-        carried, local = tl.associative_scan((decay, x), 0, _combine)
-        hs = local + carried * h[None, :, :]
+        u = _tile(u_ptr + pid_b * su_b, channels, t, ld, su_d, su_l)
+        _, dt = _step_sizes(delta_ptr + pid_b * sdt_b, channels, t, ld, sdt_d, sdt_l, bias, HAS_BIAS, SOFTPLUS)
+        Bt = _state_tile(B_base, states, t, ln, sB_n, sB_l)
+        Ct = _state_tile(C_base, states, t, ln, sC_n, sC_l)
+        hs, _ = _chunk_states(dt, u, A, Bt, h)
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         h = tl.sum(tl.where(rows[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)
         if HAS_D:
             y = y + u * Dv[None, :]
         if HAS_Z:
-            z = tl.load(z_ptr + pid_b * sz_b + channels[None, :] * sz_d + t[:, None] * sz_l, mask=ld, other=0.0)
-            z = z.to(tl.float32)
+            z = _tile(z_ptr + pid_b * sz_b, channels, t, ld, sz_d, sz_l)
             y = y * z * tl.sigmoid(z)
         tl.store(out_ptr + pid_b * so_b + channels[None, :] * so_d + t[:, None] * so_l, y, mask=ld)
 
@@ -205,15 +240,11 @@ def _scan_bwd_kernel(
     channel_ok = channels < dim
     state_ok = states < dstate
     group = (pid_d * BLOCK_D) // channels_per_group
-
     dn_mask = channel_ok[:, None] & state_ok[None, :]
-    A = tl.load(A_ptr + channels[:, None] * dstate + states[None, :], mask=dn_mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    A, Dv, bias = _channel_parameters(A_ptr, D_ptr, bias_ptr, channels, states, dstate, channel_ok, state_ok, HAS_D, HAS_BIAS)
     B_base = B_ptr + pid_b * sB_b + group * sB_g
     C_base = C_ptr + pid_b * sC_b + group * sC_g
+    delta_base = delta_ptr + pid_b * sdt_b
     # dB, dC: float32 (b, g, n, L), contiguous
     dB_base = dB_ptr + (pid_b * groups + group) * dstate * length
     dC_base = dC_ptr + (pid_b * groups + group) * dstate * length
@@ -230,43 +261,23 @@ def _scan_bwd_kernel(
         time_ok = t < length
         ld = time_ok[:, None] & channel_ok[None, :]
         ln = time_ok[:, None] & state_ok[None, :]
-        u = tl.load(u_ptr + pid_b * su_b + channels[None, :] * su_d + t[:, None] * su_l, mask=ld, other=0.0).to(tl.float32)
-        raw = tl.load(delta_ptr + pid_b * sdt_b + channels[None, :] * sdt_d + t[:, None] * sdt_l, mask=ld, other=0.0)
-        raw = raw.to(tl.float32)
-        if HAS_BIAS:
-            raw = raw + bias[None, :]
-        dt = raw
-        if SOFTPLUS:
-            dt = _softplus(raw)
-        dt = tl.where(ld, dt, 0.0)
-        # the next step's decay, a_{t+1}, for the adjoint recurrence (1 past the end: nothing flows back)
-        t1 = t + 1
-        ld1 = (t1 < length)[:, None] & channel_ok[None, :]
-        dt1 = tl.load(delta_ptr + pid_b * sdt_b + channels[None, :] * sdt_d + t1[:, None] * sdt_l, mask=ld1, other=0.0)
-        dt1 = dt1.to(tl.float32)
-        if HAS_BIAS:
-            dt1 = dt1 + bias[None, :]
-        if SOFTPLUS:
-            dt1 = _softplus(dt1)
-        dt1 = tl.where(ld1, dt1, 0.0)
-        Bt = tl.load(B_base + states[None, :] * sB_n + t[:, None] * sB_l, mask=ln, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + states[None, :] * sC_n + t[:, None] * sC_l, mask=ln, other=0.0).to(tl.float32)
-
-        # recompute this chunk's states from the one saved at its start
-        decay = tl.exp(dt[:, :, None] * A[None, :, :])
-        x = (dt * u)[:, :, None] * Bt[:, None, :]
-        carried, local = tl.associative_scan((decay, x), 0, _combine)
+        u = _tile(u_ptr + pid_b * su_b, channels, t, ld, su_d, su_l)
+        raw, dt = _step_sizes(delta_base, channels, t, ld, sdt_d, sdt_l, bias, HAS_BIAS, SOFTPLUS)
+        # the next step's size, for its decay a_{t+1} in the adjoint recurrence (0 past the end)
+        ld1 = (t + 1 < length)[:, None] & channel_ok[None, :]
+        _, dt1 = _step_sizes(delta_base, channels, t + 1, ld1, sdt_d, sdt_l, bias, HAS_BIAS, SOFTPLUS)
+        Bt = _state_tile(B_base, states, t, ln, sB_n, sB_l)
+        Ct = _state_tile(C_base, states, t, ln, sC_n, sC_l)
+        # this chunk's states again, from the one saved at its start
         h0 = tl.load(state_base + chunk * dstate, mask=dn_mask, other=0.0)
-        hs = local + carried * h0[None, :, :]
+        hs, x = _chunk_states(dt, u, A, Bt, h0)
 
-        g = tl.load(dout_ptr + pid_b * sg_b + channels[None, :] * sg_d + t[:, None] * sg_l, mask=ld, other=0.0)
-        g = g.to(tl.float32)
+        g = _tile(dout_ptr + pid_b * sg_b, channels, t, ld, sg_d, sg_l)
         if HAS_Z:
             y = tl.sum(hs * Ct[:, None, :], axis=2)
             if HAS_D:
                 y = y + u * Dv[None, :]
-            z = tl.load(z_ptr + pid_b * sz_b + channels[None, :] * sz_d + t[:, None] * sz_l, mask=ld, other=0.0)
-            z = z.to(tl.float32)
+            z = _tile(z_ptr + pid_b * sz_b, channels, t, ld, sz_d, sz_l)
             sig = tl.sigmoid(z)
             tl.store(dz_ptr + grad_base + t[:, None], g * y * sig * (1.0 + z * (1.0 - sig)), mask=ld)
             g = g * z * sig  # the gradient reaching the SSM output
