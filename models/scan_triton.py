@@ -143,7 +143,7 @@ def _scan_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # offsets in int64: a batch of frames passes 2^31 elements
     pid_d = tl.program_id(1)
     channels = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     states = tl.arange(0, BLOCK_N)
@@ -160,7 +160,7 @@ def _scan_fwd_kernel(
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for chunk in range(0, n_chunks):
         tl.store(state_base + chunk * dstate, h, mask=dn_mask)
-        t = chunk * BLOCK_L + rows
+        t = (chunk * BLOCK_L + rows).to(tl.int64)
         time_ok = t < length
         ld = time_ok[:, None] & channel_ok[None, :]
         ln = time_ok[:, None] & state_ok[None, :]
@@ -232,7 +232,7 @@ def _scan_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # offsets in int64: a batch of frames passes 2^31 elements
     pid_d = tl.program_id(1)
     channels = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     states = tl.arange(0, BLOCK_N)
@@ -257,7 +257,7 @@ def _scan_bwd_kernel(
     gh_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # gh at the first step of the chunk after
     for step in range(0, n_chunks):
         chunk = n_chunks - 1 - step
-        t = chunk * BLOCK_L + rows
+        t = (chunk * BLOCK_L + rows).to(tl.int64)
         time_ok = t < length
         ld = time_ok[:, None] & channel_ok[None, :]
         ln = time_ok[:, None] & state_ok[None, :]

@@ -97,11 +97,11 @@ def interpreter_checks() -> None:
 
 
 @needs_triton
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(660)  # ~5 s of CPU; the guard is for a loaded machine
 def test_triton_scan_matches_the_recurrence_in_the_interpreter():
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=110)
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     print(done.stdout)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("ok ") == 7
