@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.devices import to_device
 from models.vae import SCALE_FACTOR, Autoencoder, encode, to_pixels
 
 
@@ -29,7 +30,7 @@ def unit_mask(mask: np.ndarray | None, like: np.ndarray, device: torch.device | 
     """uint8 (N, S, S) 0..255 -> float (N, 1, S, S) in [0, 1]; None -> zeros."""
     if mask is None:
         return torch.zeros(like.shape[0], 1, *like.shape[1:3], device=device)
-    return torch.from_numpy(np.ascontiguousarray(mask)).to(device).float().div(255.0)[:, None]
+    return to_device(mask, device).float().div(255.0)[:, None]
 
 
 def regenerate_region(mask: torch.Tensor, occlusion: torch.Tensor) -> torch.Tensor:
@@ -60,14 +61,36 @@ def encode_conditioning(
 
     Also returns the pixel-space region to regenerate (N, 1, S, S), for pasting the result back.
     """
-    pixels = to_pixels(frames, device, vae.dtype)
-    region = regenerate_region(unit_mask(masks, frames, device), unit_mask(occlusion, frames, device))
-    masked = pixels * (1.0 - region.to(pixels.dtype))  # 0 is mid-grey in [-1, 1]
-    references = encode(vae, to_pixels(reference, device, vae.dtype))
-    conditioning = Conditioning(
-        masked_latent=encode(vae, masked),
-        mask=to_latent_resolution(region),
-        reference_latent=references[torch.from_numpy(reference_index(len(frames), len(reference))).to(device)],
-        occlusion=to_latent_resolution(unit_mask(occlusion, frames, device)),
-    )
-    return conditioning, region
+    return encode_conditioning_batch(vae, [(frames, masks, occlusion, reference)], device)[0]
+
+
+def encode_conditioning_batch(
+    vae: Autoencoder,
+    tracks: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]],
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    fixed_shape: bool = False,
+) -> list[tuple[Conditioning, torch.Tensor]]:
+    """`encode_conditioning` for several (frames, masks, occlusion, reference) tracks of one crop
+    size: their masked frames and references go through the VAE together, `batch_size` at a time,
+    so a GPU gets full batches however short the tracks are. With `fixed_shape` a track's latents
+    do not depend on its neighbours (see `models.vae.in_chunks`)."""
+    regions, images = [], []
+    for frames, masks, occlusion, _ in tracks:
+        pixels = to_pixels(frames, device, vae.dtype)
+        region = regenerate_region(unit_mask(masks, frames, device), unit_mask(occlusion, frames, device))
+        regions.append(region)
+        images.append(pixels * (1.0 - region.to(pixels.dtype)))  # 0 is mid-grey in [-1, 1]
+    images += [to_pixels(reference, device, vae.dtype) for *_, reference in tracks]
+    latents = encode(vae, torch.cat(images), batch_size, fixed_shape).split([len(i) for i in images])
+    masked_latents, reference_latents = latents[: len(tracks)], latents[len(tracks) :]
+    out = []
+    for (frames, _, occlusion, reference), region, latent, refs in zip(tracks, regions, masked_latents, reference_latents):
+        conditioning = Conditioning(
+            masked_latent=latent,
+            mask=to_latent_resolution(region),
+            reference_latent=refs[torch.from_numpy(reference_index(len(frames), len(reference))).to(device)],
+            occlusion=to_latent_resolution(unit_mask(occlusion, frames, device)),
+        )
+        out.append((conditioning, region))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,3 +23,13 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host array as a tensor on `device`. To a GPU it goes through pinned (page-locked) memory
+    with a non-blocking copy, so the copy overlaps the GPU's queued work instead of stalling the
+    host; elsewhere it is a plain copy (or no copy on the CPU)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -3,9 +3,10 @@
 The selective scan (`selective_scan`, mamba-ssm's `selective_scan_fn` contract; `scan_time_major`,
 the same on time-major tensors) runs on:
 - mamba-ssm's fused CUDA kernel, when the tensors are on CUDA and `mamba_ssm` imports;
+- on CUDA without mamba-ssm, our Triton kernels (`models.scan_triton`) when `triton` imports;
+- on CUDA without either, a chunked doubling (Hillis-Steele) scan;
 - on CPU, a time-major in-place recurrence (inference: cache-sized blocks of steps; training: the
-  same with a hand-written backward);
-- on CUDA without mamba-ssm, a chunked doubling (Hillis-Steele) scan.
+  same with a hand-written backward).
 `selective_scan_reference` is a naive step-by-step recurrence, written for reading; tests use it.
 
 `MambaLayer` is the standard Mamba block (Linear -> depthwise causal Conv -> selective SSM -> Linear,
@@ -41,6 +42,21 @@ def mamba_ssm_scan() -> Callable | None:
     except Exception:  # ImportError, or the compiled selective_scan_cuda failing to load
         return None
     return selective_scan_fn
+
+
+@lru_cache(maxsize=1)
+def triton_scan() -> Callable | None:
+    """Our Triton selective scan (models.scan_triton), or None where triton does not import.
+
+    Only asked for CUDA tensors (or backend="triton"), so a CPU run never imports triton."""
+    try:
+        from models.scan_triton import selective_scan_triton
+    except Exception:  # ImportError, or a triton build that cannot load here
+        return None
+    return selective_scan_triton
+
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
 def _groups(x: Tensor) -> Tensor:
@@ -196,28 +212,50 @@ def scan_time_major(
     """The selective SSM on time-major tensors: u, delta, z (L, b, g, c); A (g*c, n); B, C (L, b, g, n);
     D, delta_bias (g*c,). Returns y (L, b, g, c) in u's dtype, computed in float32.
 
-    mamba-ssm's kernel on CUDA when it is installed ("auto"/"cuda"). Otherwise, on CPU, training
-    (gradients needed) uses the in-place recurrence with its own backward and inference the same
-    recurrence in cache-sized blocks of steps; on CUDA, and whenever `chunk_size` is given, the
-    chunked doubling scan.
+    `backend`: "auto" picks mamba-ssm's kernel on CUDA when it is installed, else our Triton kernel
+    on CUDA when triton imports (and no `chunk_size` is asked for), else the PyTorch scans; "cuda"
+    insists on mamba-ssm, "triton" on the Triton kernel (CPU tensors only under TRITON_INTERPRET=1),
+    "torch" on the PyTorch scans. Those: on CPU, training (gradients needed) uses the in-place
+    recurrence with its own backward and inference the same recurrence in cache-sized blocks of
+    steps; on CUDA, and whenever `chunk_size` is given, the chunked doubling scan.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: one of {', '.join(BACKENDS)}")
     length, batch, groups, channels = u.shape
     fused = mamba_ssm_scan() if backend in ("auto", "cuda") else None
     if backend == "cuda" and (fused is None or not u.is_cuda):
         raise RuntimeError("backend='cuda' needs CUDA tensors and mamba-ssm with its compiled kernels")
-    if fused is not None and u.is_cuda:
 
-        def batch_major(x: Tensor) -> Tensor:
-            return x.permute(1, 2, 3, 0).reshape(batch, groups * channels, length).contiguous()
+    def batch_major(x: Tensor) -> Tensor:
+        return x.permute(1, 2, 3, 0).reshape(batch, groups * channels, length)
 
-        y = fused(
+    use_triton = backend == "triton" or (backend == "auto" and u.is_cuda and fused is None and chunk_size is None)
+    kernel = triton_scan() if use_triton else None
+    if backend == "triton" and kernel is None:
+        raise RuntimeError("backend='triton' needs triton installed (pip install triton)")
+    if kernel is not None:
+        # Permuted views, no copies: the kernel reads any strides and writes y in u's layout.
+        y = kernel(
             batch_major(u),
             batch_major(delta),
+            A,
+            B.permute(1, 2, 3, 0),
+            C.permute(1, 2, 3, 0),
+            D,
+            None if z is None else batch_major(z),
+            delta_bias,
+            delta_softplus,
+        )
+        return y.view(batch, groups, channels, length).permute(3, 0, 1, 2)
+    if fused is not None and u.is_cuda:
+        y = fused(
+            batch_major(u).contiguous(),
+            batch_major(delta).contiguous(),
             A.float().contiguous(),
             B.permute(1, 2, 3, 0).contiguous(),
             C.permute(1, 2, 3, 0).contiguous(),
             None if D is None else D.float().contiguous(),
-            None if z is None else batch_major(z),
+            None if z is None else batch_major(z).contiguous(),
             None if delta_bias is None else delta_bias.float().contiguous(),
             delta_softplus,
         )

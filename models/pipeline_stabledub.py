@@ -5,11 +5,14 @@ diffusers-style: `from_pretrained(url)` / `save_pretrained(url)` on any fsspec U
 `window` frames; windows overlap by `overlap` frames and, at every denoising step, their predictions
 are blended with linear ramps before the scheduler steps the whole track, so no seam appears.
 Input and output are numpy uint8 crops of the same shape; outside the regenerated region (and on
-occluders) the output is the input, bit for bit.
+occluders) the output is the input, bit for bit. `generate` denoises several tracks together, their
+windows packed into shared UNet calls (the inpaint stage batches tracks across segments this way).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -23,7 +26,8 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from models.conditioning import encode_conditioning
+from models.conditioning import encode_conditioning_batch
+from models.devices import to_device
 from models.lip_habit import MIN_REFERENCE_FRAMES, LipHabitEncoder
 from models.remote import is_remote, local_dir, staging_dir, upload_dir
 from models.unet import StableDubUNet
@@ -97,6 +101,83 @@ def blend_weights(spans: list[tuple[int, int]], frames: int, overlap: int) -> li
 
 
 @dataclass
+class TrackRequest:
+    """One track's inputs to `StableDubPipeline.generate`; the fields mean what `__call__`'s do."""
+
+    frames: np.ndarray  # uint8 (N, S, S, 3)
+    masks: np.ndarray  # uint8 (N, S, S)
+    audio_features: np.ndarray  # (N, W, F)
+    occlusion: np.ndarray | None = None
+    reference: np.ndarray | None = None
+    generator: torch.Generator | None = None
+    lip_frames: np.ndarray | None = None
+    lip_audio: np.ndarray | None = None
+    clip_embeds: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+
+
+@dataclass
+class _Track:
+    """One track while it is denoised: its conditioning, latents, windows and scheduler."""
+
+    frames: np.ndarray
+    conditioning: Any
+    region: torch.Tensor
+    audio: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    clip: torch.Tensor | None
+    latents: torch.Tensor
+    spans: list[tuple[int, int]]
+    weights: list[torch.Tensor]
+    scheduler: Any
+
+
+@dataclass
+class WindowCall:
+    """One UNet call: (track, window) pairs of one window length, run as exactly `size` windows.
+
+    Every call has the same shape: CPU kernels are chosen by batch size and differ in the last
+    bits (measured on the demo checkpoint: one window against several; the tiny VAE: 8 frames
+    against 16), while at one shape a window's result does not depend on the other windows or
+    its position. So a track gives the same bytes alone or batched, and a GPU sees one shape per
+    window length (what torch.compile or CUDA graphs want); the cost is the padding of the last
+    call."""
+
+    windows: list[tuple[int, int]]
+    size: int
+
+    def padded(self) -> list[tuple[int, int]]:
+        """The windows, then the last one repeated up to `size` (those outputs are dropped)."""
+        return self.windows + [self.windows[-1]] * (self.size - len(self.windows))
+
+
+def same_crop_size(frames: list[np.ndarray]) -> list[list[int]]:
+    """Indices grouped by crop size (tensors of one size can share a VAE call), in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(frames):
+        groups.setdefault(tuple(f.shape[1:3]), []).append(i)
+    return list(groups.values())
+
+
+def pack_windows(window_lengths: list[list[int]], windows_per_batch: int) -> list[WindowCall]:
+    """UNet calls for every window of every track: windows of equal length (in track, then
+    window, order) packed `windows_per_batch` at a time; each track's windows keep their order, so
+    the blend of its overlapping predictions adds up in the same order however it was packed.
+    Each call runs as `windows_per_batch` windows (see `WindowCall`)."""
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for i, lengths in enumerate(window_lengths):
+        for j, length in enumerate(lengths):
+            by_length.setdefault(length, []).append((i, j))
+    calls = []
+    for windows in by_length.values():
+        for first in range(0, len(windows), windows_per_batch):
+            chunk = windows[first : first + windows_per_batch]
+            calls.append(WindowCall(chunk, windows_per_batch))
+    return calls
+
+
+@dataclass
 class StableDubPipelineOutput(BaseOutput):
     frames: np.ndarray | torch.Tensor  # uint8 (N, S, S, 3), or latents (N, 4, S/8, S/8) for output_type="latent"
 
@@ -156,6 +237,12 @@ class StableDubPipeline(DiffusionPipeline):
         folder = staging_dir()
         super().save_pretrained(folder, **kwargs)
         upload_dir(folder, url)
+
+    @property
+    def vae_batch_size(self) -> int:
+        """Frames per VAE call, every call exactly this many (models.vae.in_chunks): 8 on CPU keeps
+        the padding of a lone track's last call small, 32 feeds a GPU."""
+        return 32 if torch.device(self._execution_device).type == "cuda" else 8
 
     @property
     def audio_spec(self) -> dict[str, Any]:
@@ -281,80 +368,175 @@ class StableDubPipeline(DiffusionPipeline):
         audio (needs a model trained with audio dropout). clip_embeds (1, k, clip_embed_dim)
         overrides the image encoder's tokens. Returns uint8 (N, S, S, 3).
         """
-        self.check_inputs(
-            frames, masks, occlusion, audio_features, reference, lip_frames, lip_audio, num_inference_steps, window, overlap
+        request = TrackRequest(
+            frames, masks, audio_features, occlusion, reference, generator, lip_frames, lip_audio, clip_embeds, latents
         )
-        device = self._execution_device
-        count = len(frames)
-        if reference is None:
-            reference = frames[count // 2 : count // 2 + 1]
-        conditioning, region = encode_conditioning(self.vae, frames, masks, occlusion, reference, device)
-        scale, shift = self.habit_modulation(lip_frames, lip_audio)
-        if clip_embeds is None and self.image_encoder is not None:
-            clip_embeds = self.clip_tokens(reference)
-        audio = torch.from_numpy(np.asarray(audio_features, np.float32)).to(device)
-        if latents is None:
-            shape = (count, self.unet.config.latent_channels, *conditioning.mask.shape[-2:])
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device, torch.float32)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
-        spans = window_spans(count, window, overlap)
-        weights = [w.to(device) for w in blend_weights(spans, count, overlap)]
-        for t in self.progress_bar(self.scheduler.timesteps):
-            prediction = torch.zeros_like(latents)
-            for first in range(0, len(spans), windows_per_batch):
-                batch = spans[first : first + windows_per_batch]
-                index = torch.stack([torch.arange(s, e, device=device) for s, e in batch])  # (Bw, W)
-                output = self._predict(latents, t, index, conditioning, audio, scale, shift, clip_embeds, audio_guidance_scale)
-                blend = torch.stack(weights[first : first + len(batch)])
-                prediction.index_add_(0, index.flatten(), (output.float() * blend[..., None, None, None]).flatten(0, 1))
-            latents = self.scheduler.step(prediction, t, latents, return_dict=False)[0]
-
-        if output_type == "latent":
-            result: np.ndarray | torch.Tensor = latents
-        else:
-            generated = decode(self.vae, latents.to(self.vae.dtype)).float()
-            original = to_pixels(frames, device)
-            result = to_uint8(original * (1 - region) + generated * region)
-            # Outside the region (and on occluders) return the input bytes, not a float round trip.
-            keep = (region[:, 0] == 0).cpu().numpy()
-            result[keep] = frames[keep]
-        self.maybe_free_model_hooks()
+        (result,) = self.generate(
+            [request], num_inference_steps, window, overlap, windows_per_batch, audio_guidance_scale, output_type
+        )
         if not return_dict:
             return (result,)
         return StableDubPipelineOutput(frames=result)
 
-    def _predict(
+    @torch.no_grad()
+    def generate(
         self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        index: torch.Tensor,
-        conditioning: Any,
-        audio: torch.Tensor,
-        scale: torch.Tensor,
-        shift: torch.Tensor,
-        clip_embeds: torch.Tensor | None,
-        guidance: float,
-    ) -> torch.Tensor:
-        """UNet output for a batch of windows (Bw, W, 4, h, w), with audio guidance when asked."""
-        windows = index.shape[0]
+        requests: list[TrackRequest],
+        num_inference_steps: int = 20,
+        window: int = 16,
+        overlap: int = 4,
+        windows_per_batch: int = 1,
+        audio_guidance_scale: float = 1.0,
+        output_type: str = "np",
+    ) -> list[np.ndarray | torch.Tensor]:
+        """New crops for several tracks at once, one result per request (as `__call__` returns it).
+
+        All tracks step through the same timesteps together; at each step the windows of every
+        track are packed into UNet calls of up to `windows_per_batch` windows (of one length) and
+        each prediction is blended back into its own track, which then takes its own scheduler
+        step. A track's result does not depend on which other tracks share its calls (see
+        `pack_windows`), so batching changes throughput, not bytes.
+        """
+        for r in requests:
+            self.check_inputs(
+                r.frames,
+                r.masks,
+                r.occlusion,
+                r.audio_features,
+                r.reference,
+                r.lip_frames,
+                r.lip_audio,
+                num_inference_steps,
+                window,
+                overlap,
+            )
+        if windows_per_batch < 1:
+            raise ValueError("windows_per_batch must be >= 1")
+        if not requests:
+            return []
+        with self._autocast():
+            tracks = self._prepare(requests, num_inference_steps, window, overlap)
+            if len({t.clip is None for t in tracks}) > 1:
+                raise ValueError("clip_embeds: give them for every track or for none")
+            calls = pack_windows([[stop - start for start, stop in t.spans] for t in tracks], windows_per_batch)
+            for t in self.progress_bar(tracks[0].scheduler.timesteps):
+                predictions = [torch.zeros_like(track.latents) for track in tracks]
+                for call in calls:
+                    output = self._predict(tracks, call, t, audio_guidance_scale)
+                    for (i, j), out in zip(call.windows, output):
+                        start, stop = tracks[i].spans[j]
+                        predictions[i][start:stop] += out.float() * tracks[i].weights[j][:, None, None, None]
+                for track, prediction in zip(tracks, predictions):
+                    track.latents = track.scheduler.step(prediction, t, track.latents, return_dict=False)[0]
+            results = [track.latents for track in tracks] if output_type == "latent" else self._paste(tracks)
+        self.maybe_free_model_hooks()
+        return results
+
+    def _autocast(self) -> Any:
+        """bf16 autocast on CUDA when the modules are in bf16 (norms, softmax and exp then run in
+        float32); nothing elsewhere: CPU runs exactly as written."""
+        device = self._execution_device
+        if torch.device(device).type == "cuda" and self.unet.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _prepare(self, requests: list[TrackRequest], steps: int, window: int, overlap: int) -> list[_Track]:
+        """Each track's conditioning (the VAE sees the frames of all tracks together), noise,
+        windows and scheduler, ready for the first step."""
+        device = self._execution_device
+        references = [
+            r.reference if r.reference is not None else r.frames[len(r.frames) // 2 : len(r.frames) // 2 + 1] for r in requests
+        ]
+        encoded: list[Any] = [None] * len(requests)
+        for group in same_crop_size([r.frames for r in requests]):
+            items = [(requests[i].frames, requests[i].masks, requests[i].occlusion, references[i]) for i in group]
+            for i, result in zip(
+                group, encode_conditioning_batch(self.vae, items, device, self.vae_batch_size, fixed_shape=True)
+            ):
+                encoded[i] = result
+        tracks = []
+        for request, reference, (conditioning, region) in zip(requests, references, encoded):
+            count = len(request.frames)
+            scale, shift = self.habit_modulation(request.lip_frames, request.lip_audio)
+            clip = request.clip_embeds
+            if clip is None and self.image_encoder is not None:
+                clip = self.clip_tokens(reference)
+            latents = request.latents
+            if latents is None:
+                shape = (count, self.unet.config.latent_channels, *conditioning.mask.shape[-2:])
+                latents = randn_tensor(shape, generator=request.generator, device=device, dtype=torch.float32)
+            # each track its own scheduler: multistep samplers (dpm++) keep a history per sample
+            scheduler = copy.deepcopy(self.scheduler)
+            scheduler.set_timesteps(steps, device=device)
+            spans = window_spans(count, window, overlap)
+            track = _Track(
+                frames=request.frames,
+                conditioning=conditioning,
+                region=region,
+                audio=to_device(np.asarray(request.audio_features, np.float32), device),
+                scale=scale,
+                shift=shift,
+                clip=clip,
+                latents=latents.to(device, torch.float32) * scheduler.init_noise_sigma,
+                spans=spans,
+                weights=[w.to(device) for w in blend_weights(spans, count, overlap)],
+                scheduler=scheduler,
+            )
+            tracks.append(track)
+        return tracks
+
+    def _paste(self, tracks: list[_Track]) -> list[np.ndarray]:
+        """Decoded crops inside the region, the input bytes outside it (the VAE decodes the
+        latents of all tracks of one crop size together)."""
+        results: list[Any] = [None] * len(tracks)
+        for group in same_crop_size([t.frames for t in tracks]):
+            latents = torch.cat([tracks[i].latents for i in group]).to(self.vae.dtype)
+            decoded = (
+                decode(self.vae, latents, self.vae_batch_size, fixed_shape=True)
+                .float()
+                .split([len(tracks[i].frames) for i in group])
+            )
+            for i, generated in zip(group, decoded):
+                track = tracks[i]
+                original = to_pixels(track.frames, self._execution_device)
+                region = track.region
+                result = to_uint8(original * (1 - region) + generated * region)
+                # Outside the region (and on occluders) return the input bytes, not a float round trip.
+                keep = (region[:, 0] == 0).cpu().numpy()
+                result[keep] = track.frames[keep]
+                results[i] = result
+        return results
+
+    def _predict(self, tracks: list[_Track], call: WindowCall, t: torch.Tensor, guidance: float) -> torch.Tensor:
+        """UNet output (len(call.windows), W, 4, h, w) for one packed call, with audio guidance when asked."""
         dtype = self.unet.dtype
-        sample = self.scheduler.scale_model_input(latents[index], t).to(dtype)
+        chosen = call.padded()
+
+        def stack(get: Any) -> torch.Tensor:
+            parts = []
+            for i, j in chosen:
+                start, stop = tracks[i].spans[j]
+                parts.append(get(tracks[i])[start:stop])
+            return torch.stack(parts).to(dtype)
+
+        sample = stack(lambda track: track.scheduler.scale_model_input(track.latents, t))
         inputs = {
-            "masked_latent": conditioning.masked_latent[index].to(dtype),
-            "mask": conditioning.mask[index].to(dtype),
-            "reference_latent": conditioning.reference_latent[index].to(dtype),
-            "occlusion": conditioning.occlusion[index].to(dtype),
+            "masked_latent": stack(lambda track: track.conditioning.masked_latent),
+            "mask": stack(lambda track: track.conditioning.mask),
+            "reference_latent": stack(lambda track: track.conditioning.reference_latent),
+            "occlusion": stack(lambda track: track.conditioning.occlusion),
         }
-        window_audio = audio[index].to(dtype)
-        scales, shifts = scale.expand(windows, -1), shift.expand(windows, -1)
-        clip = None if clip_embeds is None else clip_embeds.to(latents.device, dtype).expand(windows, -1, -1)
+        window_audio = stack(lambda track: track.audio)
+        scales = torch.cat([tracks[i].scale for i, _ in chosen])
+        shifts = torch.cat([tracks[i].shift for i, _ in chosen])
+        clip = None
+        if tracks[0].clip is not None:
+            clip = torch.cat([tracks[i].clip.to(sample.device, dtype) for i, _ in chosen])
         if guidance == 1.0:
-            return self.unet(
+            output = self.unet(
                 sample, t, audio_features=window_audio, audio_scale=scales, audio_shift=shifts, clip_embeds=clip, **inputs
             ).sample
+            return output[: len(call.windows)]
 
         def twice(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else torch.cat([x, x])
@@ -369,4 +551,4 @@ class StableDubPipeline(DiffusionPipeline):
             **{k: twice(v) for k, v in inputs.items()},
         ).sample
         conditional, unconditional = output.chunk(2)
-        return unconditional + guidance * (conditional - unconditional)
+        return (unconditional + guidance * (conditional - unconditional))[: len(call.windows)]

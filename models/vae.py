@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.utils import logging as diffusers_logging
 
+from models.devices import to_device
 from models.remote import local_dir
 
 SCALE_FACTOR = 8  # pixels per latent cell: every preset downsamples three times
@@ -138,7 +139,7 @@ def raw_latents(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
 
 def to_pixels(images: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    tensor = to_device(images, device)
     return (tensor.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0).contiguous()
 
 
@@ -148,21 +149,34 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def in_chunks(fn: Any, x: torch.Tensor, batch_size: int, fixed_shape: bool = False) -> torch.Tensor:
+    """fn over x, `batch_size` items at a time.
+
+    `fixed_shape`: every call gets exactly `batch_size` items, the last chunk padded with copies of
+    its last item (their results are dropped). CPU kernels are chosen by batch size and differ in
+    the last bits (measured on the tiny VAE: chunks of 2..8 agree, 1 and 16 differ), so only a fixed
+    shape makes an item's result independent of how many others share its batch."""
+    chunks = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        real = len(chunk)
+        if fixed_shape and real < batch_size:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
+        chunks.append(fn(chunk)[:real])
+    return torch.cat(chunks)
+
+
 @torch.no_grad()
-def encode(vae: Autoencoder, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def encode(vae: Autoencoder, pixels: torch.Tensor, batch_size: int = 16, fixed_shape: bool = False) -> torch.Tensor:
     """Scaled latents (N, C, H/8, W/8) of pixels in [-1, 1]; the posterior mode, so it is deterministic."""
-    chunks = [
-        raw_latents(vae, pixels[i : i + batch_size].to(vae.dtype)) * vae.config.scaling_factor
-        for i in range(0, len(pixels), batch_size)
-    ]
-    return torch.cat(chunks)
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        return raw_latents(vae, x.to(vae.dtype)) * vae.config.scaling_factor
+
+    return in_chunks(one, pixels, batch_size, fixed_shape)
 
 
 @torch.no_grad()
-def decode(vae: Autoencoder, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def decode(vae: Autoencoder, latents: torch.Tensor, batch_size: int = 16, fixed_shape: bool = False) -> torch.Tensor:
     """Pixels in [-1, 1] (N, 3, H, W) from scaled latents."""
-    chunks = [
-        vae.decode((latents[i : i + batch_size] / vae.config.scaling_factor).to(vae.dtype)).sample
-        for i in range(0, len(latents), batch_size)
-    ]
-    return torch.cat(chunks)
+    return in_chunks(lambda x: vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample, latents, batch_size, fixed_shape)

@@ -6,27 +6,35 @@ lossless; `grey`: the mask region mid-grey, so occluder pixels must survive), a 
 fsspec URL) run through `StableDubPipeline` on the actor's GPU in bf16, or on CPU in fp32.
 For each speaking track the stage picks an appearance reference and a lip-habit clip from the
 same track, runs the model over 16-frame windows, and keeps the original mouth through long
-silences with a smooth transition.
+silences with a smooth transition. A model with a `generate(pairs)` method (a StableDub checkpoint)
+gets every speaking track of a batch's segments in one call, so windows of several tracks and
+segments share UNet calls (`inpaint.windows_per_batch`; segments per batch:
+`resources.inpaint.batch_size`); a segment's bytes are the same either way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
+import traceback
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
 
 from models.images import resize_square
 from stages.audio import AudioConfig, check_model_audio
 from stages.base import SegmentStage
-from stages.schema import Segment, Track
-from stages.settings import DEVICE, Count, NonNegativeInt, OneOf, Pattern, Settings
+from stages.schema import Segment, Status, Track, segments_from_batch, segments_to_batch
+from stages.settings import DEVICE, Count, NonNegativeInt, OneOf, Pattern, Range, Settings
 from stages.storage import exists, join
 
 SCHEDULERS = ("ddim", "dpm++")  # the keys of models.pipeline_stabledub.SCHEDULERS (not imported: torch)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WINDOWS_PER_BATCH_CUDA = 32  # inpaint.windows_per_batch=0 on a GPU
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +48,7 @@ class InpaintConfig(Settings, section="inpaint"):
     scheduler: Annotated[str, OneOf("auto", *SCHEDULERS)] = "auto"  # auto: the checkpoint's own sampler; or ddim, dpm++
     window: Count = 16  # frames the model sees at once
     overlap: NonNegativeInt = 4  # frames shared by neighbouring windows (blended)
-    windows_per_batch: Count = 4  # windows per UNet call: raise on large GPUs to keep them busy
+    windows_per_batch: Annotated[int, Range(0, 1024)] = 0  # windows per UNet call, all tracks; 0: 1 on CPU, 32 on CUDA
     silence: Annotated[str, OneOf("keep", "generate")] = (
         "keep"  # keep: the original mouth through long silences; generate: dub them too
     )
@@ -50,6 +58,9 @@ class InpaintConfig(Settings, section="inpaint"):
 
 
 class InpaintModel(Protocol):
+    """New crops for one track. A model may also have `generate(pairs) -> list of crops` for many
+    (track, segment) pairs at once, giving each pair what `__call__` would."""
+
     def __call__(self, track: Track, segment: Segment) -> np.ndarray: ...
 
 
@@ -71,18 +82,50 @@ BUILTIN = {"identity": IdentityModel, "grey": GreyModel}
 class Inpaint(SegmentStage):
     name = "inpaint"
 
-    def __init__(self, config: InpaintConfig, *, audio: AudioConfig | None = None) -> None:
-        """`audio`: the run's audio features, checked against the ones the model was trained on."""
+    def __init__(self, config: InpaintConfig, *, audio: AudioConfig | None = None, model: InpaintModel | None = None) -> None:
+        """`audio`: the run's audio features, checked against the ones the model was trained on.
+        `model`: one already built (benchmarks), instead of loading `config.model`."""
         super().__init__(config)
         self.settings = config
-        self.model = load_model(config.model, config, audio)
+        self.model = model if model is not None else load_model(config.model, config, audio)
+        self._generated: dict[int, np.ndarray] = {}  # id(track) -> crops made for the whole batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        segments = segments_from_batch(batch)
+        self._generated = self.generate_together(segments)
+        try:
+            return segments_to_batch([self.run_one(s) for s in segments])
+        finally:
+            self._generated = {}
+
+    def generate_together(self, segments: list[Segment]) -> dict[int, np.ndarray]:
+        """New crops for every speaking track of these segments in one model call (by id(track)),
+        where the model can batch; its busy time is shared among the segments by frames. If the
+        batch fails, nothing is returned and each segment runs (and fails) on its own."""
+        generate = getattr(self.model, "generate", None)
+        pairs = [(t, s) for s in segments if s.status is Status.OK for t in s.tracks if t.speaking]
+        if generate is None or len(pairs) < 2:
+            return {}
+        began = time.perf_counter()
+        try:
+            results = generate(pairs)
+        except Exception:  # noqa: BLE001 - one bad segment must not fail its batch: retried one by one
+            log.warning("inpaint: batched generation failed, running segment by segment: %s", traceback.format_exc())
+            return {}
+        elapsed = time.perf_counter() - began
+        frames = sum(len(t.crops) for t, _ in pairs)
+        for track, segment in pairs:
+            segment.timings[self.name] = segment.timings.get(self.name, 0.0) + elapsed * len(track.crops) / frames
+        return {id(track): result for (track, _), result in zip(pairs, results)}
 
     def process(self, segment: Segment) -> Segment:
         generated = kept = 0
         for track in segment.tracks:
             if not track.speaking:
                 continue
-            new = self.model(track, segment)
+            new = self._generated.pop(id(track), None)
+            if new is None:
+                new = self.model(track, segment)
             weight = speech_weight(segment, track, self.settings)
             if weight is not None:
                 blend = weight[:, None, None, None]
@@ -154,8 +197,21 @@ class StableDubInpainter:
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
-        self.pipeline = StableDubPipeline.from_pretrained(url)
-        self.pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
+        pipeline = StableDubPipeline.from_pretrained(url)
+        pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
+        self._use(pipeline, settings, audio)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, settings: InpaintConfig) -> StableDubInpainter:
+        """An inpainter around a pipeline that is already built and placed on its device (benchmarks)."""
+        inpainter = cls.__new__(cls)
+        inpainter.settings = settings
+        inpainter.device = pipeline.device
+        inpainter._use(pipeline, settings, None)
+        return inpainter
+
+    def _use(self, pipeline: Any, settings: InpaintConfig, audio: AudioConfig | None) -> None:
+        self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         if settings.scheduler != "auto":
             self.pipeline.use_scheduler(settings.scheduler)
@@ -163,40 +219,57 @@ class StableDubInpainter:
             spec = self.pipeline.audio_spec
             check_model_audio({"audio_encoder": spec["encoder"], "audio_window": spec["window"], "audio_dim": spec["dim"]}, audio)
         self.size = int(self.pipeline.unet.config.sample_size) * 8
+        # On CPU one window per call is the fastest per window (measured with the small preset, one
+        # thread: 3.4 s per window alone, 4.9 s in calls of 4); a GPU needs many to be busy.
+        self.windows_per_batch = settings.windows_per_batch or (WINDOWS_PER_BATCH_CUDA if self.device.type == "cuda" else 1)
 
     def __call__(self, track: Track, segment: Segment) -> np.ndarray:
+        return self.generate([(track, segment)])[0]
+
+    def generate(self, pairs: list[tuple[Track, Segment]]) -> list[np.ndarray]:
+        """New crops for each (track, segment), all tracks denoised together (shared UNet calls)."""
+        requests = [self.request(track, segment) for track, segment in pairs]
+        s = self.settings
+        results = self.pipeline.generate(
+            requests,
+            num_inference_steps=s.steps,
+            window=s.window,
+            overlap=s.overlap,
+            windows_per_batch=self.windows_per_batch,
+        )
+        return [self.back_to_crop(track, request.frames, result) for (track, _), request, result in zip(pairs, requests, results)]
+
+    def request(self, track: Track, segment: Segment) -> Any:
+        """The pipeline's inputs for one track: crops at the model's resolution, references, seeded noise."""
         import torch
 
+        from models.pipeline_stabledub import TrackRequest
+
         s = self.settings
-        crop = track.crops.shape[1]
         assert segment.audio_features is not None, "the audio stage must run before inpaint"
         frames = resize_square(track.crops, self.size)
-        masks = resize_square(track.mask, self.size)
-        occlusion = None if track.occlusion is None else resize_square(track.occlusion, self.size)
         reference, lip = pick_references(segment, track, s.lip_clip_frames)
         lip_frames = lip_audio = None
         if lip.stop - lip.start >= 2 and segment.source_audio_features is not None:
             lip_frames = frames[lip]
             lip_audio = segment.source_audio_features[track.frame_index[lip]]
-        generator = torch.Generator(device="cpu").manual_seed(track_seed(segment, track, s.seed))
-        result = self.pipeline(
-            frames,
-            masks,
-            occlusion,
-            segment.audio_features[track.frame_index],
-            frames[reference],
-            num_inference_steps=s.steps,
-            generator=generator,
+        return TrackRequest(
+            frames=frames,
+            masks=resize_square(track.mask, self.size),
+            audio_features=segment.audio_features[track.frame_index],
+            occlusion=None if track.occlusion is None else resize_square(track.occlusion, self.size),
+            reference=frames[reference],
+            generator=torch.Generator(device="cpu").manual_seed(track_seed(segment, track, s.seed)),
             lip_frames=lip_frames,
             lip_audio=lip_audio,
-            window=s.window,
-            overlap=s.overlap,
-            windows_per_batch=s.windows_per_batch,
-        ).frames
-        if self.size == crop:
+        )
+
+    def back_to_crop(self, track: Track, frames: np.ndarray, result: np.ndarray) -> np.ndarray:
+        """The model's crops at the track's crop size: only the model's change is resized, so
+        untouched pixels stay exact."""
+        if self.size == track.crops.shape[1]:
             return result
-        # back to the crop size: only the model's change is resized, so untouched pixels stay exact
-        change = resize_square(result.astype(np.int16) - frames.astype(np.int16), crop)
+        change = resize_square(result.astype(np.int16) - frames.astype(np.int16), track.crops.shape[1])
         region = track.mask > 0
         out = track.crops.astype(np.int16)
         out[region] += change[region]

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from models.lip_habit import LipHabitEncoder
-from models.pipeline_stabledub import StableDubPipeline, blend_weights, make_scheduler, window_spans
+from models.pipeline_stabledub import (
+    StableDubPipeline,
+    TrackRequest,
+    blend_weights,
+    make_scheduler,
+    pack_windows,
+    window_spans,
+)
 from models.unet import StableDubUNet
 from models.vae import build_vae
 
@@ -225,3 +232,35 @@ def test_optional_clip_image_encoder_adds_appearance_tokens(track, tmp_path):
     assert StableDubPipeline.from_pretrained(tmp_path / "clip").image_encoder is not None
     with pytest.raises(ValueError, match="clip_embed_dim"):
         StableDubPipeline(**tiny_pipeline().components | {"image_encoder": encoder})
+
+
+def test_windows_are_packed_by_length_in_track_order_into_calls_of_one_shape():
+    calls = pack_windows([[8, 8, 8], [5], [8, 8]], windows_per_batch=4)
+    assert [c.windows for c in calls] == [[(0, 0), (0, 1), (0, 2), (2, 0)], [(2, 1)], [(1, 0)]]
+    assert [c.size for c in calls] == [4, 4, 4]  # every call has one shape
+    assert calls[1].padded() == [(2, 1)] * 4
+    assert [c.size for c in pack_windows([[8] * 5], windows_per_batch=1)] == [1] * 5
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_tracks_generated_together_give_the_bytes_they_give_alone(track, sampler):
+    pipe = tiny_pipeline()
+    pipe.use_scheduler(sampler)
+    shapes = {"num_inference_steps": 3, "window": 8, "overlap": 2, "windows_per_batch": 4}
+
+    def requests(*seeds):
+        # three windows of 8 frames, one short window of 5, two windows of the other frames
+        parts = {1: slice(0, 20), 2: slice(0, 5), 3: slice(6, 20)}
+        return [
+            TrackRequest(
+                **{k: v[parts[seed]][::-1].copy() if seed == 3 else v[parts[seed]] for k, v in track.items()},
+                generator=torch.Generator().manual_seed(seed),
+            )
+            for seed in seeds
+        ]
+
+    alone = [pipe.generate(requests(seed), **shapes)[0] for seed in (1, 2, 3)]
+    together = pipe.generate(requests(1, 2, 3), **shapes)
+    for one, batched in zip(alone, together):
+        assert np.array_equal(one, batched)
+    assert np.array_equal(alone[0], run(pipe, track, seed=1, **shapes))  # __call__ is generate of one track

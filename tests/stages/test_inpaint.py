@@ -113,3 +113,36 @@ def test_a_model_trained_on_other_audio_features_is_refused_clearly(segment_and_
     wrong = load_config(None, [f"inpaint.model={model}"])
     with pytest.raises(AudioMismatchError, match="audio_window: model expects 16"):
         Inpaint(wrong.inpaint, audio=wrong.audio)
+
+
+def test_a_segment_gives_the_same_bytes_batched_alone_or_with_other_segments(segment_and_config):
+    import copy
+    import dataclasses
+
+    from stages.schema import segments_from_batch, segments_to_batch
+
+    segment, config = segment_and_config
+    torch.set_num_threads(1)
+    stage = Inpaint(dataclasses.replace(config.inpaint, windows_per_batch=8), audio=config.audio)
+    # Others: the same real crops mirrored, in other segments (other seeds) and as a second track.
+    other = copy.deepcopy(segment)
+    other.start += 1000  # another range: another segment id, so other noise
+    mirrored = copy.deepcopy(other.tracks[0])
+    mirrored.track_id += 1
+    mirrored.crops = mirrored.crops[:, :, ::-1].copy()
+    other.tracks.append(mirrored)
+    third = copy.deepcopy(other)
+    third.start += 1000
+
+    calls = []
+    stage.model.pipeline.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    (alone,) = segments_from_batch(stage(segments_to_batch([copy.deepcopy(segment)])))
+    calls_alone = len(calls)
+    together = segments_from_batch(stage(segments_to_batch([copy.deepcopy(other), copy.deepcopy(segment), third])))
+    assert all(s.status.value == "ok" for s in [alone, *together]), [s.reason for s in [alone, *together]]
+    windows = len(calls) - calls_alone
+    assert windows < 5 * calls_alone and max(calls) == 8  # five tracks shared full calls of 8 windows
+    assert np.array_equal(together[1].tracks[0].generated, alone.tracks[0].generated)
+    assert not np.array_equal(together[0].tracks[0].generated, alone.tracks[0].generated)  # another seed
+    assert together[1].counts == alone.counts
+    assert together[1].timings["inpaint"] > 0
