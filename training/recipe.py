@@ -511,9 +511,10 @@ def write_curve(history: list[dict[str, Any]], out: str) -> None:
     steps = np.array([h["step"] for h in history])
     for key in ("total", "denoising", "pixel"):
         values = np.array([h.get(key, np.nan) for h in history], np.float64)
-        if len(values) >= 20:
-            values = np.convolve(values, np.ones(20) / 20, mode="same")
-        ax.plot(steps, values, label=f"{key} (mean of 20)")
+        shown = steps
+        if len(values) >= 20:  # trailing means of 20 (no zero padding at the ends)
+            values, shown = np.convolve(values, np.ones(20) / 20, mode="valid"), steps[19:]
+        ax.plot(shown, values, label=f"{key} (mean of 20)")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="StableDub face128 recipe")
     ax.legend()
     fig.tight_layout()
