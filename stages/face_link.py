@@ -36,6 +36,7 @@ from typing import Annotated, Any
 import numpy as np
 
 from models.face_landmarks import LIP_CONTOUR_POINTS
+from models.face_mediapipe import box_iou
 from stages.base import WORKER, SegmentStage
 from stages.face_identity import similarity
 from stages.face_speaker import mouth_opening
@@ -173,14 +174,6 @@ def json_ready(value: Any, exact: bool = False) -> Any:
 
 
 # ------------------------------------------------------------------------------------- linking
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def track_boxes(track: Track, context_start: int) -> dict[int, np.ndarray]:
     """Film frame -> face box in full-resolution pixels (from the crop transform: the crop's square)."""
     size = float(track.mask.shape[1])
