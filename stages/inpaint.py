@@ -15,6 +15,7 @@ segments share UNet calls (`inpaint.windows_per_batch`; segments per batch:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -44,7 +45,7 @@ class InpaintConfig(Settings, section="inpaint"):
         "auto"  # auto: cuda when the actor has a GPU, else cpu
     )
     dtype: Annotated[str, OneOf(*DTYPES)] = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    steps: Count = 20
+    steps: NonNegativeInt = 0  # denoising steps; 0: the checkpoint's `recommended_steps` (its training.json), else 20
     scheduler: Annotated[str, OneOf("auto", *SCHEDULERS)] = "auto"  # auto: the checkpoint's own sampler; or ddim, dpm++
     window: Count = 16  # frames the model sees at once
     overlap: NonNegativeInt = 4  # frames shared by neighbouring windows (blended)
@@ -184,6 +185,21 @@ def pick_references(segment: Segment, track: Track, clip_frames: int) -> tuple[n
     return reference, slice(start, start + n)
 
 
+DEFAULT_STEPS = 20
+
+
+def recommended_steps(url: str) -> int:
+    """The sampler steps a checkpoint's training.json recommends (chosen on its validation data), else 20."""
+    from models.remote import local_dir
+
+    path = os.path.join(local_dir(url), "training.json")
+    if not os.path.isfile(path):
+        return DEFAULT_STEPS
+    with open(path) as f:
+        steps = json.load(f).get("recommended_steps")
+    return int(steps) if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS
+
+
 class StableDubInpainter:
     """Runs a StableDub checkpoint on one track at a time (the inpaint stage's model)."""
 
@@ -200,6 +216,7 @@ class StableDubInpainter:
         pipeline = StableDubPipeline.from_pretrained(url)
         pipeline.to(self.device, resolve_dtype(settings.dtype, self.device))
         self._use(pipeline, settings, audio)
+        self.steps = settings.steps or recommended_steps(url)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, settings: InpaintConfig) -> StableDubInpainter:
@@ -208,6 +225,7 @@ class StableDubInpainter:
         inpainter.settings = settings
         inpainter.device = pipeline.device
         inpainter._use(pipeline, settings, None)
+        inpainter.steps = settings.steps or DEFAULT_STEPS
         return inpainter
 
     def _use(self, pipeline: Any, settings: InpaintConfig, audio: AudioConfig | None) -> None:
@@ -232,7 +250,7 @@ class StableDubInpainter:
         s = self.settings
         results = self.pipeline.generate(
             requests,
-            num_inference_steps=s.steps,
+            num_inference_steps=self.steps,
             window=s.window,
             overlap=s.overlap,
             windows_per_batch=self.windows_per_batch,

@@ -480,6 +480,8 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
         },
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "steps": step,
+        # What the inpaint stage uses when inpaint.steps is 0; pick it from a steps sweep of eval.json.
+        "recommended_steps": config.sample_steps,
         "train_seconds": round(train_seconds, 1),
         "load_seconds": round(load_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),

@@ -102,7 +102,7 @@ def test_unreadable_config_files_are_config_errors(tmp_path):
         ("inpaint.device=tpu", "auto, cpu, cuda"),
         ("inpaint.dtype=int8", "auto, float32, bfloat16, float16"),
         ("inpaint.silence=mute", "keep, generate"),
-        ("inpaint.steps=0", "at least 1"),
+        ("inpaint.steps=-1", "at least 0"),
         ("face_track.speaker=bogus", "active, all, largest, ids"),
         ("face_track.min_score=1.5", "0 to 1"),
         ("occlusion.method=magic", "net, none"),

@@ -9,6 +9,7 @@ from models.pipeline_stabledub import StableDubPipeline
 from pipeline.config import load_config
 from pipeline.demo import default_demo_model
 from stages.audio import audio_signature
+from stages.inpaint import recommended_steps
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "weights" / "demo"
 
@@ -29,5 +30,10 @@ def test_demo_checkpoint_takes_the_default_audio_features_and_crops():
         "dim": signature["audio_dim"],
     }
     size = pipe.unet.config.sample_size * 8
-    assert size == 64 and config.face_track.crop_size % size == 0  # the inpaint stage resizes 256 -> 64 and back
-    assert json.loads((DEMO / "training.json").read_text())["steps"] == 600
+    assert size == 128 and config.face_track.crop_size % size == 0  # the inpaint stage resizes 256 -> 128 and back
+    assert pipe.unet.config.latent_channels == pipe.vae.config.latent_channels == 16
+    record = json.loads((DEMO / "training.json").read_text())
+    assert record["steps"] > 0 and record["recommended_steps"] == 2
+    # The inpaint stage samples with the checkpoint's recommended steps unless inpaint.steps says otherwise.
+    assert config.inpaint.steps == 0 and recommended_steps(str(DEMO)) == 2
+    assert recommended_steps(str(DEMO / "unet")) == 20  # a folder without training.json: the default
