@@ -168,7 +168,7 @@ def test_inpaint_schedulers_are_the_pipelines():
     from models.pipeline_stabledub import SCHEDULERS as PIPELINE_SCHEDULERS
 
     assert set(SCHEDULERS) == set(PIPELINE_SCHEDULERS)
-    assert InpaintConfig().scheduler in SCHEDULERS
+    assert InpaintConfig().scheduler == "auto"  # the checkpoint's own sampler
 
 
 def test_training_and_filter_configs_load_through_the_same_loader(tmp_path):
@@ -217,7 +217,7 @@ def no_work(monkeypatch):
     [
         (
             ["run", "in.tar", "out", "--set", "inpaint.scheduler=euler"],
-            "inpaint.scheduler='euler' is not allowed; allowed: ddim, dpm++",
+            "inpaint.scheduler='euler' is not allowed; allowed: auto, ddim, dpm++",
         ),
         (["run", "in.tar", "out", "--set", "encode.crf=99"], "encode.crf=99 is not allowed; allowed: 0 to 51"),
         (

@@ -18,7 +18,7 @@ def test_readme_embeds_the_generated_config_reference():
 def test_reference_lists_every_key_with_type_default_and_allowed_values():
     reference = config_reference()
     assert "| `crf` | int | 16 | 0 to 51 | visually lossless for the untouched parts |" in reference
-    assert "| `scheduler` | str | ddim | ddim, dpm++ |" in reference
+    assert "| `scheduler` | str | auto | auto, ddim, dpm++ |" in reference
     assert "**`resources.<stage>`**" in reference and "| `num_gpus` | float | at least -1 |" in reference
     # a comment block above a field describes it too
     assert "| `min_sync` | float | -1.0 | -1 to 1 | Active speaker:" in reference
