@@ -95,7 +95,8 @@ def test_a_real_model_dubs_films_on_two_actors_and_touches_only_the_lower_face(t
     assert dubbed.films_ok == 2 and plain.films_ok == 2
 
     inpaint_workers = {
-        json.loads(p.read_text())["workers"]["inpaint"] for p in (tmp_path / "work" / "segments").glob("*/*/*.json")
+        json.loads(p.read_text())["workers"]["inpaint"]
+        for p in (tmp_path / "work" / "segments").glob("*/*/?????.json")  # segment markers, not <n>.tracks.json
     }
     assert len(inpaint_workers) == 2, "both configured inpaint actors must take work"
 
