@@ -372,6 +372,12 @@ def decide_auto(item: Linked, links: FilmLinks, settings: FaceLinkConfig) -> lis
     position = [{int(f): k for k, f in enumerate(frames)} for frames in item.frames]
     for shot in sorted({int(t.info["shot"]) for t in tracks if eligible(t)}):
         members = [i for i, t in enumerate(tracks) if eligible(t) and t.info["shot"] == shot]
+        if len({tracks[i].info["shot_track"] for i in members}) == 1:
+            # One person in the shot (in this segment): the dub is theirs (long silences are the inpaint
+            # stage's business), whatever the sync expert makes of a face it never saw.
+            for i in members:
+                dub[i][:] = True
+            continue
         state = links.decisions.setdefault(shot, ShotState())
         priors = {i: item.shot_tracks[tracks[i].info["shot_track"]].prior() for i in members}
         frames = sorted({int(f) for i in members for f in item.frames[i]})
