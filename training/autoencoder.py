@@ -46,7 +46,11 @@ def mouth_box(landmarks: np.ndarray, scale: float, size: int, grow: float = MOUT
 
     `landmarks` are (N, K, 2+) in track-crop pixels; `scale` maps them to the `size`-pixel crop. The
     one definition of "the mouth" for the autoencoder's loss and its bench."""
-    lips = landmarks[:, LIPS_OUTER, :2] * scale
+    return lip_box(landmarks[:, LIPS_OUTER, :2] * scale, size, grow)
+
+
+def lip_box(lips: np.ndarray, size: int, grow: float = MOUTH_GROW) -> np.ndarray:
+    """(N, 4) boxes around outer-lip points (N, K, 2) already in `size`-pixel crop coordinates."""
     lo, hi = lips.min(axis=1), lips.max(axis=1)
     pad = (hi - lo) * grow
     lo, hi = np.floor(lo - pad), np.ceil(hi + pad)

@@ -43,6 +43,7 @@ from models.pipeline_stabledub import StableDubPipeline, make_scheduler
 from models.unet import StableDubUNet
 from models.vae import encode, load_vae
 from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
+from training.autoencoder import lip_box
 from training.occluders import composite_occluders
 from training.pack import AUDIO_WINDOW, PackClip, load_index, load_pack
 
@@ -262,13 +263,6 @@ class EMA:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def mouth_boxes(lips: np.ndarray, size: int, grow: float = 0.25) -> np.ndarray:
-    lo, hi = lips.min(axis=1), lips.max(axis=1)
-    pad = (hi - lo) * grow
-    boxes = np.concatenate([np.floor(lo - pad), np.ceil(hi + pad)], axis=1).astype(np.int64)
-    return np.clip(boxes, 0, size)
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
@@ -318,7 +312,7 @@ def evaluate(pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeC
         region = masks[..., None].astype(np.float32) / 255.0
         frozen = np.round(crops * (1 - region) + crops[:1] * region).astype(np.uint8)
         for name, result in (("model", out), ("frozen_mouth", frozen)):
-            for truth, got, (x0, y0, x1, y1) in zip(crops, result, mouth_boxes(clip.lips[span], crops.shape[1])):
+            for truth, got, (x0, y0, x1, y1) in zip(crops, result, lip_box(clip.lips[span], crops.shape[1])):
                 rows[name].append(
                     (psnr(truth[y0:y1, x0:x1], got[y0:y1, x0:x1]), ssim_gray(truth[y0:y1, x0:x1], got[y0:y1, x0:x1]))
                 )
