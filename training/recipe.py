@@ -36,12 +36,12 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 
-from models.conditioning import regenerate_region, to_latent_resolution
 from models.lip_habit import LipHabitEncoder
-from models.losses import LossWeights, PixelLoss, TrainingBatch, training_losses
+from models.losses import LossWeights, PixelLoss, training_losses
 from models.pipeline_stabledub import StableDubPipeline, make_scheduler
+from models.training_step import EMA, draw_timesteps, to_batch
 from models.unet import StableDubUNet
-from models.vae import encode, load_vae
+from models.vae import load_vae
 from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
 from training.autoencoder import lip_box
 from training.occluders import composite_occluders
@@ -165,57 +165,6 @@ def collate(windows: list[Window]) -> dict[str, torch.Tensor]:
     return {name: stack(name) for name in Window.__dataclass_fields__}
 
 
-def unit(planes: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., S, S) -> float (..., 1, S, S) in [0, 1]."""
-    return planes.float().div(255.0).unsqueeze(-3)
-
-
-@torch.no_grad()
-def to_batch(
-    raw: dict[str, torch.Tensor], vae, lip: LipHabitEncoder, device: torch.device
-) -> tuple[TrainingBatch, torch.Tensor, torch.Tensor]:
-    """Collated windows -> (latent TrainingBatch, true pixels (B,F,3,S,S), pixel region (B,F,1,S,S))."""
-    crops = raw["crops"].to(device)
-    b, f = crops.shape[:2]
-    pixels = crops.flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    occlusion = unit(raw["occlusion"].to(device)).flatten(0, 1)
-    region = regenerate_region(unit(raw["mask"].to(device)).flatten(0, 1), occlusion)
-    reference = raw["reference"].to(device).flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-    def latent(x: torch.Tensor) -> torch.Tensor:
-        return encode(vae, x.to(vae.dtype), batch_size=256).float()
-
-    latents = latent(pixels)
-    masked = latent(pixels * (1.0 - region))
-    ref = latent(reference)[:, None].expand(b, f, -1, -1, -1)
-    lip_crops = raw["lip_crops"].to(device).flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    mouths = lip.crop_mouths(lip_crops).view(b, -1, 3, *lip.config.mouth_size)
-
-    def frames(x: torch.Tensor) -> torch.Tensor:
-        return x.view(b, f, *x.shape[1:])
-
-    batch = TrainingBatch(
-        latents=frames(latents),
-        masked_latent=frames(masked),
-        mask=frames(to_latent_resolution(region)),
-        reference_latent=ref.contiguous(),
-        occlusion=frames(to_latent_resolution(occlusion)),
-        coarse_mask=frames(to_latent_resolution(unit(raw["coarse"].to(device)).flatten(0, 1))),
-        audio_features=raw["audio"].to(device).float(),
-        lip_mouths=mouths,
-        lip_audio=raw["lip_audio"].to(device).float(),
-    )
-    return batch, frames(pixels), frames(region)
-
-
-def draw_timesteps(config: RecipeConfig, batch: int, total: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform timesteps, except a share drawn from the noisiest 20% (where few-step sampling spends its first steps)."""
-    uniform = torch.randint(0, total, (batch,), generator=generator)
-    high = torch.randint(int(total * 0.8), total, (batch,), generator=generator)
-    pick = torch.rand(batch, generator=generator) < config.high_noise_share
-    return torch.where(pick, high, uniform)
-
-
 # ------------------------------------------------------------------------------------ models
 def build(config: RecipeConfig, device: torch.device):
     torch.manual_seed(config.seed)
@@ -235,31 +184,6 @@ def build(config: RecipeConfig, device: torch.device):
         embed_dim=config.lip_embed,
     ).to(device)
     return vae, unet, lip
-
-
-class EMA:
-    """Exponential moving average of parameters, with the usual warm-up of the decay."""
-
-    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
-        self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1.0 - decay)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange live and averaged weights (call twice to undo)."""
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -408,7 +332,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
                 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
             )
         batch, pixels, region = to_batch(raw, vae, lip, device)
-        timesteps = draw_timesteps(config, config.batch_size, total_t, generator).to(device)
+        timesteps = draw_timesteps(config.high_noise_share, config.batch_size, total_t, generator).to(device)
         noise = torch.randn(batch.latents.shape, generator=generator).to(device)
         pixel = PixelLoss(vae, pixels, region, config.pixel_frames, config.pixel_weight) if config.pixel_weight else None
         with autocast:
