@@ -7,7 +7,8 @@
   ones inside the regenerated region (flicker is a change the video does not have);
 - mouth pixels (optional, `PixelLoss`): the predicted clean latent of a few frames per window is
   decoded by the frozen autoencoder and compared with the true crop inside the regenerated region
-  (L1, weighted by alpha_bar_t like the temporal term), so the loss sees the pixels a viewer sees.
+  (L1, weighted by alpha_bar_t like the temporal term, except for clean-latent prediction), so the
+  loss sees the pixels a viewer sees.
 """
 
 from __future__ import annotations
@@ -190,8 +191,12 @@ def training_losses(
         "lcf": latent_coarse_facial_loss(output, target, batch.coarse_mask),
     }
     clean = predicted_clean(scheduler, noisy.flatten(0, 1), output.flatten(0, 1), per_frame).view_as(latents)
-    # Weighted by alpha_bar_t: at high noise the implied clean latent is mostly guesswork.
+    # Weighted by alpha_bar_t: at high noise the implied clean latent is mostly guesswork. Not for a
+    # clean-latent ("sample") model: its output is the clean latent itself, and few-step sampling
+    # keeps what it says at the noisiest step.
     alphas = scheduler.alphas_cumprod.to(device)[timesteps].float()
+    if scheduler.config.prediction_type == "sample":
+        alphas = torch.ones_like(alphas)
     losses["temporal"] = temporal_consistency_loss(clean, latents, batch.mask, alphas)
     losses["total"] = losses["denoising"] + weights.lcf * losses["lcf"] + weights.temporal * losses["temporal"]
     if pixel is not None and pixel.weight > 0:

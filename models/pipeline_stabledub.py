@@ -60,7 +60,8 @@ def make_scheduler(
 
     `zero_snr` rescales the betas so the last training step is pure noise and places sampling steps
     "trailing" (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed"): the
-    first of a few sampling steps then starts from what the model was trained on. Needs v-prediction.
+    first of a few sampling steps then starts from what the model was trained on. Needs v- or
+    sample-prediction (an epsilon model cannot say anything at zero SNR).
     """
     schedule = {k: v for k, v in NOISE_SCHEDULE.items() if not (name == "dpm++" and k == "clip_sample")}
     if zero_snr:
@@ -205,6 +206,12 @@ class StableDubPipeline(DiffusionPipeline):
         if latent_channels(vae) != unet.config.latent_channels:
             raise ValueError(
                 f"the VAE gives {latent_channels(vae)} latent channels; the UNet takes {unet.config.latent_channels}"
+            )
+        prior = getattr(unet.config, "output_prior", "none")
+        if prior != "none" and scheduler.config.prediction_type != "sample":
+            raise ValueError(
+                f"a UNet with output_prior={prior!r} predicts the clean latent; its scheduler must use "
+                f"prediction_type='sample', not {scheduler.config.prediction_type!r}"
             )
         if lip_habit.config.audio_channels != unet.config.audio_channels:
             raise ValueError("lip_habit.audio_channels must equal unet.audio_channels (it modulates those channels)")

@@ -37,6 +37,7 @@ from models.remote import local_dir
 
 SPATIAL_MIXERS = ("mamba", "attention", "none")  # "none": resnets only at that level
 TEMPORAL_MIXERS = ("mamba", "attention", "none")
+OUTPUT_PRIORS = ("none", "reference")
 LATENT_CHANNELS = 4  # Stable Diffusion's; a UNet's own count is its `latent_channels` config
 
 
@@ -47,7 +48,7 @@ def input_channels(latent_channels: int) -> int:
 
 @dataclass
 class StableDubUNetOutput(BaseOutput):
-    sample: torch.Tensor  # (B, F, 4, h, w): the model output (noise or v, as the scheduler expects)
+    sample: torch.Tensor  # (B, F, C, h, w): the model output (noise, v or the clean latent, as the scheduler expects)
 
 
 @dataclass(frozen=True)
@@ -313,8 +314,11 @@ class StableDubUNet(ModelMixin, ConfigMixin):
         mamba_d_conv: int = 4,
         num_frames: int = 16,
         latent_channels: int = LATENT_CHANNELS,
+        output_prior: str = "none",
     ) -> None:
         super().__init__()
+        if output_prior not in OUTPUT_PRIORS:
+            raise ValueError(f"output_prior: one of {OUTPUT_PRIORS}")
         levels = len(block_out_channels)
         spatial = _per_level(spatial_mixers, levels)
         if len(spatial) != levels or any(s not in SPATIAL_MIXERS for s in spatial + [mid_spatial_mixer]):
@@ -360,6 +364,20 @@ class StableDubUNet(ModelMixin, ConfigMixin):
             channels = out
         self.conv_norm_out = nn.GroupNorm(groups, base, eps=1e-5)
         self.conv_out = nn.Conv2d(base, latent_channels, 3, padding=1)
+        if output_prior == "reference":
+            self.zero_output()
+
+    def zero_output(self) -> None:
+        """conv_out to zero: with `output_prior="reference"` the model then starts as the prior itself."""
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def output_prior_latent(
+        self, masked_latent: torch.Tensor, mask: torch.Tensor, reference_latent: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean latent a `reference`-prior model adds its output to: the masked frame outside the
+        region, the appearance reference inside it (a mouth copied from another frame of the track)."""
+        return masked_latent * (1 - mask) + reference_latent * mask
 
     @property
     def audio_spec(self) -> dict[str, Any]:
@@ -434,6 +452,10 @@ class StableDubUNet(ModelMixin, ConfigMixin):
                 x = level.upsamplers[0](x)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         out = x.view(batch, frames, *x.shape[1:])
+        if self.config.output_prior == "reference":
+            # A clean-latent ("sample") prediction as a correction to the reference prior: copying the
+            # track's own mouth is free, so training spends its steps on what the audio changes.
+            out = out + self.output_prior_latent(masked_latent, mask, reference_latent).to(out.dtype)
         if not return_dict:
             return (out,)
         return StableDubUNetOutput(sample=out)

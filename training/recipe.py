@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
@@ -71,7 +71,11 @@ class RecipeConfig(Settings):
     warmup: NonNegativeInt = 100
     weight_decay: NonNegativeFloat = 0.01
     ema_decay: Annotated[float, Range(0.0, 1.0)] = 0.999
-    prediction_type: Annotated[str, OneOf("v_prediction")] = "v_prediction"
+    prediction_type: Annotated[str, OneOf("v_prediction", "sample")] = "v_prediction"
+    # reference: the UNet predicts the clean latent as a correction to the track's reference frame
+    # pasted into the region (needs prediction_type sample); see StableDubUNet.output_prior_latent
+    output_prior: Annotated[str, OneOf("none", "reference")] = "none"
+    init: str = ""  # a StableDubPipeline folder whose UNet and lip-habit weights start the run (same shapes)
     zero_snr: bool = True
     high_noise_share: Probability = (
         0.3  # windows whose timestep is drawn from the top 20% of noise (few-step sampling starts there)
@@ -84,6 +88,8 @@ class RecipeConfig(Settings):
     pixel_weight: NonNegativeFloat = 1.0
     pixel_frames: NonNegativeInt = 2  # decoded frames per window for the pixel loss
     sample_steps: Count = 8  # DPM-Solver++ steps for the evaluation (and the saved default)
+    # more step counts to evaluate; the best mouth PSNR among them and sample_steps is recommended_steps
+    sweep_steps: list[int] = field(default_factory=list)
     eval_windows: NonNegativeInt = 24
     val_every: Count = 250
     checkpoint_every: Count = 250
@@ -174,6 +180,7 @@ def build(config: RecipeConfig, device: torch.device):
         num_frames=config.frames,
         latent_channels=int(vae.config.latent_channels),
         audio_window=AUDIO_WINDOW,
+        output_prior=config.output_prior,
         **(config.unet_overrides or {}),
     ).to(device)
     lip = LipHabitEncoder(
@@ -183,7 +190,21 @@ def build(config: RecipeConfig, device: torch.device):
         hidden_dim=config.lip_hidden,
         embed_dim=config.lip_embed,
     ).to(device)
+    if config.init:
+        start_from(config.init, unet, lip)
     return vae, unet, lip
+
+
+def start_from(folder: str, unet: StableDubUNet, lip: LipHabitEncoder) -> None:
+    """Load a trained pipeline's UNet and lip-habit weights; a change of output parameterisation
+    keeps everything but conv_out (zeroed, so a reference-prior model starts as its prior)."""
+    source = StableDubUNet.from_pretrained(os.path.join(folder, "unet"))
+    lip.load_state_dict(LipHabitEncoder.from_pretrained(os.path.join(folder, "lip_habit")).state_dict())
+    state = {k: v.float() for k, v in source.state_dict().items()}
+    unet.load_state_dict(state)
+    if getattr(source.config, "output_prior", "none") != unet.config.output_prior:
+        unet.zero_output()
+    log.info("started from %s", folder)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -217,9 +238,15 @@ def eval_windows(clips: list[PackClip], count: int, frames: int = 16, seed: int 
     return chosen
 
 
-def evaluate(pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeConfig) -> dict[str, Any]:
-    """Self-reenactment on validation windows: the model, the frozen mouth (first frame's mouth held)."""
-    rows: dict[str, list[tuple[float, float]]] = {"model": [], "frozen_mouth": []}
+def evaluate(
+    pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeConfig, steps: int | None = None
+) -> dict[str, Any]:
+    """Self-reenactment on validation windows, mouth box per frame: the model, the frozen mouth (the
+    window's first frame's mouth held) and the reference copy (the model's own reference frame's mouth
+    pasted: what a model that ignores the audio and copies its reference would score). Frames 1.. of
+    each window are scored: frame 0 is the frozen mouth's own frame (a perfect score there would
+    inflate that baseline by several dB)."""
+    rows: dict[str, list[tuple[float, float]]] = {"model": [], "frozen_mouth": [], "reference_copy": []}
     for clip, span, reference in eval_windows(clips, config.eval_windows):
         crops, masks = clip.crops[span], clip.mask[span]
         out = pipeline(
@@ -228,15 +255,17 @@ def evaluate(pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeC
             None,
             clip.audio(span),
             reference=clip.crops[[reference]],
-            num_inference_steps=config.sample_steps,
+            num_inference_steps=steps or config.sample_steps,
             generator=torch.Generator().manual_seed(0),
             window=len(span),
             overlap=0,
         ).frames
         region = masks[..., None].astype(np.float32) / 255.0
         frozen = np.round(crops * (1 - region) + crops[:1] * region).astype(np.uint8)
-        for name, result in (("model", out), ("frozen_mouth", frozen)):
-            for truth, got, (x0, y0, x1, y1) in zip(crops, result, lip_box(clip.lips[span], crops.shape[1])):
+        copied = np.round(crops * (1 - region) + clip.crops[[reference]] * region).astype(np.uint8)
+        boxes = lip_box(clip.lips[span], crops.shape[1])
+        for name, result in (("model", out), ("frozen_mouth", frozen), ("reference_copy", copied)):
+            for truth, got, (x0, y0, x1, y1) in list(zip(crops, result, boxes))[1:]:
                 rows[name].append(
                     (psnr(truth[y0:y1, x0:x1], got[y0:y1, x0:x1]), ssim_gray(truth[y0:y1, x0:x1], got[y0:y1, x0:x1]))
                 )
@@ -245,6 +274,17 @@ def evaluate(pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeC
         for name, v in rows.items()
         if v
     }
+
+
+def evaluate_sweep(pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeConfig) -> tuple[dict[str, Any], int]:
+    """eval.json's content (the sample_steps scores, plus `by_steps` when sweeping) and the best step count."""
+    counts = sorted({config.sample_steps, *config.sweep_steps})
+    by_steps = {n: evaluate(pipeline, clips, config, n) for n in counts}
+    best = max(counts, key=lambda n: by_steps[n]["model"]["mouth_psnr"])
+    scores = dict(by_steps[config.sample_steps])
+    if len(counts) > 1:
+        scores["by_steps"] = {str(n): by_steps[n]["model"] for n in counts}
+    return scores, best
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -267,6 +307,8 @@ def save_checkpoint(out: str, step: int, state: dict[str, Any]) -> None:
 def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = None) -> dict[str, Any]:
     """Train into OUT (resuming from OUT/checkpoints); `stop_after` ends the loop there without saving
     a model, as a killed run would (tests use it)."""
+    if config.output_prior != "none" and config.prediction_type != "sample":
+        raise ValueError(f"output_prior={config.output_prior} needs prediction_type=sample")
     device = torch.device(
         "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
     )
@@ -382,7 +424,9 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
     )
     pipeline.to(device)
     began = time.time()
-    scores = evaluate(pipeline, val_clips, config) if val_clips and config.eval_windows else {}
+    scores, best_steps = (
+        evaluate_sweep(pipeline, val_clips, config) if val_clips and config.eval_windows else ({}, config.sample_steps)
+    )
     eval_seconds = time.time() - began
     pipeline.to("cpu")
     if config.save_fp16:
@@ -398,8 +442,8 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
         },
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "steps": step,
-        # What the inpaint stage uses when inpaint.steps is 0; pick it from a steps sweep of eval.json.
-        "recommended_steps": config.sample_steps,
+        # What the inpaint stage uses when inpaint.steps is 0: the best of the evaluated step counts.
+        "recommended_steps": best_steps,
         "train_seconds": round(train_seconds, 1),
         "load_seconds": round(load_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),

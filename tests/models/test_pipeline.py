@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.conditioning import encode_conditioning_batch
 from models.lip_habit import LipHabitEncoder
 from models.pipeline_stabledub import (
     StableDubPipeline,
@@ -264,3 +265,26 @@ def test_tracks_generated_together_give_the_bytes_they_give_alone(track, sampler
     for one, batched in zip(alone, together):
         assert np.array_equal(one, batched)
     assert np.array_equal(alone[0], run(pipe, track, seed=1, **shapes))  # __call__ is generate of one track
+
+
+def test_a_reference_prior_model_needs_a_clean_latent_scheduler_and_starts_by_copying_the_reference(track):
+    torch.manual_seed(0)
+    parts = dict(
+        vae=build_vae("tiny").eval(),
+        unet=StableDubUNet.from_preset("tiny", output_prior="reference").eval(),
+        lip_habit=LipHabitEncoder(audio_channels=32, hidden_dim=32, embed_dim=16).eval(),
+    )
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        StableDubPipeline(**parts, scheduler=make_scheduler("ddim"))
+    pipe = StableDubPipeline(**parts, scheduler=make_scheduler("dpm++", "sample", zero_snr=True))
+    pipe.set_progress_bar_config(disable=True)
+    reference = track["frames"][-1:]
+    latents = run(pipe, track, reference=reference, num_inference_steps=2, output_type="latent")
+    ((conditioning, _),) = encode_conditioning_batch(
+        pipe.vae, [(track["frames"], track["masks"], track["occlusion"], reference)], fixed_shape=True
+    )
+    prior = pipe.unet.output_prior_latent(conditioning.masked_latent, conditioning.mask, conditioning.reference_latent)
+    # an untrained prior model (conv_out zero) samples its prior: the reference's lower face on the masked frame
+    torch.testing.assert_close(latents, prior, atol=1e-4, rtol=1e-4)
+    other = run(pipe, track, reference=track["frames"][:1], num_inference_steps=2, output_type="latent")
+    assert not torch.allclose(latents, other)

@@ -183,3 +183,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     unet(**inputs).sample.square().mean().backward()
     for key, p in unet.named_parameters():
         torch.testing.assert_close(p.grad, plain[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_reference_prior_unet_starts_as_its_prior_and_learns_corrections():
+    torch.manual_seed(0)
+    unet = StableDubUNet.from_preset("tiny", output_prior="reference").eval()
+    inputs = unet_inputs(frames=3)
+    prior = unet.output_prior_latent(inputs["masked_latent"], inputs["mask"], inputs["reference_latent"])
+    with torch.no_grad():
+        assert torch.equal(unet(**inputs).sample, prior)  # conv_out starts at zero
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+        assert not torch.allclose(unet(**inputs).sample, prior)
+    inside = inputs["mask"] == 1
+    assert torch.equal(prior[inside.expand_as(prior)], inputs["reference_latent"][inside.expand_as(prior)])
+    with pytest.raises(ValueError, match="output_prior"):
+        StableDubUNet.from_preset("tiny", output_prior="mouth")

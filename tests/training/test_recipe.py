@@ -101,7 +101,12 @@ def test_gpu_recipe_dry_runs_on_cpu_resumes_and_saves_a_pipeline_that_dubs(tiny_
     subprocess.run([sys.executable, "-c", bare], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     report = json.loads((out / "training.json").read_text())
     assert report["steps"] == 3 and report["device"] == "cpu"
-    assert set(report["eval"]) == {"model", "frozen_mouth"}
+    # the GPU config: clean-latent prediction on the reference prior, a 1/2/4-step sweep
+    assert report["config"]["output_prior"] == "reference" and report["config"]["prediction_type"] == "sample"
+    assert set(report["eval"]) == {"model", "frozen_mouth", "reference_copy", "by_steps"}
+    assert set(report["eval"]["by_steps"]) == {"1", "2", "4"}
+    best = max(report["eval"]["by_steps"], key=lambda n: report["eval"]["by_steps"][n]["mouth_psnr"])
+    assert report["recommended_steps"] == int(best)
     assert report["pack"]["validation"] == [VALIDATION_CLIP] and VALIDATION_CLIP not in report["pack"]["clips"]
     assert (out / "loss.csv").read_text().count("\n") == 4  # header + steps 1..3: the history survived the kill
     assert not (out / "checkpoints").exists()
@@ -121,3 +126,7 @@ def test_recipe_settings_are_checked(tmp_path):
         load_config(None, ["bogus=1"])
     with pytest.raises(ValueError, match="ema_decay"):
         RecipeConfig(ema_decay=2.0)
+    with pytest.raises(ValueError, match="output_prior"):
+        RecipeConfig(output_prior="mouth")
+    with pytest.raises(ValueError, match="needs prediction_type=sample"):
+        train("unused-pack", str(tmp_path), RecipeConfig(output_prior="reference"))
