@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo lint test test-fast bench pack train-cpu train-gpu clean
+.PHONY: setup demo lint test test-fast bench constraints pack train-cpu train-gpu clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test-fast: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[decord]'  # bench/decode.py compares the decord backend too
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# cluster/constraints.txt: exact versions of the image's runtime dependencies, from this environment
+# (after `make setup` resolved pyproject.toml); cluster/Dockerfile installs with `-c` it.
+constraints: setup
+	$(PY) cluster/constraints.py cluster/constraints.txt
 
 # The model recipe (training/recipe.py, models/README.md). `make pack` on a CPU machine writes the
 # training pack (.pack, <= 40 MiB) and the one wheel a bare GPU box lacks (.whl: diffusers);
