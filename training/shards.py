@@ -5,6 +5,11 @@ A training shard is a webdataset tar named `train-NNNNNN.tar`; one sample per tr
 without dots (webdataset splits a member name at the first dot of its base name), members
 `<key>.<array>.npy` (numpy, no pickles) and `<key>.json` (metadata, including the audio-feature
 signature the arrays were computed with).
+
+Written with webdataset's `TarWriter` and read with its tar iterators (`tar_file_expander`,
+`group_by_keys`: webdataset's own grouping of members into samples), over streams that fsspec
+opens, so shards on any fsspec URL read the same way and `webdataset.WebDataset` reads ours. Films
+are not read this way: a film is one member read in place with range reads (pipeline/shards.py).
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import io
 import json
 import os
 import re
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from webdataset import TarWriter
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.shards import expand_urls
 from stages.storage import filesystem, join, put_file
@@ -49,7 +55,8 @@ class ShardWriter:
     def __init__(self, output: str, shard_bytes: int, first_index: int) -> None:
         self.output, self.shard_bytes, self.index = output, shard_bytes, first_index
         self.tmp = tempfile.TemporaryDirectory(prefix="stabledub-train-")
-        self.tar: tarfile.TarFile | None = None
+        self.file: IO[bytes] | None = None
+        self.tar: TarWriter | None = None
         self.size = 0
         self.samples = 0
 
@@ -59,21 +66,21 @@ class ShardWriter:
         size = sum(len(v) + 1024 for v in members.values())
         committed = self.commit() if self.tar is not None and self.size + size > self.shard_bytes else None
         if self.tar is None:
-            self.tar = tarfile.open(os.path.join(self.tmp.name, "shard.tar"), "w", format=tarfile.PAX_FORMAT)
+            self.file = open(os.path.join(self.tmp.name, "shard.tar"), "wb")  # closed in commit()
+            # mtime 0, PAX: the same sample gives the same bytes (members are written in name order)
+            self.tar = TarWriter(self.file, encoder=False, mtime=0, format="PAX_FORMAT", user="", group="", mode=0o644)
             self.size = self.samples = 0
-        for ext, body in members.items():
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mtime = len(body), 0
-            self.tar.addfile(info, io.BytesIO(body))
+        self.tar.write({"__key__": sample.key, **members})
         self.size += size
         self.samples += 1
         return committed
 
     def commit(self) -> str | None:
-        if self.tar is None:
+        if self.tar is None or self.file is None:
             return None
         self.tar.close()
-        self.tar = None
+        self.file.close()
+        self.tar = self.file = None
         url = join(self.output, SHARD_PATTERN.format(self.index))
         put_file(os.path.join(self.tmp.name, "shard.tar"), url)
         self.index += 1
@@ -91,21 +98,9 @@ def next_shard_index(output: str) -> int:
 def read_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of one webdataset tar, streamed in member order."""
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            name, _, ext = base.partition(".")
-            if key is not None and name != key:
-                yield key, members
-                members = {}
-            key = name
-            f = tar.extractfile(info)
-            members[ext] = f.read() if f else b""
-        if key is not None:
-            yield key, members
+    with fs.open(path, "rb") as raw:
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": raw}])):
+            yield sample["__key__"].rsplit("/", 1)[-1], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
 def decode_arrays(members: dict[str, bytes], names: tuple[str, ...]) -> dict[str, np.ndarray]:
