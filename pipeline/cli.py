@@ -515,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = command("train", "train StableDub on training shards (Ray Train); resumes from OUTPUT_MODEL/checkpoints")
     t.add_argument("data", help="directory, pattern or file of training shards")
-    t.add_argument("output_model", help="output folder (diffusers StableDubPipeline)")
+    t.add_argument(
+        "output_model", help="output folder or URL (s3://...): the diffusers StableDubPipeline, its checkpoints/ under it"
+    )
     t.add_argument("--config", help="YAML training config (keys of training.train.TrainConfig)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config value")
     t.add_argument("--no-ray", action="store_true", help="run the training loop in this process (no Ray Train)")

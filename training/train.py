@@ -18,10 +18,11 @@ Without a VAE checkpoint (`vae` empty) the run first fits the VAE preset on the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
-import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from models.pipeline_stabledub import StableDubPipeline, make_scheduler
 from models.unet import PRESET_DIR, StableDubUNet
 from models.vae import VAE_PRESETS, build_vae, encode, load_vae, to_pixels
 from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
+from stages.storage import exists, filesystem, is_local, join, put_file, read_bytes, remove_tree
 from training.occluders import composite_occluders
 from training.shards import decode_arrays, read_shard, shard_urls
 
@@ -331,11 +333,14 @@ def calibrate_latent_scale(vae, source: WindowSource, config: TrainConfig, devic
 
 # ---------------------------------------------------------------------------------------- loop
 def checkpoint_dirs(output: str) -> list[str]:
-    root = os.path.join(output, "checkpoints")
-    if not os.path.isdir(root):
+    """URLs of the complete checkpoints under OUTPUT (any fsspec URL), oldest first."""
+    root = join(output, "checkpoints")
+    fs, path = filesystem(root)
+    if not fs.exists(path):
         return []
-    names = sorted(n for n in os.listdir(root) if n.startswith("step-") and os.path.exists(os.path.join(root, n, "state.pt")))
-    return [os.path.join(root, n) for n in names]
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    steps = [n for n in names if n.startswith("step-")]
+    return [join(root, n) for n in steps if exists(join(root, n, "state.pt"))]
 
 
 def save_checkpoint(
@@ -347,12 +352,13 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     keep: int,
 ) -> str:
-    """Atomic: written to a temporary folder, then renamed; older ones beyond `keep` are removed."""
-    root = os.path.join(output, "checkpoints")
-    final = os.path.join(root, f"step-{step:08d}")
-    tmp = os.path.join(root, f".tmp-step-{step:08d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    """Written by the worker that owns it (rank 0) straight to OUTPUT/checkpoints/step-N/state.pt.
+
+    Atomic on every filesystem: a local file is renamed into place, an object store PUT lands whole
+    or not at all, and a checkpoint counts only once its state.pt exists. Older ones beyond `keep`
+    are removed after the new one is in place.
+    """
+    final = join(output, "checkpoints", f"step-{step:08d}")
     state = {
         "step": step,
         "modules": {k: m.state_dict() for k, m in modules.items()},
@@ -360,12 +366,16 @@ def save_checkpoint(
         "data": source.state(),
         "history": history,
     }
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with tempfile.TemporaryDirectory(prefix="stabledub-ckpt-") as tmp:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        put_file(os.path.join(tmp, "state.pt"), join(final, "state.pt"))
     for old in checkpoint_dirs(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return final
+
+
+def load_checkpoint(checkpoint: str) -> dict[str, Any]:
+    return torch.load(io.BytesIO(read_bytes(join(checkpoint, "state.pt"))), weights_only=False)
 
 
 def validation_loss(unet, lip, scheduler, vae, windows: list[Window], config: TrainConfig, device: torch.device) -> float:
@@ -420,7 +430,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     checkpoints = checkpoint_dirs(output)
     start = 0
-    state = torch.load(os.path.join(checkpoints[-1], "state.pt"), weights_only=False) if checkpoints else None
+    state = load_checkpoint(checkpoints[-1]) if checkpoints else None
     if state is None:
         if not config.vae:
             fit_vae(vae, source, config, device, history)
@@ -516,14 +526,26 @@ def _report(row: dict[str, Any], checkpoint_dir: str | None) -> None:
 
 
 def finish(output: str, config: TrainConfig, unet, lip, vae, history: list[dict[str, Any]], urls: list[str]) -> None:
-    """Save the pipeline (diffusers folder), training.json, the loss CSV and its PNG plot."""
+    """Save the pipeline (diffusers folder), training.json, the loss CSV and its PNG plot to OUTPUT.
+
+    Written to a local folder first, then copied file by file (each copy atomic), model_index.json
+    last: a reader that finds model_index.json at OUTPUT finds the whole model.
+    """
     pipeline = StableDubPipeline(
         vae=vae.cpu(), unet=unet.cpu(), lip_habit=lip.cpu(), scheduler=make_scheduler("ddim", config.prediction_type)
     )
-    pipeline.save_pretrained(output)
-    with open(os.path.join(output, "training.json"), "w") as f:
-        json.dump({"config": asdict(config), "data": urls, "steps": config.steps}, f, indent=2)
-    write_loss_log(history, os.path.join(output, "loss.csv"), os.path.join(output, "loss.png"))
+    with tempfile.TemporaryDirectory(prefix="stabledub-model-") as local:
+        pipeline.save_pretrained(local)
+        with open(os.path.join(local, "training.json"), "w") as f:
+            json.dump({"config": asdict(config), "data": urls, "steps": config.steps}, f, indent=2)
+        write_loss_log(history, os.path.join(local, "loss.csv"), os.path.join(local, "loss.png"))
+        publish_folder(local, output)
+
+
+def publish_folder(local: str, output: str, last: str = "model_index.json") -> None:
+    files = sorted(os.path.relpath(os.path.join(d, n), local) for d, _, names in os.walk(local) for n in names)
+    for name in sorted(files, key=lambda n: n == last):
+        put_file(os.path.join(local, name), join(output, *name.split(os.sep)))
 
 
 def write_loss_log(history: list[dict[str, Any]], csv_path: str, png_path: str) -> None:
@@ -558,17 +580,34 @@ def write_loss_log(history: list[dict[str, Any]], csv_path: str, png_path: str) 
     plt.close(fig)
 
 
+def ray_run_config(output: str):
+    """Ray Train's own run state (the reported metrics) beside the model: OUTPUT/ray, on OUTPUT's filesystem."""
+    from ray.train import RunConfig
+
+    fs, path = filesystem(join(output, "ray"))
+    if is_local(fs):
+        return RunConfig(name="stabledub-train", storage_path=path)
+    import pyarrow.fs
+
+    return RunConfig(
+        name="stabledub-train", storage_path=path, storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    )
+
+
 def train(data: str, output: str, config: TrainConfig, use_ray: bool = True, stop_after: int | None = None) -> str:
-    """Train on DATA shards into OUTPUT (a diffusers folder); resumes from OUTPUT/checkpoints."""
+    """Train on DATA shards into OUTPUT (a diffusers folder, any fsspec URL); resumes from OUTPUT/checkpoints."""
     urls = shard_urls(data)
     if not urls:
         raise FileNotFoundError(f"no training shards in {data}")
     val_urls = shard_urls(config.val_data) if config.val_data else []
     signature = shards_audio_signature(urls + val_urls)
-    os.makedirs(output, exist_ok=True)
+    fs, path = filesystem(output)
+    if is_local(fs):
+        output = os.path.abspath(path)
+    fs.makedirs(path, exist_ok=True)
     loop_config = {
         "config": asdict(config),
-        "output": os.path.abspath(output),
+        "output": output,
         "train_urls": urls,
         "val_urls": val_urls,
         "stop_after": stop_after,
@@ -578,7 +617,7 @@ def train(data: str, output: str, config: TrainConfig, use_ray: bool = True, sto
         train_loop(loop_config)
         return output
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -589,7 +628,7 @@ def train(data: str, output: str, config: TrainConfig, use_ray: bool = True, sto
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=None if config.use_gpu else {"CPU": 1}
         ),
-        run_config=RunConfig(name="stabledub-train", storage_path=os.path.join(os.path.abspath(output), "ray")),
+        run_config=ray_run_config(output),
     )
     result = trainer.fit()
     if result.error:

@@ -27,7 +27,7 @@ from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"
 JOBS = ["base", "overlays/small", "overlays/large"]
-KUSTOMIZATIONS = [*JOBS, "interactive", "monitoring"]
+KUSTOMIZATIONS = [*JOBS, "interactive", "monitoring", "train"]
 
 
 def rendered(name: str) -> list[dict[str, Any]]:
@@ -169,7 +169,7 @@ def test_image_recipe_matches_the_manifests():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+ AS build", dockerfile, re.M), "CUDA base image"
     assert re.search(r"^FROM nvidia/cuda:", dockerfile.split("AS build", 1)[1], re.M), "CUDA runtime stage"
-    assert '".[s3,cuda]"' in dockerfile, "the project with its GPU extras"
+    assert '".[s3,cuda,cluster]"' in dockerfile, "the project with its GPU extras and Ray's dashboard/metrics agent"
     uid = int(re.findall(r"^USER (\d+)", dockerfile, re.M)[-1])
     assert uid != 0
     job = one(rendered("base"), "RayJob")
