@@ -5,7 +5,9 @@ with. This walks the dependency closure of pyproject's runtime dependencies and 
 installs through the installed environment (importlib.metadata, as `pip freeze` sees it) and pins
 every distribution in it. torch's own dependencies are not followed: the image's torch is the CUDA
 build of the same version, whose dependencies (nvidia-*, triton) differ from the CPU build's here.
-The `cuda` extra (mamba-ssm, einops, triton) is built against that torch and resolved with it.
+The `cuda` extra (mamba-ssm, einops, triton) is built against that torch and resolved with it; the
+`cluster` extra adds ray[default]'s dashboard packages (ray itself is pinned), which a development
+environment does not install.
 
     python cluster/constraints.py [OUTPUT]      (default: cluster/constraints.txt)
 """
@@ -22,7 +24,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGE_EXTRAS = ("s3",)  # the Dockerfile installs ".[s3,cuda]"; cuda is resolved against the CUDA torch
+IMAGE_EXTRAS = ("s3",)  # the Dockerfile installs ".[s3,cuda,cluster]"; see the docstring for the other two
 NOT_FOLLOWED = {"torch"}  # pinned itself; its dependencies differ between the CPU and the CUDA build
 
 

@@ -1,22 +1,27 @@
 """Prometheus metrics of a run, served over HTTP by the driver (`stabledub run --metrics-port`).
 
 Segment and film counts come from the rows the driver receives (each row carries the busy seconds
-of every stage it went through and, when it failed, the stage that failed it). Queue depth and
-actors per stage come from Ray Data's executor, read on every scheduling step through an
-execution callback. Ray's own metrics (tasks, object store, GPU per node) are scraped from the Ray
-pods themselves; see cluster/monitoring/.
+of every stage it went through and, when it failed, the stage that failed it). Queue depth, actors
+and running tasks per stage come from Ray Data's own exported metrics (`ray_data_*`, per operator),
+read from the Ray nodes' metrics endpoints (`ray.nodes()`, `MetricsExportPort`) and relabelled by
+stage; no Ray internals are read. Those endpoints are served by Ray's metrics agent, which needs
+`ray[default]` (the image has it); without it these three gauges stay empty and everything else
+works. Ray's own metrics (tasks, object store, GPU per node) are scraped from the Ray pods
+themselves; see cluster/monitoring/.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+import urllib.request
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+from prometheus_client.parser import text_string_to_metric_families
 
 from stages.schema import Segment, Status
 
@@ -26,7 +31,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_SECONDS = 60.0
-POLL_SECONDS = 0.5
+POLL_SECONDS = 2.0  # Ray Data updates its exported metrics every few seconds
+# Ray Data's exported per-operator metrics (Prometheus names) -> the gauge of ours they add up to.
+# Queue depth is what waits before an operator: its external input queue plus its internal one.
+RAY_DATA_GAUGES = {
+    "ray_data_num_external_inqueue_blocks": "queue",
+    "ray_data_obj_store_mem_internal_inqueue_blocks": "queue",
+    "ray_data_num_alive_actors": "actors",
+    "ray_data_num_tasks_running": "running",
+}
+OPERATOR_TAG = re.compile(r"^\w+\((?P<inner>.*)\)(?:_\d+)?$")  # MapBatches(FaceTrack)_2
 
 
 class Metrics:
@@ -40,7 +54,9 @@ class Metrics:
         self._lock = threading.Lock()
         self._generated: deque[tuple[float, int]] = deque()
         self._started = time.monotonic()
-        self._last_poll = 0.0
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.ray_data_exported: bool | None = None  # None: not polled yet
         r = self.registry
         self.segments = Counter(
             "stabledub_segments",
@@ -70,6 +86,11 @@ class Metrics:
             "stabledub_gpu_memory_used_bytes", "GPU memory in use on the driver's machine", ["gpu"], registry=r
         )
         self.up = Gauge("stabledub_run_active", "1 while a run is in progress", registry=r)
+        self.ray_data_up = Gauge(
+            "stabledub_ray_data_metrics_exported",
+            "1 when a Ray node serves Ray Data's metrics (queue, actors and running tasks come from them)",
+            registry=r,
+        )
 
     # ------------------------------------------------------------------ serving
     @classmethod
@@ -80,20 +101,33 @@ class Metrics:
         log.info("metrics on http://%s:%d/metrics", addr, port)
         return metrics
 
-    def watch_ray_data(self) -> None:
-        """Have Ray Data report its executor state here on every scheduling step (this process)."""
+    def watch_ray_data(self, every: float = POLL_SECONDS) -> None:
+        """Poll Ray Data's exported metrics on the Ray nodes in a background thread, until `stop`."""
         import ray
 
-        global _ACTIVE
-        _ACTIVE = self
-        context = ray.data.DataContext.get_current()
-        if MetricsCallback not in context.custom_execution_callback_classes:
-            context.custom_execution_callback_classes.append(MetricsCallback)
+        def endpoints() -> list[str]:
+            return [
+                f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+                for n in ray.nodes()
+                if n.get("Alive") and n.get("MetricsExportPort")
+            ]
+
+        def poll() -> None:
+            while not self._stop.wait(every):
+                try:
+                    self.observe_ray_data([read_endpoint(url) for url in endpoints()])
+                except Exception as error:  # noqa: BLE001 - metrics must never fail the run
+                    log.debug("Ray Data metrics unavailable: %s", error)
+                self.observe_gpu_memory()
+
+        self._poller = threading.Thread(target=poll, name="stabledub-ray-data-metrics", daemon=True)
+        self._poller.start()
 
     def stop(self) -> None:
-        global _ACTIVE
-        if _ACTIVE is self:
-            _ACTIVE = None
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+            self._poller = None
         self.up.set(0)
         if self._server is not None:
             self._server.shutdown()
@@ -138,34 +172,23 @@ class Metrics:
         window = min(RATE_WINDOW_SECONDS, max(now - self._started, 1.0))
         return frames / window
 
-    # ------------------------------------------------------------------ executor state
-    def observe_executor(self, executor: Any) -> None:
-        """Queue depth, actors and running tasks per stage, from Ray Data's streaming executor.
+    # ------------------------------------------------------------------ Ray Data's exported metrics
+    def observe_ray_data(self, texts: list[str | None]) -> None:
+        """Set queue depth, actors and running tasks per stage from the Prometheus text of the Ray
+        nodes' metrics endpoints (None: a node that did not answer), summed over nodes."""
+        answered = [t for t in texts if t is not None]
+        self.ray_data_exported = bool(answered)
+        self.ray_data_up.set(1 if answered else 0)
+        totals = ray_data_by_stage(answered, self.stage_of)
+        gauges = {"queue": self.queue, "actors": self.actors, "running": self.running}
+        for name, per_stage in totals.items():
+            for stage, value in per_stage.items():
+                gauges[name].labels(stage).set(value)
 
-        Reads executor internals (`_topology`), so it never raises: a Ray upgrade that moves them
-        costs these gauges, not the run.
-        """
-        now = time.monotonic()
-        if now - self._last_poll < POLL_SECONDS:  # called on every scheduling step
-            return
-        self._last_poll = now
-        try:
-            for op, state in (getattr(executor, "_topology", None) or {}).items():
-                stage = self.stage_of(op.name)
-                if stage is None:
-                    continue
-                self.queue.labels(stage).set(state.total_enqueued_input_blocks())
-                pools = op.get_autoscaling_actor_pools()
-                self.actors.labels(stage).set(sum(p.current_size() for p in pools))
-                self.running.labels(stage).set(op.metrics.num_tasks_running)
-        except Exception as error:  # noqa: BLE001
-            log.debug("executor metrics unavailable: %s", error)
-        self.observe_gpu_memory()
-
-    def stage_of(self, operator_name: str) -> str | None:
-        """`MapBatches(FaceTrack)` -> `face_track` (via the class names the plan registered)."""
-        inner = operator_name.split("(", 1)[-1].rstrip(")")
-        return self.stage_of_operator.get(inner)
+    def stage_of(self, operator_tag: str) -> str | None:
+        """`MapBatches(FaceTrack)_2` (Ray Data's operator tag) or `MapBatches(FaceTrack)` -> `face_track`."""
+        match = OPERATOR_TAG.match(operator_tag)
+        return self.stage_of_operator.get(match.group("inner")) if match else None
 
     def observe_gpu_memory(self) -> None:
         """Device-wide memory in use (all processes), where the driver shares a machine with GPUs.
@@ -201,12 +224,28 @@ def _nvml() -> Any:
     return _NVML or None
 
 
-# Ray Data instantiates the callback class (no arguments) in the driver process. It travels with the
-# DataContext to workers too, so it must be a module-level class (pickled by reference).
-_ACTIVE: Metrics | None = None
+def read_endpoint(url: str, timeout: float = 2.0) -> str | None:
+    """A metrics endpoint's Prometheus text; None when nothing answers there (no metrics agent)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode()
+    except OSError:
+        return None
 
 
-class MetricsCallback(ExecutionCallback):
-    def on_execution_step(self, executor: Any) -> None:
-        if _ACTIVE is not None:
-            _ACTIVE.observe_executor(executor)
+def ray_data_by_stage(texts: list[str], stage_of) -> dict[str, dict[str, float]]:  # noqa: ANN001 - str -> str | None
+    """{"queue"|"actors"|"running": {stage: value}} from Ray Data's exported metrics in `texts`.
+
+    Ray Data tags each operator's gauges with `dataset` and `operator`; values of our stages'
+    operators add up over datasets (a finished dataset's gauges fall to 0) and nodes.
+    """
+    totals: dict[str, dict[str, float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name = RAY_DATA_GAUGES.get(sample.name)
+                stage = stage_of(sample.labels.get("operator", "")) if name else None
+                if stage is not None:
+                    per_stage = totals.setdefault(name, {})
+                    per_stage[stage] = per_stage.get(stage, 0.0) + sample.value
+    return totals
