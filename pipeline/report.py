@@ -108,12 +108,18 @@ def frame_at(file: IO[bytes], index: int, step: float) -> np.ndarray:
         return last.to_ndarray(format="rgb24")
 
 
+MOUTH_TOP = 0.45  # the mouth region starts this far down the face box (below the nose's middle)
+
+
 def face_crop(image: np.ndarray, box: list[int] | None) -> np.ndarray:
-    """The face box grown by a tenth on each side (the frame's centre third without a box), at THUMB_HEIGHT."""
+    """The mouth region of a face box, at THUMB_HEIGHT: the box's lower part (from MOUTH_TOP down), grown
+    by a tenth on each side, so a QC reviewer sees the lips at a readable size (the frame's centre
+    third without a box)."""
     height, width = image.shape[:2]
     if box is None:
         box = [width // 3, height // 3, 2 * width // 3, 2 * height // 3]
     x0, y0, x1, y1 = box
+    y0 = y0 + round((y1 - y0) * MOUTH_TOP)
     grow_x, grow_y = (x1 - x0) // 10, (y1 - y0) // 10
     x0, x1 = max(0, x0 - grow_x), min(width, x1 + grow_x)
     y0, y1 = max(0, y0 - grow_y), min(height, y1 + grow_y)
@@ -123,7 +129,7 @@ def face_crop(image: np.ndarray, box: list[int] | None) -> np.ndarray:
 
 
 def thumbnails(entry: FilmEntry) -> tuple[str, str] | None:
-    """Before/after thumbnails of the first dubbed face at its middle changed frame."""
+    """Before/after thumbnails of the first dubbed face's mouth at its middle changed frame."""
     report = entry.report
     faces, source = report.get("faces") or [], report.get("source")
     if not faces or not source or not entry.output_shard or not report.get("frames"):
