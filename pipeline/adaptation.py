@@ -1,7 +1,7 @@
 """Where a person's adaptation runs: a Ray task with the inpaint stage's resources (its GPU when it
 has one), started by the adapt stage (stages/adapt.py) when a film's last segment is in.
 
-On a machine with one GPU, give the inpaint actors and the adaptation a share each
+With GPUs, on a machine with one, give the inpaint actors and the adaptation a share each
 (`resources.inpaint.num_gpus=0.5`): a task asking for a whole GPU that an inpaint actor holds waits
 for it. A cluster's autoscaler adds a GPU node for the task instead.
 """
@@ -36,12 +36,17 @@ class RemoteAdaptation:
 
 
 def adaptation_values(config: PipelineConfig, run: RunDir, gpus: float) -> dict[str, Any]:
-    """The adapt stage's plan keywords: this run's layout, `adapt.reuse`'s, and the task runner."""
+    """The adapt stage's plan keywords: this run's layout, `adapt.reuse`'s, and where adaptations
+    run: a GPU task when the inpaint stage has GPUs; without, in the adapt actor itself (it waits
+    for the adaptation anyway, and a CPU task could find every core reserved by the actor pools)."""
     res = config.resources["inpaint"]
+    runner = None
+    if gpus > 0:
+        runner = RemoteAdaptation(
+            num_cpus=res.num_cpus, num_gpus=gpus, memory=res.memory_gb * 2**30 or None, device=config.inpaint.device
+        )
     return {
         "adapt_paths": run,
         "reuse_paths": RunDir(config.adapt.reuse, run.names) if config.adapt.reuse else None,
-        "run_adaptation": RemoteAdaptation(
-            num_cpus=max(res.num_cpus, 0.01), num_gpus=gpus, memory=res.memory_gb * 2**30 or None, device=config.inpaint.device
-        ),
+        "run_adaptation": runner,
     }

@@ -41,7 +41,9 @@ def folder_digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def film(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapt")
-    (shard,) = pack([PackItem(str(shared_clip("vfhq_1vYEVO9838Y")), str(shared_dub("es")), "talk")], str(tmp / "in-{0000..0000}.tar"))
+    (shard,) = pack(
+        [PackItem(str(shared_clip("vfhq_1vYEVO9838Y")), str(shared_dub("es")), "talk")], str(tmp / "in-{0000..0000}.tar")
+    )
     signature = audio_signature(load_config().audio)
     model = save_tiny_checkpoint(tmp / "tiny", signature["audio_window"], signature["audio_dim"])
     return tmp, shard, model
@@ -97,7 +99,12 @@ def test_adapt_dubs_with_adapters_in_the_run_dir_and_a_rerun_reuses_them(film, r
     # written. The rerun adapts nobody again and dubs with the same adapter.
     adapter_json = film_dir / key / f"person-{adapted[0]['person']}.json"
     stamp = adapter_json.stat().st_mtime_ns
-    for leftover in [out / "_stabledub_run" / "films", out / "_stabledub_run" / "shards", film_dir / "film.json", out / "in-0000.tar"]:
+    for leftover in [
+        out / "_stabledub_run" / "films",
+        out / "_stabledub_run" / "shards",
+        film_dir / "film.json",
+        out / "in-0000.tar",
+    ]:
         if leftover.is_dir():
             for p in sorted(leftover.rglob("*"), reverse=True):
                 p.unlink() if p.is_file() else p.rmdir()
@@ -170,7 +177,9 @@ def test_adapt_refuses_a_model_that_cannot_adapt_and_adapters_of_another_model(f
     assert "no adapters there" in capsys.readouterr().err
     record = tmp_path / "other" / "adapt" / "in-0000.tar" / "talk" / "film.json"
     record.parent.mkdir(parents=True)
-    record.write_text(json.dumps({"film": "talk", "model": "0123456789abcdef", "model_url": "/elsewhere", "crop_size": 512, "persons": []}))
+    record.write_text(
+        json.dumps({"film": "talk", "model": "0123456789abcdef", "model_url": "/elsewhere", "crop_size": 512, "persons": []})
+    )
     assert main(["run", shard, str(tmp_path / "o"), "--model", model, "--adapt-from", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "made for base model 0123456789abcdef" in err and f"at {model_crop_size(model)} px" in err
