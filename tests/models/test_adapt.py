@@ -102,6 +102,7 @@ def test_lora_adaptation_lowers_the_held_training_loss_and_leaves_the_base_bit_i
     after = snapshot(pipe)
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for name in ("vae", "unet", "lip_habit") for p in getattr(pipe, name).parameters())
     # Only LoRA tensors of the UNet's attention and Mamba projections are kept.
     assert result.state and all(k.startswith("unet.") and "lora_" in k for k in result.state)
     assert any(".in_proj." in k for k in result.state) and any(".to_q." in k for k in result.state)
