@@ -262,7 +262,9 @@ def adapt(
         torch.manual_seed(options.seed)
         unet, lip = _trainable_copy(pipeline, options)
         unet.to(device), lip.to(device)
-        vae = pipeline.vae  # frozen, only read (encode/decode under no_grad or as a constant)
+        # Frozen; a copy so the mouth pixel loss's backward through the decoder leaves no gradients
+        # (nor requires_grad flags) on the pipeline's own autoencoder.
+        vae = copy.deepcopy(pipeline.vae).requires_grad_(False)
         trainable = [p for m in (unet, lip) for p in m.parameters() if p.requires_grad]
         optimiser = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
 
