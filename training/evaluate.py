@@ -239,9 +239,10 @@ class FullFrameScore:
         src_luma = source[y0:y1, x0:x1].astype(np.float32) @ LUMA
         self.jump += float(np.abs(across(out_luma, geometry) - across(src_luma, geometry)).sum())
         self.band_pixels += int(geometry.band.sum())
-        error = (output.astype(np.float32) - source.astype(np.float32)) ** 2
+        error = (output.astype(np.int32) - source.astype(np.int32)) ** 2  # integers: an exact 0 stays 0
         bx0, by0, bx1, by1 = geometry.box
-        self.squared_error += float(error.sum() - error[by0:by1, bx0:bx1].sum())
+        error[by0:by1, bx0:bx1] = 0
+        self.squared_error += float(error.sum(dtype=np.int64))
         self.outside_pixels += (source.shape[0] * source.shape[1] - (by1 - by0) * (bx1 - bx0)) * source.shape[2]
 
     def result(self) -> dict[str, float]:
