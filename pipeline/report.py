@@ -179,8 +179,10 @@ def timecode(seconds: float) -> str:
 
 
 def changed_ranges(report: dict[str, Any]) -> list[tuple[int, int]]:
-    """The film's changed frames as merged [start, stop) ranges over every dubbed face."""
-    spans = sorted((a, b) for face in report.get("faces") or [] for a, b in face.get("frames", []))
+    """The film's changed frames (pixels changed) as merged [start, stop) ranges over every dubbed face;
+    a report written before faces carried `changed` gives the frames pasted into."""
+    faces = report.get("faces") or []
+    spans = sorted((a, b) for face in faces for a, b in face.get("changed", face.get("frames", [])))
     merged: list[tuple[int, int]] = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:

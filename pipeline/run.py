@@ -280,7 +280,7 @@ def film_report_faces(film: FilmRef, report: dict[str, Any], summaries: list[dic
     for name in ("shots", "tracks", "tracks_dubbed"):
         counts.pop(name, None)
     counts.update(faces.pop("film_counts"))
-    counts["frames_changed"] = report["frames_changed"]  # frames pasted into (each written once)
+    counts["frames_changed"] = report["frames_changed"]  # frames whose pixels changed (each written once)
     return {**faces, "counts": counts}
 
 

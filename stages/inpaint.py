@@ -315,15 +315,19 @@ class StableDubInpainter:
         )
 
     def back_to_crop(self, track: Track, frames: np.ndarray, result: np.ndarray) -> np.ndarray:
-        """The model's crops at the track's crop size: only the model's change is resized, so
-        untouched pixels stay exact."""
-        if self.size == track.crops.shape[1]:
-            return result
-        change = resize_square(result.astype(np.int16) - frames.astype(np.int16), track.crops.shape[1])
-        region = track.mask > 0
-        out = track.crops.astype(np.int16)
-        out[region] += change[region]
-        return np.clip(out, 0, 255).astype(np.uint8)
+        return change_to_crop(track.crops, track.mask, frames, result)
+
+
+def change_to_crop(crops: np.ndarray, mask: np.ndarray, frames: np.ndarray, result: np.ndarray) -> np.ndarray:
+    """A model's `result` for `frames` (the crops at the model's size) brought back to the crops'
+    own size: only the model's change is resized, inside the mask, so untouched pixels stay exact."""
+    if result.shape[1] == crops.shape[1]:
+        return result
+    change = resize_square(result.astype(np.int16) - frames.astype(np.int16), crops.shape[1])
+    region = mask > 0
+    out = crops.astype(np.int16)
+    out[region] += change[region]
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def load_model(name_or_url: str, settings: InpaintConfig | None = None, audio: AudioConfig | None = None) -> InpaintModel:
