@@ -38,7 +38,7 @@ def test_still_sheet_of_a_pipeline_run_and_of_an_already_dubbed_film(tmp_path):
         width, height = stream.width, stream.height
     x0, y0, x1, y1 = face_box(report, picked[0], width, height)
     fx0, fy0, fx1, fy1 = report["faces"][0]["box"]
-    assert x1 - x0 == y1 - y0 < min(width, height) and x0 <= fx0 + 2 and y0 <= fy0 + 2 and x1 >= fx1 - 2 and y1 >= fy1 - 2
+    assert x1 - x0 == y1 - y0 <= min(width, height) and x0 <= fx0 + 2 and y0 <= fy0 + 2 and x1 >= fx1 - 2 and y1 >= fy1 - 2
 
     sheet = render_sheet(str(source), dubbed, 8, "identity")
     assert sheet.shape == (HEADER_H + 2 * (HEADER_H + TILE), LABEL_W + 8 * TILE, 3)
