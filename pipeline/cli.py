@@ -1,4 +1,4 @@
-"""The `stabledub` command line: pack, run, config, demo, preprocess, train, eval.
+"""The `stabledub` command line: pack, run, adapt, config, demo, preprocess, train, eval.
 
 Every command checks its command line, config, input and output before any Ray work starts; a
 refusal is one line on stderr naming the thing and what is allowed, with exit code 2.
@@ -161,7 +161,37 @@ def pipeline_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"inpaint.model={args.model}")
     if getattr(args, "debug", False):
         overrides.append("encode.debug=true")
+    if getattr(args, "adapt", False):
+        overrides.append("adapt.enabled=true")
+    if getattr(args, "adapt_from", None):
+        overrides.append(f"adapt.reuse={args.adapt_from}")
     return overrides
+
+
+def check_adaptation(config) -> None:  # noqa: ANN001 - a PipelineConfig
+    """Adaptation needs a StableDub checkpoint; `--adapt-from DIR` needs adapters in DIR made for
+    this very checkpoint at its crop size."""
+    from pipeline.rundir import RunDir
+    from stages.adapt import is_checkpoint, model_crop_size, model_identity
+
+    if not config.adapt.active:
+        return
+    model = config.inpaint.model
+    if not is_checkpoint(model):
+        raise UsageError(f"--adapt/--adapt-from need a StableDub checkpoint as the model; inpaint.model is {model!r}")
+    if not config.adapt.reuse:
+        return
+    records = RunDir(config.adapt.reuse).adapt_records()
+    if not records:
+        raise UsageError(f"--adapt-from {config.adapt.reuse}: no adapters there (write them with stabledub adapt FILMS DIR)")
+    identity, size = model_identity(model), model_crop_size(model)
+    for record in records:
+        if record.get("model") != identity or record.get("crop_size") != size:
+            raise UsageError(
+                f"--adapt-from {config.adapt.reuse}: the adapters of film {record.get('film')!r} were made for base model "
+                f"{record.get('model')} ({record.get('model_url')}) at {record.get('crop_size')} px; this run's model "
+                f"{model} is {identity} at {size} px (adapt with this model, or run with the one they were made for)"
+            )
 
 
 def check_manifest(url: str) -> None:
@@ -218,6 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output(output)
     if args.workdir:
         check_output(args.workdir, "--workdir")
+    check_adaptation(config)
     options = RunOptions(
         input=shards,  # the pattern, or the shards of it that exist (--allow-missing), or a manifest
         output=output,
@@ -237,6 +268,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if target and summary.films_ok == 1:
         deliver_film(output, target)
+    return EXIT_SOME_FAILED if summary.any_failed else EXIT_OK
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pipeline.lease import LeaseHeld
+    from pipeline.locations import OverlapError
+    from pipeline.run import adapt_films
+    from pipeline.rundir import RunDirError
+
+    check_file(args.config, "--config")
+    overrides = [*(args.set or []), *([f"inpaint.model={args.model}"] if args.model else []), "adapt.enabled=true"]
+    config = _load(load_config, args.config, overrides)
+    if config.adapt.reuse:
+        raise UsageError("stabledub adapt makes adapters; adapt.reuse (--adapt-from) belongs to stabledub run")
+    check_adaptation(config)
+    shards = check_input(args.input, args.allow_missing)
+    check_output(args.output)
+    print(f"adapters: {args.output}  (per person: adapt/<shard>/<key>/.../person-<id>.json; all: adaptation.json)")
+    try:
+        summary = adapt_films(shards, args.output, config, progress=args.verbose)
+    except (FileNotFoundError, RunDirError, LeaseHeld, OverlapError) as error:
+        raise UsageError(str(error)) from None
     return EXIT_SOME_FAILED if summary.any_failed else EXIT_OK
 
 
@@ -479,7 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="off a terminal, print a progress line to stderr this often (a terminal gets a bar; -q: neither)",
     )
+    r.add_argument("--adapt", action="store_true", help="adapt the model to each dubbed person's own footage first (adapt.*)")
+    r.add_argument("--adapt-from", metavar="DIR", help="dub with the adapters `stabledub adapt` wrote into DIR")
     r.set_defaults(func=cmd_run)
+
+    a = command("adapt", "adapt the model to every dubbed person of the films, without dubbing (adapters for review)")
+    a.add_argument("input", help="film shard URL, brace pattern or glob (as for run)")
+    a.add_argument("output", help="folder for the adapters and their reports (use it with run --adapt-from)")
+    a.add_argument("--model", help="StableDub checkpoint path/URL (default: inpaint.model)")
+    a.add_argument("--config", help="YAML or JSON config file")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. adapt.steps=100")
+    a.add_argument("--allow-missing", action="store_true", help="skip shards of the pattern that do not exist (with a warning)")
+    a.set_defaults(func=cmd_adapt)
 
     c = command("config", "print the effective configuration (defaults + --config + --set) as YAML")
     c.add_argument("--config", help="YAML or JSON config file")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pipeline.stage_table import STAGES, StageResources
+from stages.adapt import AdaptConfig
 from stages.audio import AudioConfig
 from stages.decode import DecodeConfig
 from stages.encode import EncodeConfig
@@ -44,6 +45,7 @@ class PipelineConfig:
     occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     face_link: FaceLinkConfig = field(default_factory=FaceLinkConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     resources: dict[str, StageResources] = field(default_factory=_default_resources)

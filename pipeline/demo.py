@@ -144,8 +144,9 @@ def run_demo(output: str, verbose: bool = False) -> int:
     print(f"demo film: {film} ({frames} frames, {DEMO_SIZE[0]}x{DEMO_SIZE[1]}); dub: {dub} ({seconds:.1f} s of Spanish speech)")
     if model != "identity":
         print(
-            "note: the shipped demo checkpoint is a tiny 64-px model trained for minutes on a CPU: it shows the "
-            "whole pipeline dubbing a film, not StableDub's quality (expect a blurry mouth; see models/README.md)."
+            "note: the shipped demo checkpoint is a 128-px model trained for an hour on a 2-core CPU: it shows the "
+            "whole pipeline dubbing a film, not StableDub's quality (a soft, pinkish lower face whose mouth opens "
+            "more like its reference frame than like the speech; see models/README.md)."
         )
     if model == "identity":
         print(

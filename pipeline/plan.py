@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.adaptation import adaptation_values
 from pipeline.config import PipelineConfig
 from pipeline.locations import OverlapError, check_disjoint, input_files, pattern_folders
 from pipeline.planner import index_shard_rows, plan_film_rows, plan_items
@@ -98,6 +99,11 @@ def build_stage(spec: StageSpec, config: PipelineConfig, **plan_values: Any):
     return spec.stage(**stage_kwargs(spec, config, plan_values))
 
 
+def active_stages(stages: Sequence[StageSpec], config: PipelineConfig) -> list[StageSpec]:
+    """The stages a plan runs: an optional one (adapt) only when its config section is active."""
+    return [spec for spec in stages if not spec.optional or getattr(config, spec.name).active]
+
+
 def build_dataset(
     urls: list[str],
     config: PipelineConfig,
@@ -125,7 +131,9 @@ def build_dataset(
         num_cpus=0.1,
     )
     plan_values = {"segment_url": run.segment_url, "summary_url": run.track_summary_url, "done_segments": run.done_segments}
-    for spec in stages:
+    if any(spec.name == "adapt" for spec in stages):
+        plan_values.update(adaptation_values(config, run, resolve_gpus(config.resources["inpaint"].num_gpus)))
+    for spec in active_stages(stages, config):
         res = config.resources[spec.name]
         ds = ds.map_batches(
             spec.stage,

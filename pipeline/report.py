@@ -185,8 +185,10 @@ def timecode(seconds: float) -> str:
 
 
 def changed_ranges(report: dict[str, Any]) -> list[tuple[int, int]]:
-    """The film's changed frames as merged [start, stop) ranges over every dubbed face."""
-    spans = sorted((a, b) for face in report.get("faces") or [] for a, b in face.get("frames", []))
+    """The film's changed frames (pixels changed) as merged [start, stop) ranges over every dubbed face;
+    a report written before faces carried `changed` gives the frames pasted into."""
+    faces = report.get("faces") or []
+    spans = sorted((a, b) for face in faces for a, b in face.get("changed", face.get("frames", [])))
     merged: list[tuple[int, int]] = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:
@@ -244,6 +246,36 @@ def film_faces(film: FilmRef, summaries: list[dict[str, Any]], faces: list[dict[
     }
 
 
+ADAPTATION_FIELDS = ("status", "footage_seconds", "frames", "steps", "seconds", "loss_before", "loss_after", "reason", "adapter")
+
+
+def film_adaptation(record: dict[str, Any] | None, persons: list[dict[str, Any]]) -> dict[str, Any]:
+    """The film report's per-actor adaptation (stages/adapt.py's film record): per dubbed person the
+    own footage used (seconds), the adaptation's steps, compute seconds and loss before/after, or
+    why the person was not adapted; each entry of `persons` gets its own as `adaptation`."""
+    if record is None:
+        return {}
+    entries = {int(p["person"]): {k: p[k] for k in ADAPTATION_FIELDS if p.get(k) is not None} for p in record.get("persons", [])}
+    for entry, p in zip(entries.values(), record.get("persons", [])):
+        if p.get("reused"):
+            entry["reused"] = True  # made by an earlier, interrupted run
+    for person in persons:
+        if int(person["id"]) in entries:
+            person["adaptation"] = entries[int(person["id"])]
+    out: dict[str, Any] = {
+        "persons": [{"person": p, **e} for p, e in sorted(entries.items())],
+        "persons_adapted": sum(1 for e in entries.values() if e.get("status") == "adapted"),
+        "seconds": round(sum(float(e.get("seconds") or 0) for e in entries.values() if e.get("status") == "adapted"), 3),
+        "model": record.get("model"),
+        "crop_size": record.get("crop_size"),
+    }
+    if record.get("reused_from"):
+        out["reused_from"] = record["reused_from"]
+    if record.get("reason"):
+        out["reason"] = record["reason"]
+    return out
+
+
 def _ranges_html(report: dict[str, Any]) -> h.Cell:
     ranges = changed_ranges(report)
     if not ranges or not report.get("frames"):
@@ -261,10 +293,16 @@ def _faces_html(report: dict[str, Any]) -> h.Cell:
     lines = []
     for person in report.get("persons") or []:
         sync = person.get("mean_sync_probability")
-        lines.append(
+        line = (
             f"person {person['id']}: {person['frames_dubbed']} of {person['frames_on_screen']} frames dubbed, "
             f"sync {h.MISSING if sync is None else format(sync, '.2f')}"
         )
+        adaptation = person.get("adaptation")
+        if adaptation and adaptation.get("status") == "adapted":
+            line += f", adapted on {adaptation.get('footage_seconds')} s ({adaptation.get('seconds')} s)"
+        elif adaptation:
+            line += f", not adapted: {adaptation.get('reason', '')}"
+        lines.append(line)
     if not lines:  # a report written before the face link stage: per segment and track
         for face in faces:
             sync = "sync " + (f"{face['sync']:+.2f}" if face.get("sync") is not None else h.MISSING)

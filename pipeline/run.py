@@ -30,7 +30,7 @@ from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
 from pipeline.plan import build_dataset, init_ray, open_run
 from pipeline.progress import Progress
-from pipeline.report import film_faces, write_report
+from pipeline.report import film_adaptation, film_faces, write_report
 from pipeline.rundir import RunDir
 from pipeline.shards import default_key, is_manifest
 from pipeline.stage_table import STAGES, StageSpec, stage_spec
@@ -78,15 +78,24 @@ class RunOptions:
 
 @dataclass
 class RunSummary(Summary):
+    persons_adapted: int = 0  # per-actor adaptation (--adapt): persons adapted in this run
+    persons_not_adapted: int = 0  # dubbed persons left to the base model (too little footage, ...)
+    adapt_seconds: float = 0.0  # compute seconds of this run's adaptations
+
     @property
     def nothing_to_do(self) -> bool:
         return not (self.films_ok or self.films_failed or self.shards_written or self.shards_failed)
 
     def detail_parts(self) -> list[str]:
-        return [
+        parts = [
             f"shards written {self.shards_written}, failed {self.shards_failed}, skipped {self.shards_skipped}",
             f"frames {self.frames}",
         ]
+        if self.persons_adapted or self.persons_not_adapted:
+            parts.append(
+                f"persons adapted {self.persons_adapted} ({self.adapt_seconds:.1f} s), not adapted {self.persons_not_adapted}"
+            )
+        return parts
 
     def line(self) -> str:
         fps = self.frames / self.wall_seconds if self.wall_seconds > 0 else 0.0
@@ -133,6 +142,7 @@ class Driver(Ledger):
 
     def _film_assembled(self, shard: ShardState, state: FilmState, report: dict[str, Any]) -> None:
         log.info("film %s dubbed (%d frames)", state.film.uid, report.get("frames", 0))
+        count_adaptation(self.summary, report.get("adaptation"))
         self.film_ok(shard, state, report)
 
     def _assembly_failed(self, shard: ShardState, state: FilmState, error: Exception) -> None:
@@ -172,6 +182,8 @@ class Driver(Ledger):
             put_file(local, target)
         report = film_report(film, records, changed, audio, self.options.config)
         report.update(film_report_faces(film, report, self.run.track_summaries(film, state.count or 0)))
+        if self.options.config.adapt.active:
+            report["adaptation"] = film_adaptation(self.run.adapt_record(film), report["persons"])
         if plain:
             write_json(join(self.options.output, f"{film.safe_key}.json"), report)
         write_json(self.run.film_url(film, ".json"), report)  # the film's completion marker
@@ -204,6 +216,16 @@ class Driver(Ledger):
         self.pool.shutdown()
         self.close()
         return self.summary
+
+
+def count_adaptation(summary: RunSummary, adaptation: dict[str, Any] | None) -> None:
+    """A film's adaptation in the run's summary (persons reused from an earlier run cost nothing now)."""
+    for person in (adaptation or {}).get("persons", []):
+        if person.get("status") != "adapted":
+            summary.persons_not_adapted += 1
+        elif not person.get("reused") and not adaptation.get("reused_from"):
+            summary.persons_adapted += 1
+            summary.adapt_seconds += float(person.get("seconds") or 0.0)
 
 
 def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audio, config: PipelineConfig) -> dict[str, Any]:
@@ -258,7 +280,7 @@ def film_report_faces(film: FilmRef, report: dict[str, Any], summaries: list[dic
     for name in ("shots", "tracks", "tracks_dubbed"):
         counts.pop(name, None)
     counts.update(faces.pop("film_counts"))
-    counts["frames_changed"] = report["frames_changed"]  # frames pasted into (each written once)
+    counts["frames_changed"] = report["frames_changed"]  # frames whose pixels changed (each written once)
     return {**faces, "counts": counts}
 
 
@@ -404,5 +426,63 @@ def run(options: RunOptions) -> RunSummary:
         write_report(run_dir.url, join(options.output, "report.html"))
     except Exception as error:  # noqa: BLE001 - the films are dubbed; a report that fails must not fail the run
         log.warning("QC report not written: %s: %s (run `stabledub report` on the output)", type(error).__name__, error)
+    print(summary.line())
+    return summary
+
+
+# ------------------------------------------------------------------------------ stabledub adapt
+@dataclass
+class AdaptSummary(Summary):
+    persons_adapted: int = 0
+    persons_not_adapted: int = 0
+    adapt_seconds: float = 0.0
+
+    def detail_parts(self) -> list[str]:
+        return [f"persons adapted {self.persons_adapted} ({self.adapt_seconds:.1f} s), not adapted {self.persons_not_adapted}"]
+
+
+class AdaptDriver(Ledger):
+    """`stabledub adapt`: a film is complete when its persons are adapted (the adapt stage wrote its
+    record); its report says, per person, the footage, steps, seconds and losses or why not."""
+
+    def film_complete(self, shard: ShardState, state: FilmState) -> None:
+        film = state.film
+        adaptation = film_adaptation(self.run.adapt_record(film), [])
+        count_adaptation(self.summary, adaptation)  # type: ignore[arg-type]
+        report = {"key": film.key, "shard": shard.name, "status": "ok", "input": film.input_id, "adaptation": adaptation}
+        write_json(self.run.film_url(film, ".json"), report)
+        self.film_ok(shard, state, report)
+
+    def shard_complete(self, shard: ShardState) -> None:
+        self.shard_finished(shard)
+        self.summary.shards_written += 1
+
+
+def adapt_films(input_pattern: str | list[str], output: str, config: PipelineConfig, progress: bool = False) -> AdaptSummary:
+    """Adapt the model to every dubbed person of the films, without dubbing: OUTPUT is the run
+    directory, holding the adapters and their reports (`adapt/...`, pipeline/rundir.py) and
+    `adaptation.json` (every film's persons) for review; `stabledub run --adapt-from OUTPUT` uses them."""
+    from pipeline.stage_table import ADAPT_STAGES
+
+    began = time.perf_counter()
+    config = dataclasses.replace(config, adapt=dataclasses.replace(config.adapt, enabled=True, reuse=""))
+    urls, run_dir = open_run(input_pattern, output, output)
+    with Lease(run_dir.url):
+        run_dir.check_config(config.output_fingerprint())
+        remove_temporaries(run_dir.url)
+        init_ray()
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ds = build_dataset(urls, config, run_dir, ADAPT_STAGES)
+        driver = AdaptDriver(run_dir, AdaptSummary())
+        for row in ds.iter_rows():
+            driver.add(from_row(row))
+        driver.close()
+    summary = driver.summary
+    summary.wall_seconds = time.perf_counter() - began
+    films = [read_json(run_dir.film_url(s.films[k].film, ".json")) for s in driver.shards.values() for k in sorted(s.films)]
+    write_json(run_dir.path("adaptation.json"), {"films": [f for f in films if f.get("status") == "ok"], "line": summary.line()})
+    write_json(run_dir.path("summary.json"), {**summary.__dict__, "line": summary.line()})
     print(summary.line())
     return summary

@@ -8,6 +8,13 @@ Layout (any fsspec URL):
                                        frames, and the film's face links after it (face_link stage)
     segments/<shard>/<key>/input.id    the input identity those segments were encoded from
     films/<shard>/<key>.mp4            assembled film; <key>.json (its report) is written last
+    adapt/<shard>/<key>/film.json      the film's per-actor adaptation (adapt stage): per dubbed person
+                                       its adapter folder or why it was not adapted, the base model's
+                                       identity, the adapt config hash, the input identity; written last
+    adapt/<shard>/<key>/<model>-<cfg>/person-<p>/      a person's adapter (models.adapt.save_adapter),
+                                       keyed by base model identity (content hash) and adapt config hash
+    adapt/<shard>/<key>/<model>-<cfg>/person-<p>.json  its report, written after it (done marker)
+    adapt/<shard>/<key>/held/<n>.segment  segments waiting for the film's adaptation (removed after)
     shards/<shard>.json                every film of the shard resolved and, for `run`, the output
                                        shard committed (written last); names its failed films and
                                        records the shard's size and etag/mtime
@@ -78,6 +85,32 @@ class RunDir:
     def film_report(self, film: FilmRef) -> dict[str, Any] | None:
         url = self.film_url(film, ".json")
         return read_json(url) if exists(url) else None
+
+    # ---------------------------------------------------------------- per-actor adaptation
+    def adapt_record_url(self, film: FilmRef) -> str:
+        return self.path("adapt", film.shard_name, film.safe_key, "film.json")
+
+    def adapter_url(self, film: FilmRef, key: str, person: int) -> str:
+        """A person's adapter folder (`key`: base model identity and adapt config hash); its report
+        is this + `.json`."""
+        return self.path("adapt", film.shard_name, film.safe_key, key, f"person-{person}")
+
+    def held_segment_url(self, film: FilmRef, index: int) -> str:
+        return join(self.held_dir(film), f"{index:05d}.segment")
+
+    def held_dir(self, film: FilmRef) -> str:
+        return self.path("adapt", film.shard_name, film.safe_key, "held")
+
+    def adapt_record(self, film: FilmRef) -> dict[str, Any] | None:
+        url = self.adapt_record_url(film)
+        return read_json(url) if exists(url) else None
+
+    def adapt_records(self) -> list[dict[str, Any]]:
+        """Every film's adaptation record under this directory (what `--adapt-from` checks)."""
+        fs, root = filesystem(self.path("adapt"))
+        if not fs.exists(root):
+            return []
+        return [json.loads(fs.cat_file(p)) for p in sorted(fs.find(root)) if p.endswith("/film.json")]
 
     def segment_dir(self, film: FilmRef) -> str:
         return self.path("segments", film.shard_name, film.safe_key)

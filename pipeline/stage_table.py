@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
+from stages.adapt import Adapt
 from stages.audio import AudioFeaturize
 from stages.base import SegmentStage
 from stages.decode import Decode
@@ -52,6 +53,7 @@ class StageSpec:
     # Constructor keywords only the plan knows (e.g. where the run directory puts segments).
     plan_extras: tuple[str, ...] = ()
     dubbing_only: bool = False  # `preprocess` (training corpora) stops before it
+    optional: bool = False  # in the plan only when its config section is `active` (pass-through otherwise)
 
     @property
     def operator_name(self) -> str:
@@ -100,6 +102,20 @@ STAGES: tuple[StageSpec, ...] = (
         config_extras={"face_track": "face_track"},
         plan_extras=("summary_url", "done_segments"),
     ),
+    # One actor on purpose, like face_link: it sees each film's segments, holds them (spilled to the
+    # run directory) while the film's persons are adapted, then releases them. The adaptation itself
+    # runs as a Ray task with the inpaint stage's resources (pipeline/adaptation.py).
+    StageSpec(
+        "adapt",
+        Adapt,
+        StageResources(num_cpus=0.125, max_actors=1),
+        reads=("tracks", "source_speech", "source_audio_features"),
+        writes=("tracks.info.adapter",),
+        config_extras={"inpaint": "inpaint", "face_link": "face_link"},
+        plan_extras=("adapt_paths", "reuse_paths", "run_adaptation"),
+        dubbing_only=True,
+        optional=True,
+    ),
     StageSpec(
         "inpaint",
         Inpaint,
@@ -121,6 +137,8 @@ STAGES: tuple[StageSpec, ...] = (
 )
 STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in STAGES)
 PREPROCESS_STAGES: tuple[StageSpec, ...] = tuple(spec for spec in STAGES if not spec.dubbing_only)
+# `stabledub adapt`: the perception stages and the adapt stage, nothing is dubbed
+ADAPT_STAGES: tuple[StageSpec, ...] = tuple(spec for spec in STAGES if not spec.dubbing_only or spec.name == "adapt")
 
 
 def stage_spec(name: str) -> StageSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Annotated
@@ -21,8 +21,8 @@ from stages.base import SegmentStage, StageError
 from stages.face_align import apply_affine, invert
 from stages.media import display_info, keep_display, open_member, open_reader
 from stages.overlay import DebugWriter, debug_paths
-from stages.paste import paste_back
-from stages.schema import Segment, frame_tolerance
+from stages.paste import paste_into
+from stages.schema import Segment, Track, frame_tolerance
 from stages.settings import NonNegativeFloat, NonNegativeInt, OneOf, Range, Settings
 from stages.storage import put_file, write_json
 
@@ -69,7 +69,8 @@ class Encode(SegmentStage):
         target = self.segment_url(segment)
         with tempfile.TemporaryDirectory(prefix="stabledub-encode-") as tmp:
             local = os.path.join(tmp, "segment.mp4")
-            changed = encode_segment(segment, local, self.settings)
+            changes: dict[int, set[int]] = {}
+            changed = encode_segment(segment, local, self.settings, changes)
             put_file(local, target + ".mp4")
             if self.settings.debug:
                 for made, suffix in zip(debug_paths(local), (".debug.mp4", ".debug.png")):
@@ -77,7 +78,8 @@ class Encode(SegmentStage):
                         put_file(made, debug_url(target) + suffix)
         segment.output_path = target + ".mp4"
         segment.counts["frames_changed"] = changed
-        self._faces[segment.id] = dubbed_faces(segment)
+        segment.counts["frames_pasted"] = len({f for t in segment.tracks if t.generated is not None for f in _core(segment, t)})
+        self._faces[segment.id] = dubbed_faces(segment, changes)
         return segment.drop_payload()
 
     def commit(self, segment: Segment) -> None:
@@ -92,7 +94,7 @@ def debug_url(target: str) -> str:
     return f"{folder}.debug/{name}"
 
 
-def frame_ranges(frames: np.ndarray) -> list[list[int]]:
+def frame_ranges(frames: Iterable[int]) -> list[list[int]]:
     """Sorted frame numbers as [start, stop) runs: [3, 4, 5, 9] -> [[3, 6], [9, 10]]."""
     runs: list[list[int]] = []
     for f in sorted({int(f) for f in frames}):
@@ -103,15 +105,21 @@ def frame_ranges(frames: np.ndarray) -> list[list[int]]:
     return runs
 
 
-def dubbed_faces(segment: Segment) -> list[dict]:
-    """Per track pasted into the segment: its id, speech-sync score, the film frames it changed and its
-    face box (full-resolution x0, y0, x1, y1) at the middle one of them, for the QC report."""
+def _core(segment: Segment, track: Track) -> np.ndarray:
+    """The track's frames in this segment (overlap context excluded), as film frame numbers."""
+    return segment.context_start + track.frame_index[track.frame_index >= segment.context]
+
+
+def dubbed_faces(segment: Segment, changes: dict[int, set[int]] | None = None) -> list[dict]:
+    """Per track pasted into the segment: its id, speech-sync score, the film frames it was pasted into
+    (`frames`), those whose pixels it changed (`changed`, from `encode_segment`'s `changes`), and its
+    face box (full-resolution x0, y0, x1, y1) at the middle pasted frame, for the QC report."""
     faces = []
     for track in segment.tracks:
         keep = track.frame_index >= segment.context
         if track.generated is None or not keep.any():
             continue
-        frames = segment.context_start + track.frame_index[keep]
+        frames = _core(segment, track)
         middle = len(frames) // 2
         size = track.mask.shape[1]
         square = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64)
@@ -119,15 +127,16 @@ def dubbed_faces(segment: Segment) -> list[dict]:
         low = np.clip(np.floor(corners.min(axis=0)), 0, [segment.width, segment.height]).astype(int)
         high = np.clip(np.ceil(corners.max(axis=0)), 0, [segment.width, segment.height]).astype(int)
         sync = track.info.get("sync")
-        faces.append(
-            {
-                "track": track.track_id,
-                "sync": None if sync is None else round(float(sync), 4),
-                "frames": frame_ranges(frames),
-                "box": [int(low[0]), int(low[1]), int(high[0]), int(high[1])],
-                "box_frame": int(frames[middle]),
-            }
-        )
+        face = {
+            "track": track.track_id,
+            "sync": None if sync is None else round(float(sync), 4),
+            "frames": frame_ranges(frames),
+            "box": [int(low[0]), int(low[1]), int(high[0]), int(high[1])],
+            "box_frame": int(frames[middle]),
+        }
+        if changes is not None:
+            face["changed"] = frame_ranges(changes.get(track.track_id, ()))
+        faces.append(face)
     return faces
 
 
@@ -146,8 +155,12 @@ def segment_record(segment: Segment, faces: list[dict] | None = None) -> dict:
     }
 
 
-def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
-    """Write frames [start, stop) with tracks pasted; returns how many frames were changed."""
+def encode_segment(segment: Segment, path: str, settings: EncodeConfig, changes: dict[int, set[int]] | None = None) -> int:
+    """Write frames [start, stop) with tracks pasted; returns how many frames' pixels changed.
+
+    A paste that leaves every pixel as it was (the `identity` model, a silence kept) does not count:
+    each pasted region is compared with the source frame as it is pasted, before encoding. `changes`,
+    when given, gets per track id the film frame numbers whose pixels that track changed."""
     assert segment.film.video is not None
     core = segment.pts[segment.context :]
     pastes: dict[int, list[tuple]] = {}
@@ -164,11 +177,13 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
                         track.mask[i],
                         None if occlusion is None else occlusion[i],
                         track.crops[i],
+                        track.track_id,
                     )
                 )
     time_base = Fraction(*segment.time_base)
     tolerance = frame_tolerance(segment.pts)
     written = 0
+    changed: set[int] = set()
     with av.open(path, mode="w", format="mp4") as output:
         stream = output.add_stream(settings.codec, rate=_nominal_rate(core), options=encoder_options(settings))
         stream.width, stream.height = segment.width, segment.height
@@ -195,8 +210,11 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
                     if image is None:
                         raise StageError(f"source frame at {want:.3f}s could not be decoded again")
                     image = image.copy() if i in pastes else image
-                    for generated, affine, mask, occlusion, crop in pastes.get(i, ()):
-                        paste_back(image, generated, affine, mask, occlusion, settings.feather, crop)
+                    for generated, affine, mask, occlusion, crop, track_id in pastes.get(i, ()):
+                        if paste_into(image, generated, affine, mask, occlusion, settings.feather, crop):
+                            changed.add(i)
+                            if changes is not None:
+                                changes.setdefault(track_id, set()).add(segment.context_start + segment.context + i)
                     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
                     frame.pts = int(round(want / float(time_base)))
                     frame.time_base = time_base
@@ -211,7 +229,7 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig) -> int:
                     debug.close()
         for packet in stream.encode(None):
             output.mux(packet)
-    return sum(1 for i in pastes if i < written)
+    return sum(1 for i in changed if i < written)
 
 
 class FrameCursor:

@@ -35,6 +35,7 @@ from stages.storage import exists, join
 SCHEDULERS = ("ddim", "dpm++")  # the keys of models.pipeline_stabledub.SCHEDULERS (not imported: torch)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WINDOWS_PER_BATCH_CUDA = 32  # inpaint.windows_per_batch=0 on a GPU
+ADAPTED_KEPT = 4  # adapted pipelines an actor keeps (per-actor adaptation, stages/adapt.py)
 log = logging.getLogger(__name__)
 
 
@@ -245,10 +246,22 @@ class StableDubInpainter:
         return self.generate([(track, segment)])[0]
 
     def generate(self, pairs: list[tuple[Track, Segment]]) -> list[np.ndarray]:
-        """New crops for each (track, segment), all tracks denoised together (shared UNet calls)."""
+        """New crops for each (track, segment), all tracks denoised together (shared UNet calls);
+        tracks of a person the adapt stage adapted (`info["adapter"]`) together with that person's
+        adapted model."""
+        groups: dict[str, list[int]] = {}
+        for i, (track, _) in enumerate(pairs):
+            groups.setdefault(str(track.info.get("adapter") or ""), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(pairs)
+        for adapter, members in groups.items():
+            for i, crops in zip(members, self._generate(self.adapted_pipeline(adapter), [pairs[i] for i in members])):
+                out[i] = crops
+        return out  # type: ignore[return-value]
+
+    def _generate(self, pipeline: Any, pairs: list[tuple[Track, Segment]]) -> list[np.ndarray]:
         requests = [self.request(track, segment) for track, segment in pairs]
         s = self.settings
-        results = self.pipeline.generate(
+        results = pipeline.generate(
             requests,
             num_inference_steps=self.steps,
             window=s.window,
@@ -256,6 +269,25 @@ class StableDubInpainter:
             windows_per_batch=self.windows_per_batch,
         )
         return [self.back_to_crop(track, request.frames, result) for (track, _), request, result in zip(pairs, requests, results)]
+
+    def adapted_pipeline(self, adapter: str) -> Any:
+        """The base pipeline, or a copy with a person's adapter applied (the base never changes);
+        the last few are kept, since a film's segments come one after another."""
+        if not adapter:
+            return self.pipeline
+        cache = self.__dict__.setdefault("_adapted", {})
+        if adapter not in cache:
+            from models.adapt import adapted, load_adapter
+            from models.remote import local_dir
+
+            pipeline = adapted(self.pipeline, load_adapter(local_dir(adapter)))
+            pipeline.set_progress_bar_config(disable=True)
+            if self.settings.scheduler != "auto":
+                pipeline.use_scheduler(self.settings.scheduler)
+            while len(cache) >= ADAPTED_KEPT:
+                del cache[next(iter(cache))]
+            cache[adapter] = pipeline
+        return cache[adapter]
 
     def request(self, track: Track, segment: Segment) -> Any:
         """The pipeline's inputs for one track: crops at the model's resolution, references, seeded noise."""
@@ -283,15 +315,19 @@ class StableDubInpainter:
         )
 
     def back_to_crop(self, track: Track, frames: np.ndarray, result: np.ndarray) -> np.ndarray:
-        """The model's crops at the track's crop size: only the model's change is resized, so
-        untouched pixels stay exact."""
-        if self.size == track.crops.shape[1]:
-            return result
-        change = resize_square(result.astype(np.int16) - frames.astype(np.int16), track.crops.shape[1])
-        region = track.mask > 0
-        out = track.crops.astype(np.int16)
-        out[region] += change[region]
-        return np.clip(out, 0, 255).astype(np.uint8)
+        return change_to_crop(track.crops, track.mask, frames, result)
+
+
+def change_to_crop(crops: np.ndarray, mask: np.ndarray, frames: np.ndarray, result: np.ndarray) -> np.ndarray:
+    """A model's `result` for `frames` (the crops at the model's size) brought back to the crops'
+    own size: only the model's change is resized, inside the mask, so untouched pixels stay exact."""
+    if result.shape[1] == crops.shape[1]:
+        return result
+    change = resize_square(result.astype(np.int16) - frames.astype(np.int16), crops.shape[1])
+    region = mask > 0
+    out = crops.astype(np.int16)
+    out[region] += change[region]
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def load_model(name_or_url: str, settings: InpaintConfig | None = None, audio: AudioConfig | None = None) -> InpaintModel:

@@ -68,10 +68,25 @@ def paste_back(
     was given (enables colour match and detail transfer). Pixels where alpha is zero are left
     bit-for-bit untouched.
     """
+    paste_into(frame, generated, affine, mask, occlusion, feather, source)
+    return frame
+
+
+def paste_into(
+    frame: np.ndarray,
+    generated: np.ndarray,
+    affine: np.ndarray,
+    mask: np.ndarray,
+    occlusion: np.ndarray | None = None,
+    feather: float = 0.0,
+    source: np.ndarray | None = None,
+) -> bool:
+    """`paste_back`, returning whether any pixel of `frame` changed (a model that gave the crop back
+    unchanged changes none). Only the pasted region is compared, so it costs next to nothing."""
     alpha = paste_alpha(mask, occlusion, feather)
     ys, xs = np.nonzero(alpha > 0)
     if len(xs) == 0:
-        return frame
+        return False
     inverse = cv2.invertAffineTransform(affine.astype(np.float64))
     corners = np.array(
         [[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]], np.float64
@@ -82,7 +97,7 @@ def paste_back(
     x1, y1 = np.ceil(mapped.max(axis=0)).astype(int) + 1
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
     if x1 <= x0 or y1 <= y0:
-        return frame
+        return False
     # crop -> ROI: inverse affine shifted by the ROI origin
     roi_affine = inverse.copy()
     roi_affine[:, 2] -= (x0, y0)
@@ -104,6 +119,8 @@ def paste_back(
         # the model's change, plus (where it changed the crop) what resampling lost of the source
         change = (to_roi(new) - before) - (1.0 - keep) * (original - before)
     blended = original + roi_alpha * change
-    changed = roi_alpha[..., 0] > 0
-    roi[changed] = np.clip(np.rint(blended[changed]), 0, 255).astype(np.uint8)
-    return frame
+    inside = roi_alpha[..., 0] > 0
+    pixels = np.clip(np.rint(blended[inside]), 0, 255).astype(np.uint8)
+    changed = bool((pixels != roi[inside]).any())
+    roi[inside] = pixels
+    return changed

@@ -7,16 +7,22 @@ sync score from our own sync expert (LSE-C style; its held-out AUC is reported b
 temporal jitter of the mouth landmarks. Two baselines run on the same clips: the source unchanged
 (the ceiling of the image metrics) and the source with its mouth frozen on the first frame (the
 floor of sync). DIR gets metrics.json and index.html with plots and side-by-side stills.
+
+Crops are not what a viewer sees: every method's crops are also pasted back into the source film's
+full-resolution frames with the encode stage's own paste-back, and those frames are scored for the
+seam at the paste boundary (`seam`) and for leaving everything else untouched (`psnr_outside`);
+see `FullFrameScore`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,17 +35,24 @@ from models.images import resize_square
 from models.pipeline_stabledub import StableDubPipeline
 from models.sync_expert import load_sync_expert, sync_score, window_confidence
 from pipeline.config import load_config
-from pipeline.shards import PackItem, pack
+from pipeline.shards import PackItem, ShardError, index_shard, pack
 from stages.audio_io import decode_audio
+from stages.encode import EncodeConfig
+from stages.inpaint import change_to_crop
+from stages.media import open_member
+from stages.paste import paste_alpha, paste_back
+from stages.schema import MemberRef
 from training.preprocess import FilterConfig, PreprocessOptions, preprocess
 from training.shards import decode_arrays, read_shard, shard_urls
 from training.sync_expert import LipLandmarks, data_list
 
-METRICS = ("psnr_mouth", "ssim_mouth", "lmd", "identity_sim", "sync_score", "jitter")
+METRICS = ("psnr_mouth", "ssim_mouth", "lmd", "identity_sim", "sync_score", "jitter", "seam", "psnr_outside")
+FULL_FRAME_METRICS = ("seam", "psnr_outside")  # on pasted full frames; the others on crops
 BASELINES = ("source", "frozen")
 SYNC_KEYS = ("sync_score", "sync_distance", "sync_confidence")  # their per-clip spread is reported too
 PSNR_CAP = 100.0  # dB for identical pixels (JSON has no infinity)
 LANDMARK_SIZE = LipLandmarks.size  # landmarks and identity are measured on crops brought to this size
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +64,10 @@ class Clip:
     mask: np.ndarray  # (N, S, S) uint8
     occlusion: np.ndarray
     audio: np.ndarray  # (N, W, F)
+    # Where the crops came from, for full-frame scores (None for shards written before they carried it):
+    affine: np.ndarray | None = None  # (N, 2, 3) full-resolution frame -> crop
+    frames: np.ndarray | None = None  # (N,) film frame numbers
+    video: MemberRef | None = None  # the source film's video
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -133,6 +150,162 @@ def identity_sim(output: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean((a * b).sum(-1)))
 
 
+# ---------------------------------------------------------------------------------------- full frames
+SEAM_BAND_PX = 2  # the paste's blend ramp, widened by this many frame pixels on each side
+SEAM_NORMAL_SIGMA = 2.0  # frame pixels: the paste region is smoothed this much to find its normal
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+@dataclass
+class PasteGeometry:
+    """Where one crop lands in its full frame: the region of interest (x0, y0, x1, y1), the paste's
+    bounding box in frame pixels, and its boundary band with the unit normal there."""
+
+    roi: tuple[int, int, int, int]
+    box: tuple[int, int, int, int]
+    band: np.ndarray  # (h, w) bool, in ROI coordinates
+    normal: np.ndarray  # (2, K) x and y of the unit normal at the band's pixels
+
+
+def paste_geometry(
+    affine: np.ndarray, mask: np.ndarray, occlusion: np.ndarray | None, feather: float, shape: tuple[int, ...]
+) -> PasteGeometry | None:
+    """The paste of `paste_back(frame, crop, affine, mask, occlusion, feather)` seen in the frame, or
+    None when nothing is pasted (an empty mask, a crop off the frame)."""
+    alpha = paste_alpha(mask, occlusion, feather)
+    ys, xs = np.nonzero(alpha > 0)
+    if len(xs) == 0:
+        return None
+    inverse = cv2.invertAffineTransform(affine.astype(np.float64))
+    corners = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]])
+    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
+    margin = SEAM_BAND_PX + int(3 * SEAM_NORMAL_SIGMA) + 2
+    h, w = shape[:2]
+    x0, y0 = np.maximum(np.floor(mapped.min(axis=0)).astype(int) - margin, 0)
+    x1, y1 = np.minimum(np.ceil(mapped.max(axis=0)).astype(int) + margin, (w, h))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    shifted = inverse.copy()
+    shifted[:, 2] -= (x0, y0)
+    a = cv2.warpAffine(alpha, shifted, (int(x1 - x0), int(y1 - y0)), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    inside_y, inside_x = np.nonzero(a > 0)
+    if len(inside_x) == 0:
+        return None
+    box = (int(x0 + inside_x.min()), int(y0 + inside_y.min()), int(x0 + inside_x.max() + 1), int(y0 + inside_y.max() + 1))
+    ramp = ((a > 1e-3) & (a < 1 - 1e-3)).astype(np.uint8)
+    side = 2 * SEAM_BAND_PX + 1
+    band = cv2.dilate(ramp, np.ones((side, side), np.uint8)) > 0
+    smooth = cv2.GaussianBlur((a > 0.5).astype(np.float32), (0, 0), SEAM_NORMAL_SIGMA)
+    gx, gy = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+    norm = np.hypot(gx, gy)
+    band &= norm > 1e-4
+    normal = np.stack([gx[band], gy[band]]) / norm[band]
+    return PasteGeometry((int(x0), int(y0), int(x1), int(y1)), box, band, normal)
+
+
+def across(luma: np.ndarray, geometry: PasteGeometry) -> np.ndarray:
+    """|derivative of `luma` (ROI) along the paste's normal| at the band's pixels (levels per pixel)."""
+    gx = cv2.Sobel(luma, cv2.CV_32F, 1, 0, ksize=3)[geometry.band] / 8.0
+    gy = cv2.Sobel(luma, cv2.CV_32F, 0, 1, ksize=3)[geometry.band] / 8.0
+    return np.abs(gx * geometry.normal[0] + gy * geometry.normal[1])
+
+
+@dataclass
+class FullFrameScore:
+    """The full-frame scores of one method on one clip, accumulated frame by frame.
+
+    `seam` (levels per pixel, lower = less visible seam; the source itself scores exactly 0): the
+    mean over the boundary band's pixels of every frame of | |dO/dn| - |dS/dn| |, where O and S are
+    the luma (0..255) of the output frame and of the source frame, and d/dn is the derivative across
+    the paste boundary (3x3 Sobel, projected on the unit normal of the paste region). The band is
+    where the crop blends in: frame pixels where the warped paste alpha lies strictly between 0 and
+    1 (the feathered mask edge), widened by SEAM_BAND_PX on each side. A paste whose pixels continue
+    the source's across its edge adds no jump; a patch brighter than its surroundings by a step
+    adds about step / ramp width; the source's own edges there (a jaw line) cancel out.
+
+    `psnr_outside` (dB, capped at PSNR_CAP; higher is better, PSNR_CAP = untouched): the output
+    frame against the source frame over every pixel outside the paste's bounding box (the
+    axis-aligned box of the warped mask in that frame). Paste-back must leave them as they were.
+    """
+
+    jump: float = 0.0
+    band_pixels: int = 0
+    squared_error: float = 0.0
+    outside_pixels: int = 0
+
+    def add(self, output: np.ndarray, source: np.ndarray, geometry: PasteGeometry) -> None:
+        x0, y0, x1, y1 = geometry.roi
+        out_luma = output[y0:y1, x0:x1].astype(np.float32) @ LUMA
+        src_luma = source[y0:y1, x0:x1].astype(np.float32) @ LUMA
+        self.jump += float(np.abs(across(out_luma, geometry) - across(src_luma, geometry)).sum())
+        self.band_pixels += int(geometry.band.sum())
+        error = (output.astype(np.int32) - source.astype(np.int32)) ** 2  # integers: an exact 0 stays 0
+        bx0, by0, bx1, by1 = geometry.box
+        error[by0:by1, bx0:bx1] = 0
+        self.squared_error += float(error.sum(dtype=np.int64))
+        self.outside_pixels += (source.shape[0] * source.shape[1] - (by1 - by0) * (bx1 - bx0)) * source.shape[2]
+
+    def result(self) -> dict[str, float]:
+        seam = self.jump / self.band_pixels if self.band_pixels else float("nan")
+        if not self.outside_pixels:
+            return {"seam": seam, "psnr_outside": float("nan")}
+        mse = self.squared_error / self.outside_pixels
+        return {"seam": seam, "psnr_outside": PSNR_CAP if mse == 0 else min(PSNR_CAP, float(10 * np.log10(255.0**2 / mse)))}
+
+
+def film_frames(video: MemberRef, numbers: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(film frame number, full-resolution RGB frame) for the wanted numbers, in order."""
+    import av
+
+    wanted = {int(n) for n in numbers}
+    last = max(wanted)
+    with open_member(video) as member, av.open(member, metadata_errors="ignore") as container:
+        for number, frame in enumerate(container.decode(video=0)):
+            if number in wanted:
+                yield number, frame.to_ndarray(format="rgb24")
+            if number >= last:
+                return
+
+
+def full_frame_scores(
+    clip: Clip, pasted: dict[str, np.ndarray], films: dict[str, MemberRef] | None = None, feather: float | None = None
+) -> dict[str, dict[str, float | None]]:
+    """`seam` and `psnr_outside` (see FullFrameScore) per method: `pasted` are crops at the clip's
+    own crop size, pasted into the source film's frames with the encode stage's paste-back (its
+    feather); `films` are other systems' dubbed films of the same source, scored frame for frame as
+    they are. Methods cannot be scored (missing, None) when the clip does not say where its crops
+    came from, or a film's frames do not match the source's."""
+    names = [*pasted, *(films or {})]
+    missing: dict[str, dict[str, float | None]] = {name: {k: None for k in FULL_FRAME_METRICS} for name in names}
+    if clip.affine is None or clip.frames is None or clip.video is None:
+        return missing
+    feather = EncodeConfig().feather if feather is None else feather
+    scores = {name: FullFrameScore() for name in names}
+    others = {name: film_frames(ref, clip.frames) for name, ref in (films or {}).items()}
+    broken: set[str] = set()
+    index = {int(n): i for i, n in enumerate(clip.frames)}
+    try:  # frame by frame: a film's full frames are never all held
+        for number, source in film_frames(clip.video, clip.frames):
+            i = index[number]
+            geometry = paste_geometry(clip.affine[i], clip.mask[i], clip.occlusion[i], feather, source.shape)
+            for name, crops in pasted.items():
+                if geometry is not None:
+                    frame = paste_back(
+                        source.copy(), crops[i], clip.affine[i], clip.mask[i], clip.occlusion[i], feather, clip.crops[i]
+                    )
+                    scores[name].add(frame, source, geometry)
+            for name, other in others.items():
+                got = next(other, None)
+                if got is None or got[0] != number or got[1].shape != source.shape:
+                    broken.add(name)
+                elif geometry is not None and name not in broken:
+                    scores[name].add(got[1], source, geometry)
+    except (OSError, ValueError) as error:  # the source film is gone or unreadable: missing, not a guess
+        log.warning("full-frame scores of %s: source film not readable: %s", clip.name, error)
+        return missing
+    return {name: missing[name] if name in broken else dict(scores[name].result()) for name in names}
+
+
 # ---------------------------------------------------------------------------------------- methods
 def frozen_mouth(crops: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The sync floor: every frame's mouth region replaced by the first frame's."""
@@ -168,10 +341,11 @@ def model_method(path: str, steps: int, seed: int = 0) -> tuple[Callable[[Clip],
     return run, size
 
 
-def outputs_method(folder: str) -> Callable[[Clip], np.ndarray | None]:
+def outputs_method(folder: str) -> tuple[Callable[[Clip], np.ndarray | None], Callable[[Clip], MemberRef | None]]:
     """Videos another system dubbed, paired with the eval's clips by name: `DIR/<name>.mp4` is the
     output for the source `<name>.mp4`. They go through the same face track as the sources, so a
-    clip is scored on the crops of the same segment and track; a clip with no output gives None."""
+    clip is scored on the crops of the same segment and track; a clip with no output gives None.
+    The second function gives the dubbed film itself, whose full frames are scored as they are."""
     by_name = {clip.name: clip for clip in load_clips(folder)}
 
     def run(clip: Clip) -> np.ndarray | None:
@@ -180,7 +354,11 @@ def outputs_method(folder: str) -> Callable[[Clip], np.ndarray | None]:
             return None
         return resize_square(other.crops, clip.crops.shape[1])
 
-    return run
+    def film(clip: Clip) -> MemberRef | None:
+        other = by_name.get(clip.name)
+        return None if other is None or len(other.crops) != len(clip.crops) else other.video
+
+    return run, film
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -189,15 +367,45 @@ def load_clips(data: str, max_clips: int = 0) -> list[Clip]:
     if os.path.isdir(data) and any(n.endswith((".mp4", ".mkv", ".mov")) for n in os.listdir(data)):
         data = preprocess_folder(data)
     clips = []
+    videos: dict[tuple[str, str], MemberRef | None] = {}
     for url in shard_urls(data):
         for key, members in read_shard(url):
             arrays = decode_arrays(members, ("crops", "mask", "occlusion", "audio"))
-            clips.append(Clip(key, arrays["crops"], arrays["mask"], arrays["occlusion"], arrays["audio"].astype(np.float32)))
+            placed = "affine.npy" in members and "frames.npy" in members
+            where = decode_arrays(members, ("affine", "frames")) if placed else {}
+            clips.append(
+                Clip(
+                    key,
+                    arrays["crops"],
+                    arrays["mask"],
+                    arrays["occlusion"],
+                    arrays["audio"].astype(np.float32),
+                    where.get("affine"),
+                    where.get("frames"),
+                    source_video(json.loads(members["json"]), videos) if placed and "json" in members else None,
+                )
+            )
             if max_clips and len(clips) >= max_clips:
                 return clips
     if not clips:
         raise FileNotFoundError(f"no clips in {data}")
     return clips
+
+
+def source_video(meta: dict[str, Any], found: dict[tuple[str, str], MemberRef | None]) -> MemberRef | None:
+    """The video member of the film a track sample came from (its shard indexed once, in `found`),
+    or None when that shard is gone or does not hold it."""
+    source = meta.get("source") or {}
+    shard, key = str(source.get("shard", "")), str(source.get("key", ""))
+    if (shard, key) not in found:
+        try:
+            entries = {e.film.key: e.film.video for e in index_shard(shard).films}
+        except (ShardError, OSError, ValueError):
+            entries = {}
+        for k in entries:
+            found[(shard, k)] = entries[k]
+        found.setdefault((shard, key), None)
+    return found[(shard, key)]
 
 
 def preprocess_folder(folder: str) -> str:
@@ -310,6 +518,10 @@ class Scorer:
         return scores
 
 
+def no_film(clip: Clip) -> MemberRef | None:
+    return None
+
+
 def evaluate(
     model: str,
     data: str,
@@ -328,20 +540,21 @@ def evaluate(
     if model not in BASELINES:
         run, size = model_method(model, steps)
         methods["model"] = run
+    other_film: Callable[[Clip], MemberRef | None] = no_film
     if outputs:
-        methods["outputs"] = outputs_method(outputs)
+        methods["outputs"], other_film = outputs_method(outputs)
     methods["source"] = lambda clip: clip.crops
     methods["frozen"] = lambda clip: frozen_mouth(clip.crops, clip.mask)
     scorer = Scorer(sync_expert)
     model_data = model_training_clips(model) if model not in BASELINES else {}
     per_clip: list[dict[str, Any]] = []
-    for clip in clips:
+    for original in clips:
         clip = Clip(
-            clip.name,
-            resize_square(clip.crops, size),
-            resize_square(clip.mask, size),
-            resize_square(clip.occlusion, size),
-            clip.audio,
+            original.name,
+            resize_square(original.crops, size),
+            resize_square(original.mask, size),
+            resize_square(original.occlusion, size),
+            original.audio,
         )
         reference = scorer.truth(clip.crops)
         results = {name: method(clip) for name, method in methods.items()}
@@ -352,8 +565,19 @@ def evaluate(
             "in_model_training_data": expert_data_split(clip.name, model_data) if model_data else "",
         }
         scored = {name: frames for name, frames in results.items() if frames is not None}
+        # Full frames: our methods' crops pasted into the source film (back at its crop size, only the
+        # change resized, as the inpaint stage does); another system's film scored as it is.
+        films = {"outputs": other_film(original)} if "outputs" in scored else {}
+        films = {name: ref for name, ref in films.items() if ref is not None}
+        pasted = {
+            name: change_to_crop(original.crops, original.mask, clip.crops, frames)
+            for name, frames in scored.items()
+            if name not in films and name != "outputs"
+        }
+        full = full_frame_scores(original, pasted, films)
         for name, frames in scored.items():
-            row[name] = {k: _round(v) for k, v in scorer(frames, clip.crops, clip.mask, clip.audio, reference).items()}
+            crop_scores = scorer(frames, clip.crops, clip.mask, clip.audio, reference)
+            row[name] = {k: _round(v) for k, v in {**crop_scores, **full.get(name, dict.fromkeys(FULL_FRAME_METRICS))}.items()}
         for name in results.keys() - scored.keys():  # no output for this clip: missing, not zero
             row[name] = {k: None for k in row["source"]}
         per_clip.append(row)
@@ -385,6 +609,9 @@ def evaluate(
             "sync_distance": "sync expert LSE-D (distance at the best offset; lower is better synced)",
             "sync_confidence": "sync expert 1 s window confidence at offset 0 (higher is better synced)",
             "jitter": f"lip landmark acceleration, px at {LANDMARK_SIZE}",
+            "seam": "pasted full frames: mean |gradient across the paste boundary| minus the source's there, "
+            "levels/px in the blend band (0 = no seam; the source scores 0)",
+            "psnr_outside": "pasted full frames: dB outside the paste's box against the source (100 = untouched)",
         },
         "mean": mean,
         "spread": spread,
@@ -425,6 +652,8 @@ HIGHER_IS_BETTER = {
     "sync_distance": False,
     "sync_confidence": True,
     "jitter": False,
+    "seam": False,
+    "psnr_outside": True,
 }
 
 
@@ -441,6 +670,14 @@ def _direction(metric: str) -> str:
 
 
 def save_plot(path: str, result: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = metric_figure(result)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def metric_figure(result: dict[str, Any]) -> Any:
     """One bar chart per metric over methods; a missing value is a gap marked 'n/a', never a 0 bar."""
     import matplotlib
 
@@ -462,8 +699,7 @@ def save_plot(path: str, result: dict[str, Any]) -> None:
             ax.set_yticks([])
         ax.set_title(f"{metric}\n{_direction(metric)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
 
 
 def write_html(path: str, result: dict[str, Any], folder: str) -> None:

@@ -40,7 +40,9 @@ from training.shards import ShardWriter, TrackSample, next_shard_index
 log = logging.getLogger("stabledub")
 
 OFFSET_ESTIMATORS = ("expert", "envelope")
-FIELDS = ("crops", "mask", "fine_mask", "coarse_mask", "landmarks", "occlusion", "audio", "vad", "silence", "frames")
+# `affine` (full-resolution frame -> crop) and `frames` (film frame numbers) let `stabledub eval` paste
+# crops back into the source film's frames and score the seams.
+FIELDS = ("crops", "mask", "fine_mask", "coarse_mask", "landmarks", "occlusion", "audio", "vad", "silence", "frames", "affine")
 
 
 @dataclass
@@ -238,6 +240,7 @@ def track_sample(
         "vad": vad.astype(np.float32),
         "silence": segment.silence[index].astype(bool),
         "frames": (segment.context_start + index).astype(np.int64),
+        "affine": track.affine[pick].astype(np.float64),
     }
     meta["occlusion_fraction"] = round(float((arrays["occlusion"] > 127).mean()), 5)
     return TrackSample(sample_key(segment.film, segment, track), arrays, meta), "", meta

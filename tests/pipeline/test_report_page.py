@@ -75,7 +75,10 @@ def test_report_of_a_real_run_renders_in_chromium(tmp_path):
     page = tmp_path / "report.html"
     assert main(["report", str(out / "_stabledub_run"), "-o", str(page)]) == 0
     film = json.loads((out / "_stabledub_run" / "films" / "films-0000.tar" / "frozen.json").read_text())
-    assert film["faces"] and film["frames_changed"] == sum(b - a for f in film["faces"] for a, b in f["frames"])
+    assert film["faces"] and film["frames_changed"] == sum(b - a for f in film["faces"] for a, b in f["changed"]) > 0
+    assert film["frames_changed"] <= sum(
+        b - a for f in film["faces"] for a, b in f["frames"]
+    )  # a silence kept: pasted, unchanged
     assert list((tmp_path / "debug" / "films-0000.tar").glob("*.debug.mp4"))  # overlay videos kept beside the page
 
     dom, shot = render(page, tmp_path)

@@ -80,7 +80,10 @@ def test_identity_run_dubs_every_film_and_a_rerun_does_nothing(tmp_path):
         report = json.loads((extracted / f"{key}.json").read_text())
         assert report["status"] == "ok" and report["frames"] == len(source)
         assert {"decode", "face_track", "inpaint", "encode"} <= set(report["stage_busy_seconds"])
-    assert json.loads((extracted / "vfhq.json").read_text())["frames_changed"] > 70
+    vfhq = json.loads((extracted / "vfhq.json").read_text())
+    # identity: pasted into, but no pixel changed, so no frame counts and the original stream is kept
+    assert vfhq["counts"]["frames_pasted"] > 70 and vfhq["frames_changed"] == 0
+    assert vfhq["video"].startswith("original stream copied")
 
     before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
     again = run(options(str(tmp_path / "in" / "films-{0000..0001}.tar"), out))

@@ -14,7 +14,7 @@ import skimage.data
 
 from pipeline.config import load_config
 from stages.decode import decode_frames
-from stages.encode import EncodeConfig, encode_segment
+from stages.encode import EncodeConfig, dubbed_faces, encode_segment
 from stages.face_align import warp_crop
 from stages.face_masks import union_masks
 from stages.face_track import FaceTrack
@@ -108,8 +108,10 @@ def test_identity_model_through_track_inpaint_and_encode_equals_the_source(tmp_p
         assert segment.status.value == "ok", segment.reason
     assert any(t.generated is not None for t in segment.tracks)
     out_path = tmp_path / "segment.mp4"
-    changed = encode_segment(segment, str(out_path), EncodeConfig(debug=True))
-    assert changed == len(source)
+    changes: dict[int, set[int]] = {}
+    changed = encode_segment(segment, str(out_path), EncodeConfig(debug=True), changes)
+    assert changed == 0 and not changes  # pasted into every frame, but no pixel changed: none counts
+    assert all(face["changed"] == [] and face["frames"] for face in dubbed_faces(segment, changes))
     output = read_video(out_path)
     # Paste-back changed no pixel, so the encoder saw exactly what it sees with nothing pasted.
     untouched = tmp_path / "untouched.mp4"
@@ -124,3 +126,28 @@ def test_identity_model_through_track_inpaint_and_encode_equals_the_source(tmp_p
     still = cv2.imread(str(tmp_path / "segment.debug.png"))
     assert still is not None and still.shape[:2] == (1080, 1920)
     assert np.abs(still[..., ::-1].astype(int) - source[len(source) // 2]).max() > 100  # something was drawn
+
+
+def test_frames_changed_counts_frames_whose_pixels_changed(tmp_path) -> None:
+    """The grey model changes every pasted frame, the identity model none, and a silence kept
+    (the crop given back as it was) none: frames_changed counts pixels changed, not pastes."""
+    frames = composite([(clip_frames("vfhq_f8FMX-lWRTg", 10), 400, 700, 200)])
+    segment = write_film(tmp_path / "film.mp4", frames)
+    segment.frames = decode_frames(segment, "pyav", (segment.width, segment.height))
+    config = load_config(None, ["face_track.speaker=all", "inpaint.model=grey"])
+    segment = FaceTrack(config.face_track).run_one(segment)
+    core = len(segment.pts) - segment.context
+    grey = Inpaint(config.inpaint, audio=config.audio).run_one(segment)
+    track = next(t for t in grey.tracks if t.generated is not None)
+    pasted = int((track.frame_index >= segment.context).sum())
+    changes: dict[int, set[int]] = {}
+    assert encode_segment(grey, str(tmp_path / "grey.mp4"), EncodeConfig(), changes) == pasted == core
+    first = segment.context_start + segment.context
+    assert changes[track.track_id] == set(range(first, first + core))
+    # the first half of the frames silent and kept: their crops come back unchanged
+    kept = track.frame_index < segment.context + core // 2
+    track.generated[kept] = track.crops[kept]
+    changes = {}
+    assert encode_segment(grey, str(tmp_path / "half.mp4"), EncodeConfig(), changes) == core - core // 2
+    (face,) = dubbed_faces(grey, changes)
+    assert face["changed"] == [[first + core // 2, first + core]] and face["frames"] == [[first, first + core]]

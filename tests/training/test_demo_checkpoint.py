@@ -33,7 +33,9 @@ def test_demo_checkpoint_takes_the_default_audio_features_and_crops():
     assert size == 128 and config.face_track.crop_size % size == 0  # the inpaint stage resizes 256 -> 128 and back
     assert pipe.unet.config.latent_channels == pipe.vae.config.latent_channels == 16
     record = json.loads((DEMO / "training.json").read_text())
-    assert record["steps"] > 0 and record["recommended_steps"] == 2
+    # recommended_steps is the best mouth PSNR of the recipe's steps sweep (eval.json's by_steps)
+    sweep = record["eval"]["by_steps"]
+    assert record["steps"] > 0 and record["recommended_steps"] == int(max(sweep, key=lambda n: sweep[n]["mouth_psnr"]))
     # The inpaint stage samples with the checkpoint's recommended steps unless inpaint.steps says otherwise.
-    assert config.inpaint.steps == 0 and recommended_steps(str(DEMO)) == 2
+    assert config.inpaint.steps == 0 and recommended_steps(str(DEMO)) == record["recommended_steps"]
     assert recommended_steps(str(DEMO / "unet")) == 20  # a folder without training.json: the default
