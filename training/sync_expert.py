@@ -663,11 +663,42 @@ def audit_main(argv: list[str]) -> int:
     return 0
 
 
+def dev_split(clips: list[Clip], fold: int = 0, size: int = 12) -> tuple[list[Clip], list[Clip]]:
+    """(train, dev) among training clips: the `size` identities at position fold*size.. of a fixed hash order are dev."""
+    ids = sorted({c.identity for c in clips}, key=lambda i: hashlib.sha1(f"dev:{i}".encode()).hexdigest())
+    held = set(ids[fold * size : (fold + 1) * size])
+    return [c for c in clips if c.identity not in held], [c for c in clips if c.identity in held]
+
+
+def dev_main(argv: list[str]) -> int:
+    """python -m training.sync_expert dev '{"model": {...}, "train": {...}}': a setting on the dev split
+    of the training identities (validation identities are never loaded), the model card's table."""
+    parser = argparse.ArgumentParser(prog="python -m training.sync_expert dev", description=dev_main.__doc__)
+    parser.add_argument("setting", nargs="?", default="{}", help="JSON: SyncExpert kwargs under model, TrainConfig under train")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--data", default=str(REPO / "training" / "sync_expert_data.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    setting = json.loads(args.setting)
+    listed = data_list(Path(args.data))
+    train, dev = dev_split(audited_clips(listed["train"], listed), args.fold)
+    config = TrainConfig(**setting.get("train", {}))
+    torch.manual_seed(config.seed)
+    expert = SyncExpert(**setting.get("model", {}))
+    fit(expert, sequences(expert, train), config, log_every=config.steps)
+    result = measure(expert, dev)
+    result.pop("per_clip")
+    print(json.dumps({"setting": setting, "fold": args.fold, "train_clips": len(train), **result}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m training.sync_expert OUTPUT: train on the corpus's training identities, measure on the validation ones."""
     argv = list(argv if argv is not None else os.sys.argv[1:])
     if argv[:1] == ["audit"]:
         return audit_main(argv[1:])
+    if argv[:1] == ["dev"]:
+        return dev_main(argv[1:])
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("output")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
