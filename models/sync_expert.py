@@ -57,17 +57,18 @@ def fill_gaps(x: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(t, t[found], x[found, d]) for d in range(x.shape[1])], axis=1)
 
 
-def _tower(inputs: int, hidden: int, embed: int, dropout: float) -> nn.Sequential:
-    # Receptive field 1 + 4 + 4 + 2 = 11 frames (0.44 s at 25 fps).
+def _tower(inputs: int, hidden: int, embed: int, dropout: float, dilation: tuple[int, int, int] = (1, 1, 1)) -> nn.Sequential:
+    # Receptive field 1 + 4 d0 + 4 d1 + 2 d2 frames: 11 (0.44 s at 25 fps) undilated, 21 at (1, 2, 4).
+    d0, d1, d2 = dilation
     return nn.Sequential(
         nn.Conv1d(inputs, hidden, 1),
         nn.ReLU(),
         nn.Dropout(dropout),
-        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"),
+        nn.Conv1d(hidden, hidden, 5, padding=2 * d0, dilation=d0, padding_mode="replicate"),
         nn.ReLU(),
-        nn.Conv1d(hidden, hidden, 5, padding=2, padding_mode="replicate"),
+        nn.Conv1d(hidden, hidden, 5, padding=2 * d1, dilation=d1, padding_mode="replicate"),
         nn.ReLU(),
-        nn.Conv1d(hidden, embed, 3, padding=1, padding_mode="replicate"),
+        nn.Conv1d(hidden, embed, 3, padding=d2, dilation=d2, padding_mode="replicate"),
     )
 
 
@@ -85,13 +86,15 @@ class SyncExpert(ModelMixin, ConfigMixin):
         embed_dim: int = 32,
         dropout: float = 0.3,
         audio_track_norm: bool = False,  # also feed each band minus its mean over the track (channel/mic removed)
+        audio_deltas: bool = False,  # also feed the pooled window's change from the previous frame's
+        dilation: tuple[int, int, int] = (1, 1, 1),  # of the towers' three temporal convolutions
     ) -> None:
         super().__init__()
         pt, pf = audio_pool
         self.visual_in = len(lip_points) * 2 * 2  # shape and motion
-        self.audio_in = (audio_window // pt) * (audio_dim // pf) * (2 if audio_track_norm else 1)
-        self.video_tower = _tower(self.visual_in, hidden, embed_dim, dropout)
-        self.audio_tower = _tower(self.audio_in, hidden, embed_dim, dropout)
+        self.audio_in = (audio_window // pt) * (audio_dim // pf) * (1 + int(audio_track_norm) + int(audio_deltas))
+        self.video_tower = _tower(self.visual_in, hidden, embed_dim, dropout, tuple(dilation))
+        self.audio_tower = _tower(self.audio_in, hidden, embed_dim, dropout, tuple(dilation))
         self.bias = nn.Parameter(torch.zeros(()))
         # Feature standardisation, fixed at training time (the same for every track).
         self.register_buffer("visual_mean", torch.zeros(self.visual_in))
@@ -135,9 +138,12 @@ class SyncExpert(ModelMixin, ConfigMixin):
         n = len(a)
         a = a[:, : c.audio_window // pt * pt, : c.audio_dim // pf * pf]
         pooled = a.reshape(n, c.audio_window // pt, pt, c.audio_dim // pf, pf).mean(axis=(2, 4)).reshape(n, -1)
+        parts = [pooled]
         if c.audio_track_norm:
-            pooled = np.concatenate([pooled, pooled - pooled.mean(axis=0, keepdims=True)], axis=1)
-        return pooled
+            parts.append(pooled - pooled.mean(axis=0, keepdims=True))
+        if c.audio_deltas:
+            parts.append(np.diff(pooled, axis=0, prepend=pooled[:1]))
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else pooled
 
     # ------------------------------------------------------------------------------ towers
     def _run(self, tower: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -291,6 +291,7 @@ class TrainConfig:
     time_warp: float = 0.15  # crops resampled in time by a factor within 1 ± this (speaking rate, frame rate)
     batch_softmax: bool = False  # the offset softmax also competes against the other crops' audio at the same frame
     shape_jitter: float = 0.15  # lips stretched by 1 ± this along x and y independently (other mouths)
+    near_shift_weight: float = 0.0  # an extra BCE term on the nearest shifted negatives (MIN_SHIFT..MIN_SHIFT+1 frames)
     seed: int = 0
 
 
@@ -329,6 +330,8 @@ def fit(
     weights = np.array([len(s.vad) for s in usable], np.float64)
     weights /= weights.sum()
     quiet = [expert.audio_features(quiet_audio(config.length, rng)) for _ in range(64)]
+    pt, pf = expert.config.audio_pool
+    gain_dims = (expert.config.audio_window // pt) * (expert.config.audio_dim // pf)
     optimiser = torch.optim.AdamW(expert.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.steps, pct_start=0.1)
     L, B = config.length, config.batch
@@ -343,7 +346,9 @@ def fit(
             lips = _stretch(seq.lips[window], config.shape_jitter, rng)
             lips = lips + rng.normal(0, 0.1, lips.shape)
             v.append(expert.visual_features(lips))
-            a.append(seq.audio[window] + np.float32(rng.normal(0, 0.05)))  # a few dB of gain
+            sound = seq.audio[window].copy()
+            sound[:, :gain_dims] += np.float32(rng.normal(0, 0.05))  # a few dB of gain (not on deltas or mean-removed bands)
+            a.append(sound)
             vad.append(seq.vad[window])
             fz.append(expert.visual_features(frozen_lips(lips, rng)))
             q.append(quiet[rng.integers(len(quiet))])
@@ -374,6 +379,9 @@ def fit(
             + bce(frozen_logit, 0.0, speech)
         ) / 4
         loss = bce(positive, 1.0) + negatives
+        if config.near_shift_weight:
+            near = (lag.abs() >= MIN_SHIFT) & (lag.abs() <= MIN_SHIFT + 1)
+            loss = loss + config.near_shift_weight * bce(pair, 0.0, near[None] & either)
         if config.offset_softmax:
             band = (lag.abs() <= MAX_SHIFT)[None].expand_as(pair)
             masked = pair.masked_fill(~band, -1e4)
@@ -412,6 +420,7 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
     """
     rng = np.random.default_rng(seed)
     pos, neg, frozen_pos, frozen_neg, errors = [], [], [], [], []
+    by_kind: dict[str, list[np.ndarray]] = {}  # negatives by kind: which ones the pooled AUC loses on
     per_clip: dict[str, dict] = {}
     runs = [(clip, run) for clip in clips for run in clip.runs(30)]
     with torch.no_grad():
@@ -438,6 +447,9 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
             frozen = windows(sound, np.repeat(fill_gaps(lips.reshape(n, -1))[:1].reshape(1, *lips.shape[1:]), n, 0))
             pos.append(true)
             neg.extend([*shifted, others])
+            for shift, scores in zip(SHIFTS, shifted):
+                by_kind.setdefault(f"shift_{abs(shift):02d}", []).append(scores)
+            by_kind.setdefault("other_clip", []).append(others)
             frozen_pos.append(true)
             frozen_neg.append(frozen)
             clip_errors = []
@@ -459,6 +471,7 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
         "offset_within_1_frame": round(float(np.mean(np.array(errors) <= 1)), 4),
         "windows": int(len(pos_all)),
         "clips": len(per_clip),
+        "auc_by_negative": {k: round(auc(pos_all, np.concatenate(v)), 4) for k, v in sorted(by_kind.items())},
     }
     clips_out = {}
     for name, e in per_clip.items():
@@ -650,11 +663,42 @@ def audit_main(argv: list[str]) -> int:
     return 0
 
 
+def dev_split(clips: list[Clip], fold: int = 0, size: int = 12) -> tuple[list[Clip], list[Clip]]:
+    """(train, dev) among training clips: the `size` identities at position fold*size.. of a fixed hash order are dev."""
+    ids = sorted({c.identity for c in clips}, key=lambda i: hashlib.sha1(f"dev:{i}".encode()).hexdigest())
+    held = set(ids[fold * size : (fold + 1) * size])
+    return [c for c in clips if c.identity not in held], [c for c in clips if c.identity in held]
+
+
+def dev_main(argv: list[str]) -> int:
+    """python -m training.sync_expert dev '{"model": {...}, "train": {...}}': a setting on the dev split
+    of the training identities (validation identities are never loaded), the model card's table."""
+    parser = argparse.ArgumentParser(prog="python -m training.sync_expert dev", description=dev_main.__doc__)
+    parser.add_argument("setting", nargs="?", default="{}", help="JSON: SyncExpert kwargs under model, TrainConfig under train")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--data", default=str(REPO / "training" / "sync_expert_data.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    setting = json.loads(args.setting)
+    listed = data_list(Path(args.data))
+    train, dev = dev_split(audited_clips(listed["train"], listed), args.fold)
+    config = TrainConfig(**setting.get("train", {}))
+    torch.manual_seed(config.seed)
+    expert = SyncExpert(**setting.get("model", {}))
+    fit(expert, sequences(expert, train), config, log_every=config.steps)
+    result = measure(expert, dev)
+    result.pop("per_clip")
+    print(json.dumps({"setting": setting, "fold": args.fold, "train_clips": len(train), **result}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m training.sync_expert OUTPUT: train on the corpus's training identities, measure on the validation ones."""
     argv = list(argv if argv is not None else os.sys.argv[1:])
     if argv[:1] == ["audit"]:
         return audit_main(argv[1:])
+    if argv[:1] == ["dev"]:
+        return dev_main(argv[1:])
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("output")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)

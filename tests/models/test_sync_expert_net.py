@@ -72,3 +72,29 @@ def test_shipped_expert_is_small_and_reports_its_validation():
     assert tuple(expert.config.lip_points) == LIP_CONTOUR_POINTS
     assert set(report["data"]["train"].values()).isdisjoint(report["data"]["validation"].values())  # split by identity
     assert report["validation"]["sync_auc_window"] > 0.5 and "cross_validated_auc" in report
+
+
+def test_dilated_towers_see_their_documented_receptive_field():
+    torch.manual_seed(0)
+    expert = SyncExpert(dilation=(1, 2, 4)).eval()
+    x = torch.zeros(1, 61, expert.visual_in)
+    y0 = expert.video_embedding(x)
+    x[0, 30] = 5.0  # one frame changed: the 1 + 4 + 8 + 8 = 21 frames centred on it may move, no others
+    moved = (expert.video_embedding(x) - y0).abs().sum(-1)[0] > 1e-6
+    assert moved.shape == (61,) and set(np.flatnonzero(moved.numpy())) <= set(range(20, 41))
+    assert moved[20] and moved[40]
+
+
+def test_audio_deltas_round_trip_and_still_refuse_other_encoders(tmp_path):
+    torch.manual_seed(0)
+    expert = SyncExpert(audio_deltas=True, dilation=(1, 2, 3)).eval()
+    lips, audio = random_track()
+    assert expert.audio_features(audio).shape == (60, 2 * 10 * 20)
+    expert.save_pretrained(tmp_path)
+    loaded, _ = load_sync_expert(str(tmp_path))
+    assert loaded.config.audio_deltas and tuple(loaded.config.dilation) == (1, 2, 3)
+    np.testing.assert_allclose(
+        logits_at_offsets(loaded, lips, audio, range(-2, 3)), logits_at_offsets(expert, lips, audio, range(-2, 3)), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="audio windows of 20 x 80 features, got 20 x 384"):
+        sync_score(loaded, lips, np.zeros((60, 20, 384), np.float32))

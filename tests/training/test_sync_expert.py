@@ -21,6 +21,7 @@ from training.sync_expert import (
     TrainConfig,
     auc,
     audio_windows,
+    dev_split,
     face_track_landmarks,
     fit,
     measure,
@@ -45,6 +46,16 @@ def test_split_keeps_every_identity_on_one_side():
     train, validation = split_identities(rows)
     assert set(train).isdisjoint(validation) and set(train) | set(validation) == {f"ID{i}" for i in range(7)}
     assert len(validation) == 1
+
+
+def test_dev_split_holds_out_whole_identities():
+    clips = [constructed_clip(seed, n=40) for seed in range(30)]
+    for clip in clips[15:]:
+        clip.identity = f"ID{int(clip.name[1:]) % 15}"  # two clips per identity
+    train, dev = dev_split(clips, fold=0, size=4)
+    assert {c.identity for c in train}.isdisjoint(c.identity for c in dev)
+    assert len({c.identity for c in dev}) == 4 and len(train) + len(dev) == 30
+    assert {c.identity for c in dev_split(clips, fold=1, size=4)[1]}.isdisjoint(c.identity for c in dev)
 
 
 def constructed_clip(seed: int, n: int = 160) -> Clip:
