@@ -57,10 +57,15 @@ def bucket(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
     import fsspec
+    import s3fs
 
+    # fsspec caches filesystem instances by their arguments, not by the environment: an s3fs made
+    # for an earlier test's moto server (another port, stopped) would be handed to train()
+    s3fs.S3FileSystem.clear_instance_cache()
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir("models")
     yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
 
