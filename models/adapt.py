@@ -37,7 +37,7 @@ from models.lip_habit import LipHabitEncoder
 from models.losses import LossWeights, PixelLoss, training_losses
 from models.pipeline_stabledub import StableDubPipeline
 from models.remote import is_remote, local_dir
-from models.training_step import draw_timesteps, to_batch
+from models.training_step import optimisation_step, to_batch
 from models.unet import StableDubUNet
 
 TARGETS = ("lora", "habit+last")
@@ -282,8 +282,6 @@ def adapt(
 
         rng = np.random.default_rng([options.seed, 0])
         generator = torch.Generator().manual_seed(options.seed)
-        weights = LossWeights(options.lcf_weight, options.temporal_weight)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         history: list[float] = []
         train_began = time.time()
         for step in range(options.steps):
@@ -291,28 +289,7 @@ def adapt(
             for group in optimiser.param_groups:
                 group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup))
             raw = collate(draw_windows(footage, options, options.batch_size, rng))
-            batch, pixels, region = to_batch(raw, vae, lip, device)
-            timesteps = draw_timesteps(options.high_noise_share, options.batch_size, total_t, generator).to(device)
-            noise = torch.randn(batch.latents.shape, generator=generator).to(device)
-            pixel = PixelLoss(vae, pixels, region, options.pixel_frames, options.pixel_weight) if options.pixel_weight else None
-            with autocast:
-                losses = training_losses(
-                    unet,
-                    lip,
-                    scheduler,
-                    batch,
-                    weights,
-                    generator=generator,
-                    noise=noise,
-                    timesteps=timesteps,
-                    audio_dropout=options.audio_dropout,
-                    habit_dropout=options.habit_dropout,
-                    pixel=pixel,
-                )
-            optimiser.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimiser.step()
+            losses = optimisation_step(unet, lip, scheduler, vae, raw, options, optimiser, trainable, generator, device)
             history.append(float(losses["total"].detach()))
             if progress is not None:
                 progress(step + 1, options.steps)

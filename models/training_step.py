@@ -7,12 +7,27 @@ timestep draw; `EMA` the weight average.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from models.conditioning import regenerate_region, to_latent_resolution
 from models.lip_habit import LipHabitEncoder
-from models.losses import TrainingBatch
+from models.losses import LossWeights, PixelLoss, TrainingBatch, training_losses
 from models.vae import encode
+
+
+class StepSettings(Protocol):
+    """What one optimisation step reads of a recipe's or an adaptation's settings."""
+
+    batch_size: int
+    high_noise_share: float
+    pixel_frames: int
+    pixel_weight: float
+    audio_dropout: float
+    habit_dropout: float
+    lcf_weight: float
+    temporal_weight: float
 
 
 def unit(planes: torch.Tensor) -> torch.Tensor:
@@ -89,3 +104,44 @@ class EMA:
             tmp = p.detach().clone()
             p.copy_(s)
             s.copy_(tmp)
+
+
+def optimisation_step(
+    unet: torch.nn.Module,
+    lip: LipHabitEncoder,
+    scheduler,
+    vae,
+    raw: dict[str, torch.Tensor],
+    settings: StepSettings,
+    optimiser: torch.optim.Optimizer,
+    parameters: list[torch.nn.Parameter],
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One step on collated windows: the training losses (bf16 autocast on CUDA), backward, gradient
+    clipping at 1 and the optimiser's update; returns the losses."""
+    batch, pixels, region = to_batch(raw, vae, lip, device)
+    total_t = int(scheduler.config.num_train_timesteps)
+    timesteps = draw_timesteps(settings.high_noise_share, settings.batch_size, total_t, generator).to(device)
+    noise = torch.randn(batch.latents.shape, generator=generator).to(device)
+    pixel = PixelLoss(vae, pixels, region, settings.pixel_frames, settings.pixel_weight) if settings.pixel_weight else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with autocast:
+        losses = training_losses(
+            unet,
+            lip,
+            scheduler,
+            batch,
+            LossWeights(settings.lcf_weight, settings.temporal_weight),
+            generator=generator,
+            noise=noise,
+            timesteps=timesteps,
+            audio_dropout=settings.audio_dropout,
+            habit_dropout=settings.habit_dropout,
+            pixel=pixel,
+        )
+    optimiser.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimiser.step()
+    return losses

@@ -37,9 +37,8 @@ import numpy as np
 import torch
 
 from models.lip_habit import LipHabitEncoder
-from models.losses import LossWeights, PixelLoss, training_losses
 from models.pipeline_stabledub import StableDubPipeline, make_scheduler
-from models.training_step import EMA, draw_timesteps, to_batch
+from models.training_step import EMA, optimisation_step
 from models.unet import StableDubUNet
 from models.vae import load_vae
 from stages.settings import Count, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, Probability, Range, Settings
@@ -354,10 +353,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
         pin_memory=device.type == "cuda",
         persistent_workers=config.workers > 0,
     )
-    weights = LossWeights(config.lcf_weight, config.temporal_weight)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     generator = torch.Generator().manual_seed(config.seed + step)
-    total_t = scheduler.config.num_train_timesteps
     start = time.time() - spent
     unet.train(), lip.train()
     for raw in loader:
@@ -373,28 +369,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
                 * min(1.0, (step + 1) / max(1, config.warmup))
                 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
             )
-        batch, pixels, region = to_batch(raw, vae, lip, device)
-        timesteps = draw_timesteps(config.high_noise_share, config.batch_size, total_t, generator).to(device)
-        noise = torch.randn(batch.latents.shape, generator=generator).to(device)
-        pixel = PixelLoss(vae, pixels, region, config.pixel_frames, config.pixel_weight) if config.pixel_weight else None
-        with autocast:
-            losses = training_losses(
-                unet,
-                lip,
-                scheduler,
-                batch,
-                weights,
-                generator=generator,
-                noise=noise,
-                timesteps=timesteps,
-                audio_dropout=config.audio_dropout,
-                habit_dropout=config.habit_dropout,
-                pixel=pixel,
-            )
-        optimiser.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimiser.step()
+        losses = optimisation_step(unet, lip, scheduler, vae, raw, config, optimiser, parameters, generator, device)
         ema.update()
         step += 1
         row = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "seconds": round(time.time() - start, 1)}
