@@ -22,7 +22,8 @@ EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3  # the run finished, but some films or shards failed (see dead_letters.jsonl)
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM (a Kubernetes pod stopped) exits 143
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # SIGTERM (a Kubernetes pod stopped)
 
 
 class Terminated(KeyboardInterrupt):
@@ -636,11 +637,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         what = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(f"{what}: finished films and segments are kept; run the same command again to resume", file=sys.stderr)
-        return 128 + 15 if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 
+def entry_point() -> None:
+    """The `stabledub` command: main(), then an exit an interrupted run cannot turn into a crash."""
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        # After an interrupt Ray Data's executor threads are still inside native code, and the
+        # interpreter's teardown can crash under them (exit -11 instead of 130). Everything worth
+        # keeping is written and the lease released by now; Ray's own processes share our fate.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
