@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import html_page as h
 from pipeline.rundir import RunDir
-from stages.media import open_member
+from stages.media import open_member, rgb_view
 from stages.schema import FilmRef, MemberRef
 from stages.storage import exists, filesystem, join, put_file, read_json, write_bytes
 
@@ -105,7 +105,7 @@ def frame_at(file: IO[bytes], index: int, step: float) -> np.ndarray:
             last = frame
             if float(frame.pts * stream.time_base) >= want - step / 2:
                 break
-        return last.to_ndarray(format="rgb24")
+        return np.array(rgb_view(last, None))
 
 
 MOUTH_TOP = 0.45  # the mouth region starts this far down the face box (below the nose's middle)

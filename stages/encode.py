@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.base import SegmentStage, StageError
 from stages.face_align import apply_affine, invert
-from stages.media import display_info, keep_display, open_member, open_reader
+from stages.media import display_info, keep_display, open_member, open_reader, yuv_frame
 from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_into
 from stages.schema import Segment, Track, frame_tolerance
@@ -215,7 +215,7 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig, changes:
                             changed.add(i)
                             if changes is not None:
                                 changes.setdefault(track_id, set()).add(segment.context_start + segment.context + i)
-                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                    frame = yuv_frame(image, stream.pix_fmt, display)
                     frame.pts = int(round(want / float(time_base)))
                     frame.time_base = time_base
                     for packet in stream.encode(frame):

@@ -18,6 +18,7 @@ from typing import IO, Protocol
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
 
 from stages.schema import MemberRef
 from stages.storage import filesystem, retrying
@@ -191,6 +192,18 @@ def keep_display(stream: av.video.stream.VideoStream, info: DisplayInfo) -> None
     context.colorspace = info.colorspace
 
 
+def yuv_frame(image: np.ndarray, pixel_format: str, info: DisplayInfo) -> av.VideoFrame:
+    """An RGB image as an encoder-ready frame in `pixel_format`, converted with the source's matrix
+    and range (the ones `rgb_view` decoded it with), so a decode -> encode round trip keeps colours."""
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    return frame.reformat(
+        format=pixel_format,
+        dst_colorspace=info.colorspace if info.colorspace != 2 else None,
+        dst_color_range=info.color_range or None,
+        interpolation=SWSCALE_FLAGS,
+    )
+
+
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """Frame size at working resolution: longer side at most max_side, even dimensions."""
     scale = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
@@ -238,12 +251,25 @@ class PyAVReader:
         self._container.close()
 
 
+# swscale's default YUV -> RGB path rounds down: every decode came out about 1 grey level dark, so
+# every re-encoded film lost a level outside the face too. Accurate rounding with full chroma
+# interpolation is unbiased (measured against the BT.601 formula) for about 6 ms per 1080p frame.
+SWSCALE_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
+
+
 def rgb_view(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
     """The frame as a read-only (h, w, 3) RGB view: converted (and scaled) once by swscale, not
-    copied again; the view keeps its frame alive."""
+    copied again; the view keeps its frame alive. The YUV matrix and range are the frame's tags
+    (untagged: BT.601, limited), the same ones `yuv_frame` converts back with."""
     width, height = size if size is not None else (frame.width, frame.height)
     if frame.format.name != "rgb24" or (frame.width, frame.height) != (width, height):
-        frame = frame.reformat(width=width, height=height, format="rgb24")
+        frame = frame.reformat(
+            width=width,
+            height=height,
+            format="rgb24",
+            interpolation=SWSCALE_FLAGS,
+            src_color_range=frame.color_range or None,
+        )
     plane = frame.planes[0]
     rows = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)
     return rows[:, : width * 3].reshape(height, width, 3)

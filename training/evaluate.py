@@ -39,7 +39,7 @@ from pipeline.shards import PackItem, ShardError, index_shard, pack
 from stages.audio_io import decode_audio
 from stages.encode import EncodeConfig
 from stages.inpaint import change_to_crop
-from stages.media import open_member
+from stages.media import open_member, rgb_view
 from stages.paste import paste_alpha, paste_back
 from stages.schema import MemberRef
 from training.preprocess import FilterConfig, PreprocessOptions, preprocess
@@ -262,7 +262,7 @@ def film_frames(video: MemberRef, numbers: np.ndarray) -> Iterator[tuple[int, np
     with open_member(video) as member, av.open(member, metadata_errors="ignore") as container:
         for number, frame in enumerate(container.decode(video=0)):
             if number in wanted:
-                yield number, frame.to_ndarray(format="rgb24")
+                yield number, np.array(rgb_view(frame, None))
             if number >= last:
                 return
 

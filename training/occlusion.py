@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from models.devices import resolve_device
 from models.occlusion_net import OcclusionNet, load_occlusion_net, roi_affine
+from stages.media import rgb_view
 from stages.occlusion import OcclusionConfig, occluder_probability, occlusion_mask, smooth_along_track, to_crop
 from training.occluders import HELDOUT_STYLES, TRAIN_STYLES, Composite, OccluderStyles, composite_occluders, mouth_frame
 from training.shared_data import SHARED_DATA
@@ -80,7 +81,7 @@ def read_frames(path: Path, max_frames: int | None = None, step: int = 1) -> np.
             if max_frames is not None and len(frames) >= max_frames:
                 break
             if i % step == 0:
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(np.array(rgb_view(frame, None)))
     return np.stack(frames)
 
 

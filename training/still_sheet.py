@@ -99,11 +99,13 @@ def read_frames(video: str, numbers: list[int]) -> dict[int, np.ndarray]:
     """Full-resolution RGB frames by frame number (decode order = presentation order here)."""
     import av
 
+    from stages.media import rgb_view
+
     wanted, found = set(numbers), {}
     with av.open(video) as container:
         for number, frame in enumerate(container.decode(video=0)):
             if number in wanted:
-                found[number] = frame.to_ndarray(format="rgb24")
+                found[number] = np.array(rgb_view(frame, None))
             if len(found) == len(wanted):
                 break
     return found

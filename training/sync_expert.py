@@ -31,6 +31,7 @@ from models.sync_expert import SyncExpert, fill_gaps, logits_at_offsets, sync_sc
 from stages.face_align import eye_distance
 from stages.face_smooth import smooth
 from stages.face_track import FaceTrack, FaceTrackConfig
+from stages.media import rgb_view
 from stages.schema import frames_segment
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def read_video(path: Path) -> tuple[np.ndarray, np.ndarray]:
         time_base = float(container.streams.video[0].time_base)
         for frame in container.decode(video=0):
             w, h = working_size(frame.width, frame.height, max_side)
-            frames.append(frame.to_ndarray(format="rgb24", width=w, height=h))
+            frames.append(np.array(rgb_view(frame, (w, h))))
             pts.append(frame.pts * time_base)
     return np.stack(frames), np.asarray(pts, np.float64)
 

@@ -110,6 +110,8 @@ def test_grey_model_changes_only_the_lower_face(tmp_path):
     outside = ~_dilate(grey, 6)
     diff = np.abs(output.astype(np.int16) - source).max(axis=-1)
     assert diff[outside].mean() < 3.0 and np.percentile(diff[outside], 99.9) < 30
+    # no brightness shift from the re-encode (swscale's default YUV -> RGB rounding gave -1.0)
+    assert abs((output.astype(np.int16) - source)[outside].mean()) < 0.5
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -73,3 +73,39 @@ def test_a_plain_source_gets_no_tags_it_did_not_have(tmp_path):
     rotation, sar, _, size = shown(tmp_path / "out.mp4")
     assert (rotation, size) == (0, (48, 32)) and sar in (None, Fraction(1, 1), Fraction(0, 1))
     assert not segment.notes
+
+
+def tagged_copy(clip: Path, path: Path, colorspace: int) -> None:
+    """The clip's first second re-encoded nearly losslessly, limited range, with the given YUV
+    matrix (2: untagged)."""
+    with av.open(str(clip)) as source, av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"crf": "4"})
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+        context = stream.codec_context
+        context.color_range, context.colorspace = 1, colorspace
+        context.color_primaries = context.color_trc = 1 if colorspace == 1 else 2
+        for i, frame in zip(range(25), source.decode(source.streams.video[0])):
+            image = frame.to_ndarray(format="rgb24")
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace=colorspace if colorspace != 2 else None, dst_color_range=1
+            )
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+def test_a_re_encode_keeps_brightness_and_colour_untagged_and_bt709(tmp_path):
+    from stages.media import rgb_view
+    from tests.conftest import shared_clip
+
+    def decoded(path: Path) -> np.ndarray:
+        with av.open(str(path)) as container:
+            return np.stack([rgb_view(f, None) for f in container.decode(container.streams.video[0])]).astype(float)
+
+    for colorspace in (2, 1):
+        source = tmp_path / f"source-{colorspace}.mp4"
+        tagged_copy(shared_clip("vfhq_1vYEVO9838Y"), source, colorspace)
+        encode_segment(file_segment(source, f"c{colorspace}"), str(tmp_path / f"out-{colorspace}.mp4"), EncodeConfig())
+        shift = (decoded(tmp_path / f"out-{colorspace}.mp4") - decoded(source)).mean(axis=(0, 1, 2))  # per channel
+        # swscale's default path darkened every re-encode by about 1 level; BT.601 on a BT.709 film shifts hues more
+        assert np.abs(shift).max() < 0.5, (colorspace, shift)
