@@ -10,6 +10,7 @@ own channel layout (5.1 stays 5.1, mono stays mono); what had to change is noted
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -211,6 +212,24 @@ def _mux(video_inputs: list[str | MemberRef], dub: MemberRef, plan: AudioPlan, o
 def assemble_film(segment_urls: list[str], dub: MemberRef, plan: AudioPlan, output: str) -> AudioResult:
     """Concatenate encoded segments (in order) and mux the dub into a local mp4 at `output`."""
     return _mux(list(segment_urls), dub, plan, output)
+
+
+def copy_problem(video: MemberRef) -> str | None:
+    """Why the source's video stream cannot be copied into an mp4 as it is (None: it can): the
+    mp4 muxer is asked, with the stream's header and first packet."""
+    with open_member(video) as handle, av.open(handle, mode="r", metadata_errors="ignore") as source:
+        stream = source.streams.video[0]
+        try:
+            with av.open(io.BytesIO(), mode="w", format="mp4") as probe:
+                copied = probe.add_stream_from_template(stream)
+                for packet in source.demux(stream):
+                    if packet.size and packet.pts is not None:
+                        packet.stream = copied
+                        probe.mux(packet)
+                        break
+        except (av.FFmpegError, ValueError) as error:
+            return f"the source's {stream.codec_context.name} video cannot be stream-copied into mp4 ({error})"
+    return None
 
 
 def copy_film(video: MemberRef, dub: MemberRef, plan: AudioPlan, output: str) -> AudioResult:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pipeline.assemble import AudioPlan, assemble_film, copy_film
+from pipeline.assemble import AudioPlan, assemble_film, copy_film, copy_problem
 from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
@@ -175,10 +175,13 @@ class Driver(Ledger):
         target = join(self.options.output, f"{film.safe_key}.mp4") if plain else self.run.film_url(film, ".mp4")
         with tempfile.TemporaryDirectory(prefix="stabledub-film-") as tmp:
             local = os.path.join(tmp, "film.mp4")
-            if changed:
+            uncopyable = None if changed else copy_problem(film.video)
+            if changed or uncopyable:
                 audio = assemble_film([r["output"] for r in records], film.dub, plan, local)
             else:
                 audio = copy_film(film.video, film.dub, plan, local)
+            if uncopyable:
+                audio.notes.append(f"{uncopyable}: re-encoded ({encode.codec})")
             put_file(local, target)
         report = film_report(film, records, changed, audio, self.options.config)
         report.update(film_report_faces(film, report, self.run.track_summaries(film, state.count or 0)))

@@ -157,3 +157,30 @@ def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_rerun_f
     assert not lease.exists()  # released: the rerun needs no wait
     assert main(["run", str(path), str(out), *FAST]) == EXIT_OK
     assert {n for n in members(out / "f-0000.tar") if n.endswith(".mp4")} == {f"{k}.mp4" for k in films}
+
+
+def test_a_video_codec_mp4_cannot_carry_is_re_encoded_and_noted_not_failed(tmp_path):
+    folder = tmp_path / "src"
+    _, dub = film(folder, 120)
+    with av.open(str(folder / "lossless.mkv"), "w") as out:  # FFV1 in Matroska: an archive master
+        stream = out.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 120, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    path = tmp_path / "in" / "f-0000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        tar.add(folder / "lossless.mkv", "m.mkv")
+        tar.add(folder / "120.wav", "m.dub.wav")
+    out = tmp_path / "out"
+    assert main(["run", str(path), str(out), *FAST]) == EXIT_OK  # no face changed: the stream would be copied
+    result = members(out / "f-0000.tar")
+    with av.open(io.BytesIO(result["m.mp4"])) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert container.streams.video[0].frames == 20
+    assert abs(grey_of(result["m.mp4"]) - 120) < 3
+    notes = json.loads(result["m.json"])["notes"]
+    assert any("ffv1 video cannot be stream-copied into mp4" in n and "re-encoded (libx264)" in n for n in notes), notes
