@@ -20,7 +20,7 @@ import av
 import fsspec
 import numpy as np
 
-from stages.media import open_member
+from stages.media import display_info, open_member, pixel_depth
 from stages.schema import MemberRef
 
 OUTPUT_AUDIO_RATE = 48000
@@ -230,6 +230,19 @@ def copy_problem(video: MemberRef) -> str | None:
         except (av.FFmpegError, ValueError) as error:
             return f"the source's {stream.codec_context.name} video cannot be stream-copied into mp4 ({error})"
     return None
+
+
+def re_encode_notes(video: MemberRef, segment_url: str) -> list[str]:
+    """What re-encoding changed in the picture's format: bit depth or chroma subsampling (the
+    segments are 8-bit 4:2:0, or 4:4:4 for odd sizes)."""
+    with open_member(video) as handle:
+        source = display_info(handle).pixel_format
+    with _open_source(segment_url) as handle:
+        written = display_info(handle).pixel_format
+    if not source or not written or pixel_depth(source) == pixel_depth(written):
+        return []
+    bits, out_bits = pixel_depth(source)[0], pixel_depth(written)[0]
+    return [f"video: the source's {source} ({bits}-bit) picture is re-encoded as {written} ({out_bits}-bit)"]
 
 
 def copy_film(video: MemberRef, dub: MemberRef, plan: AudioPlan, output: str) -> AudioResult:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pipeline.assemble import AudioPlan, assemble_film, copy_film, copy_problem
+from pipeline.assemble import AudioPlan, assemble_film, copy_film, copy_problem, re_encode_notes
 from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
@@ -178,6 +178,7 @@ class Driver(Ledger):
             uncopyable = None if changed else copy_problem(film.video)
             if changed or uncopyable:
                 audio = assemble_film([r["output"] for r in records], film.dub, plan, local)
+                audio.notes += re_encode_notes(film.video, records[0]["output"])
             else:
                 audio = copy_film(film.video, film.dub, plan, local)
             if uncopyable:

@@ -155,6 +155,30 @@ class DisplayInfo:
     color_primaries: int = 2
     color_trc: int = 2
     colorspace: int = 2
+    pixel_format: str = ""  # the decoder's (yuv420p, yuv420p10le, ...)
+
+
+def pixel_depth(pixel_format: str) -> tuple[int, int, int]:
+    """(bits per component, chroma width, chroma height) of a 64x64 picture in this format."""
+    form = av.VideoFormat(pixel_format, 64, 64)
+    chroma = form.components[1] if len(form.components) > 1 else form.components[0]
+    return form.components[0].bits, chroma.width, chroma.height
+
+
+def streams_left_out(file: IO[bytes]) -> list[str]:
+    """The source's streams a dubbed film does not carry (it holds the picture and the dub): further
+    video and audio streams (the first audio stream is the film's own sound, replaced by the dub),
+    subtitles, data and attachments, each as `kind #index (codec)`."""
+    with av.open(file, mode="r", metadata_errors="ignore") as container:
+        first_video = container.streams.video[0].index if container.streams.video else None
+        first_audio = container.streams.audio[0].index if container.streams.audio else None
+        left = []
+        for stream in container.streams:
+            if stream.index in (first_video, first_audio):
+                continue
+            codec = stream.codec_context.name if stream.codec_context is not None else "unknown codec"
+            left.append(f"{stream.type} #{stream.index} ({codec})")
+        return left
 
 
 def display_info(file: IO[bytes]) -> DisplayInfo:
@@ -175,6 +199,7 @@ def display_info(file: IO[bytes]) -> DisplayInfo:
             color_primaries=int(context.color_primaries or 2),
             color_trc=int(context.color_trc or 2),
             colorspace=int(context.colorspace or 2),
+            pixel_format=context.pix_fmt or "",
         )
 
 

@@ -162,18 +162,25 @@ def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_rerun_f
 def test_a_video_codec_mp4_cannot_carry_is_re_encoded_and_noted_not_failed(tmp_path):
     folder = tmp_path / "src"
     _, dub = film(folder, 120)
-    with av.open(str(folder / "lossless.mkv"), "w") as out:  # FFV1 in Matroska: an archive master
-        stream = out.add_stream("ffv1", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    with av.open(str(folder / "master.mov"), "w") as out:  # a studio master: ProRes 422, two sound tracks
+        stream = out.add_stream("prores_ks", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv422p10le"
+        sounds = [out.add_stream("pcm_s16le", rate=48000, layout="stereo") for _ in range(2)]
         for i in range(20):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 120, np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuv422p10le")
             frame.pts = i
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
+        for sound in sounds:
+            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 2 * 38400), np.int16), format="s16", layout="stereo")
+            chunk.sample_rate, chunk.pts = 48000, 0
+            out.mux(sound.encode(chunk))
+            out.mux(sound.encode(None))
     path = tmp_path / "in" / "f-0000.tar"
     path.parent.mkdir()
     with tarfile.open(path, "w") as tar:
-        tar.add(folder / "lossless.mkv", "m.mkv")
+        tar.add(folder / "master.mov", "m.mov")
         tar.add(folder / "120.wav", "m.dub.wav")
     out = tmp_path / "out"
     assert main(["run", str(path), str(out), *FAST]) == EXIT_OK  # no face changed: the stream would be copied
@@ -183,4 +190,6 @@ def test_a_video_codec_mp4_cannot_carry_is_re_encoded_and_noted_not_failed(tmp_p
         assert container.streams.video[0].frames == 20
     assert abs(grey_of(result["m.mp4"]) - 120) < 3
     notes = json.loads(result["m.json"])["notes"]
-    assert any("ffv1 video cannot be stream-copied into mp4" in n and "re-encoded (libx264)" in n for n in notes), notes
+    assert any("prores video cannot be stream-copied into mp4" in n and "re-encoded (libx264)" in n for n in notes), notes
+    assert any(n.startswith("not carried into the output") and "audio #2 (pcm_s16le)" in n for n in notes), notes
+    assert any("yuv422p10le (10-bit) picture is re-encoded as yuv420p (8-bit)" in n for n in notes), notes

@@ -109,3 +109,23 @@ def test_a_re_encode_keeps_brightness_and_colour_untagged_and_bt709(tmp_path):
         shift = (decoded(tmp_path / f"out-{colorspace}.mp4") - decoded(source)).mean(axis=(0, 1, 2))  # per channel
         # swscale's default path darkened every re-encode by about 1 level; BT.601 on a BT.709 film shifts hues more
         assert np.abs(shift).max() < 0.5, (colorspace, shift)
+
+
+def test_a_10_bit_source_re_encoded_at_8_bit_is_noted(tmp_path):
+    with av.open(str(tmp_path / "deep.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p10le"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 90, np.uint8), format="rgb24").reformat(format="yuv420p10le")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    from pipeline.assemble import re_encode_notes
+
+    segment = file_segment(tmp_path / "deep.mp4", "deep")
+    encode_segment(segment, str(tmp_path / "out.mp4"), EncodeConfig())
+    expected = ["video: the source's yuv420p10le (10-bit) picture is re-encoded as yuv420p (8-bit)"]
+    assert re_encode_notes(segment.film.video, str(tmp_path / "out.mp4")) == expected
+    plain = tmp_path / "plain.mp4"
+    write_h264(plain, np.full((10, 32, 48, 3), 90, np.uint8), crf=30)
+    assert re_encode_notes(file_segment(plain, "plain").film.video, str(tmp_path / "out.mp4")) == []
