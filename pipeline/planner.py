@@ -29,7 +29,7 @@ from pipeline.shards import (
     stat_stamp,
 )
 from stages.audio_io import describe_error, dub_alignment_notes, probe_audio
-from stages.media import open_member, probe_video, streams_left_out
+from stages.media import display_info, open_member, probe_video, quarter_turns, streams_left_out
 from stages.schema import FilmRef, Segment, Status, from_row, marker, to_row
 from stages.storage import filesystem, retrying
 
@@ -199,6 +199,8 @@ def _plan_film(
             info = probe_video(member)
             member.seek(0)
             left_out = streams_left_out(member)
+            member.seek(0)
+            turns = quarter_turns(display_info(member).rotation)
     except Exception as error:  # noqa: BLE001 - any container problem is this film's failure
         return [to_row(failed_marker(film, f"cannot read video {film.video.name}: {error}"))]
     if left_out:
@@ -238,9 +240,10 @@ def _plan_film(
             context_start=context_start,
             pts=pts[context_start:stop].copy(),
             seek_pts=seek if before.size and before[-1] > 0 else 0.0,
-            width=info.width,
-            height=info.height,
+            width=info.height if turns % 2 else info.width,  # as displayed: faces are looked for upright
+            height=info.width if turns % 2 else info.height,
             time_base=info.time_base,
+            turns=turns,
         )
         if index in done:
             segment.status = Status.DONE

@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.base import SegmentStage, StageError
 from stages.face_align import apply_affine, invert
-from stages.media import display_info, keep_display, open_member, open_reader, yuv_frame
+from stages.media import display_info, keep_display, open_member, open_reader, stored, yuv_frame
 from stages.overlay import DebugWriter, debug_paths
 from stages.paste import paste_into
 from stages.schema import Segment, Track, frame_tolerance
@@ -186,8 +186,9 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig, changes:
     changed: set[int] = set()
     with av.open(path, mode="w", format="mp4") as output:
         stream = output.add_stream(settings.codec, rate=_nominal_rate(core), options=encoder_options(settings))
-        stream.width, stream.height = segment.width, segment.height
-        stream.pix_fmt = pixel_format(segment.width, segment.height)
+        # the stream keeps the source's stored orientation; frames are pasted upright, as displayed
+        stream.width, stream.height = (segment.height, segment.width) if segment.turns % 2 else (segment.width, segment.height)
+        stream.pix_fmt = pixel_format(stream.width, stream.height)
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
         if settings.threads:
@@ -198,8 +199,8 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig, changes:
             keep_display(stream, display)  # rotation, pixel aspect and colour tags survive the re-encode
             if display.rotation and segment.index == 0:
                 segment.notes.append(
-                    f"video has a display rotation of {display.rotation} degrees: kept in the output; "
-                    "faces are looked for in the stored orientation"
+                    f"video has a display rotation of {display.rotation} degrees: faces were looked for upright, "
+                    "as it is displayed; the output keeps the stored orientation and the rotation"
                 )
             member.seek(0)
             reader = open_reader(member, "pyav")
@@ -215,7 +216,7 @@ def encode_segment(segment: Segment, path: str, settings: EncodeConfig, changes:
                             changed.add(i)
                             if changes is not None:
                                 changes.setdefault(track_id, set()).add(segment.context_start + segment.context + i)
-                    frame = yuv_frame(image, stream.pix_fmt, display)
+                    frame = yuv_frame(stored(image, segment.turns), stream.pix_fmt, display)
                     frame.pts = int(round(want / float(time_base)))
                     frame.time_base = time_base
                     for packet in stream.encode(frame):

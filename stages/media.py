@@ -282,11 +282,32 @@ class PyAVReader:
 SWSCALE_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
 
 
+def quarter_turns(rotation: float | int | None) -> int:
+    """Counterclockwise quarter turns from the stored picture to the displayed one, for a display
+    matrix rotation in degrees as FFmpeg reports it (frame.rotation; players show
+    np.rot90(stored, k))."""
+    return int(round((rotation or 0) / 90.0)) % 4
+
+
+def upright(image: np.ndarray, turns: int) -> np.ndarray:
+    """The stored picture as it is displayed (a view)."""
+    return np.rot90(image, turns) if turns else image
+
+
+def stored(image: np.ndarray, turns: int) -> np.ndarray:
+    """A displayed picture turned back the way the stream stores it (a view)."""
+    return np.rot90(image, -turns) if turns else image
+
+
 def rgb_view(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
-    """The frame as a read-only (h, w, 3) RGB view: converted (and scaled) once by swscale, not
-    copied again; the view keeps its frame alive. The YUV matrix and range are the frame's tags
+    """The frame as displayed, as a read-only (h, w, 3) RGB view: turned by its display rotation,
+    converted (and scaled to `size`, the displayed width and height) once by swscale, not copied
+    again; the view keeps its frame alive. The YUV matrix and range are the frame's tags
     (untagged: BT.601, limited), the same ones `yuv_frame` converts back with."""
-    width, height = size if size is not None else (frame.width, frame.height)
+    turns = quarter_turns(getattr(frame, "rotation", 0))
+    width, height = size if size is not None else _shown_size(frame.width, frame.height, turns)
+    if turns % 2:
+        width, height = height, width  # scaled in stored orientation, then turned
     if frame.format.name != "rgb24" or (frame.width, frame.height) != (width, height):
         frame = frame.reformat(
             width=width,
@@ -297,7 +318,11 @@ def rgb_view(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
         )
     plane = frame.planes[0]
     rows = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)
-    return rows[:, : width * 3].reshape(height, width, 3)
+    return upright(rows[:, : width * 3].reshape(height, width, 3), turns)
+
+
+def _shown_size(width: int, height: int, turns: int) -> tuple[int, int]:
+    return (height, width) if turns % 2 else (width, height)
 
 
 class DecordReader:
@@ -312,6 +337,8 @@ class DecordReader:
             ) from None
 
         self._data = io.BytesIO(file.read())  # decord needs the whole container in memory
+        self._turns = quarter_turns(display_info(self._data).rotation)  # decord shows the stored picture
+        self._data.seek(0)
         self._reader = decord.VideoReader(self._data, num_threads=threads)
         self._times = np.asarray(self._reader.get_frame_timestamp(range(len(self._reader))))[:, 0]
 
@@ -327,6 +354,7 @@ class DecordReader:
                 continue
             batch = self._reader.get_batch(chunk.tolist()).asnumpy()
             for i, image in zip(chunk, batch):
+                image = upright(image, self._turns)
                 if size is not None and (image.shape[1], image.shape[0]) != size:
                     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
                 yield float(self._times[i]), image

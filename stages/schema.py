@@ -139,9 +139,10 @@ class Segment:
     context_start: int  # first frame decoded (start minus overlap, at most)
     pts: np.ndarray  # (stop - context_start,) float64 presentation times in seconds
     seek_pts: float  # presentation time of the keyframe at or before context_start
-    width: int  # full-resolution size of the source video
+    width: int  # full-resolution size of the source video as displayed (after its display rotation)
     height: int
     time_base: tuple[int, int]  # video stream time base (numerator, denominator)
+    turns: int = 0  # counterclockwise quarter turns from the stored picture to the displayed one
     status: Status = Status.OK
     reason: str = ""
     failed_stage: str = ""  # who failed it: a stage name, "plan" or "assemble"

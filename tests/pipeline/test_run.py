@@ -114,6 +114,62 @@ def test_grey_model_changes_only_the_lower_face(tmp_path):
     assert abs((output.astype(np.int16) - source)[outside].mean()) < 0.5
 
 
+def shown_by_opencv(path: Path) -> np.ndarray:
+    """Frames as OpenCV's FFmpeg backend shows them: turned by the display matrix (its own code,
+    not ours), RGB."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            break
+        frames.append(image[..., ::-1])
+    capture.release()
+    return np.stack(frames)
+
+
+def test_a_phone_film_with_a_display_rotation_is_dubbed_upright_and_keeps_its_rotation(tmp_path):
+    clip = shared_clip("vfhq_GX80GoZmROw")
+    phone = tmp_path / "phone.mp4"
+    with av.open(str(clip)) as source, av.open(str(phone), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = 480, 512, "yuv420p"  # stored portrait-wise, not square
+        stream.set_display_rotation(-90)  # how phones store a portrait recording
+        for i, frame in enumerate(source.decode(source.streams.video[0])):
+            upright = frame.to_ndarray(format="rgb24")[:480]  # the face keeps its place: the top 480 rows
+            stored = np.ascontiguousarray(np.rot90(upright, 1))  # the player turns it back by -90 degrees
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    source = shown_by_opencv(phone)
+    assert source.shape[1:3] == (480, 512)  # shown 512 wide, 480 tall: the stored 480x512 turned
+    shards = pack([PackItem(str(phone), str(shared_dub("es")), "f")], str(tmp_path / "s-{0000..0000}.tar"))
+    summary = run(options(shards[0], tmp_path / "out", "inpaint.model=grey", "encode.feather=0"))
+    assert summary.films_ok == 1
+    result = members(tmp_path / "out" / "s-0000.tar")
+    (tmp_path / "f.mp4").write_bytes(result["f.mp4"])
+    report = json.loads(result["f.json"])
+    assert report["frames_changed"] > 0.5 * report["frames"], "faces are found upright"
+    with av.open(str(tmp_path / "f.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == (480, 512)  # stored as the source
+        assert int(round(next(container.decode(stream)).rotation)) % 360 == 270
+    output = shown_by_opencv(tmp_path / "f.mp4")
+    assert output.shape == source.shape
+    grey = (np.abs(output.astype(np.int16) - 128).max(axis=-1) <= 6) & (np.abs(source.astype(np.int16) - 128).max(axis=-1) > 20)
+    painted = grey.mean(axis=0) > 0.5
+    ys, xs = np.nonzero(painted)
+    assert painted.sum() > 0.01 * painted.size  # a real mouth region was painted
+    # the mouth of the upright face: below the middle, centred (a sideways search would paint elsewhere or not at all)
+    assert 0.45 < ys.mean() / painted.shape[0] < 0.85 and 0.3 < xs.mean() / painted.shape[1] < 0.7
+    outside = ~_dilate(grey, 6)
+    diff = np.abs(output.astype(np.int16) - source).max(axis=-1)
+    assert diff[outside].mean() < 3.0  # the rest of the picture, as displayed, is the source's
+
+
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     import cv2
 
