@@ -16,7 +16,7 @@ from importlib import metadata
 from pipeline.config import ConfigError, load_config
 from stages.audio import AudioConfig
 from stages.settings import allowed_values, load_settings
-from stages.storage import filesystem, is_local
+from stages.storage import filesystem, is_local, out_of_space
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -638,6 +638,17 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(f"{what}: finished films and segments are kept; run the same command again to resume", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+    except OSError as error:
+        if not out_of_space(error):
+            raise
+        # a crash, not a film's failure (exit 3 would say the run finished): nothing was recorded
+        # failed for want of room, so the resume does exactly what is left
+        print(
+            f"error: out of space: {error}; stopped. Free space (or write elsewhere) and run the same command "
+            "again to resume: finished films and segments are kept",
+            file=sys.stderr,
+        )
+        return EXIT_CRASH
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -646,8 +657,8 @@ def main(argv: list[str] | None = None) -> int:
 def entry_point() -> None:
     """The `stabledub` command: main(), then an exit an interrupted run cannot turn into a crash."""
     code = main()
-    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
-        # After an interrupt Ray Data's executor threads are still inside native code, and the
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_CRASH):  # EXIT_CRASH: returned by a run stopped for room
+        # After an interrupt (or a stop) Ray Data's executor threads are still inside native code, and the
         # interpreter's teardown can crash under them (exit -11 instead of 130). Everything worth
         # keeping is written and the lease released by now; Ray's own processes share our fate.
         logging.shutdown()

@@ -258,4 +258,7 @@ class Ledger:
             if not shard.written:  # rows missing: should not happen; a partial shard is never finished
                 log.error("shard %s incomplete: %d of %s films resolved", shard.url, len(shard.resolved), shard.expected)
                 self.summary.shards_failed += 1
+        self.write_dead_letters()
+
+    def write_dead_letters(self) -> None:
         self.run.write_dead_letters([self.dead[k] for k in sorted(self.dead)])

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ from stages.schema import FilmRef, Segment, Status, from_row
 from stages.storage import (
     filesystem,
     join,
+    out_of_space,
     put_file,
     read_json,
     remove_temporaries,
@@ -209,10 +210,20 @@ class Driver(Ledger):
             try:
                 result = future.result()
             except Exception as error:  # noqa: BLE001 - one film's or shard's failure, not the run's
+                if out_of_space(error):
+                    raise  # not the film's: the run stops (see `stop`), the film is redone on resume
                 on_error(error)
                 continue
             on_done(result)
         self.pending = waiting + self.pending
+
+    def stop(self) -> None:
+        """The storage is full: nothing more can be written. Let the assemblies in flight end
+        (each one is whole or absent), keep the dead letters of films that really failed, and
+        leave the rest to the resume (nothing is recorded failed for want of room)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with suppress(OSError):  # best effort: a resume rebuilds them from the films' reports
+            self.write_dead_letters()
 
     def finish(self) -> RunSummary:
         while self.pending:
@@ -416,9 +427,14 @@ def run(options: RunOptions) -> RunSummary:
             if options.progress_every is not None:
                 # with Ray Data's own bars on the terminal (-v), ours are lines, not a second bar
                 progress = driver.progress = Progress(len(urls), options.progress_every, bar=False if options.progress else None)
-            for row in ds.iter_rows():
-                driver.add(from_row(row))
-            summary = driver.finish()
+            try:
+                for row in ds.iter_rows():
+                    driver.add(from_row(row))
+                summary = driver.finish()
+            except OSError as error:
+                if out_of_space(error):
+                    driver.stop()
+                raise
         finally:
             if progress:
                 progress.close()

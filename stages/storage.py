@@ -7,6 +7,7 @@ Either way a reader never sees a partial file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
@@ -14,7 +15,8 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import fsspec
@@ -25,6 +27,14 @@ T = TypeVar("T")
 ATTEMPTS = 8
 FIRST_BACKOFF_S = 0.2
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError, TypeError)
+# The storage refused a write for room: disk full, quota, a file size limit (ulimit -f, FAT's 4 GiB).
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def out_of_space(error: BaseException) -> bool:
+    """A write refused for room: no film's fault, and every later write would fail the same way,
+    so a run stops on it (exit 1, finished work kept) instead of failing film after film."""
+    return isinstance(error, OSError) and error.errno in OUT_OF_SPACE
 
 
 def transient(error: BaseException) -> bool:
@@ -81,15 +91,28 @@ def _local_temporary(path: str) -> str:
     return os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
 
 
+@contextmanager
+def _removed_on_error(tmp: str) -> Iterator[None]:
+    """A write that fails (a full disk) takes its partial temporary with it: it holds the room
+    the next write needs (a killed run's leftovers are removed by `remove_temporaries`)."""
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_bytes(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     if is_local(fs):
         tmp = _local_temporary(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _removed_on_error(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     else:
         retrying(lambda: fs.pipe_file(path, data), f"writing {url}")
 
@@ -99,8 +122,9 @@ def put_file(local_path: str, url: str) -> None:
     fs, path = filesystem(url)
     if is_local(fs):
         tmp = _local_temporary(path)
-        fs.put_file(local_path, tmp)
-        os.replace(tmp, path)
+        with _removed_on_error(tmp):
+            fs.put_file(local_path, tmp)
+            os.replace(tmp, path)
     else:
         retrying(lambda: fs.put_file(local_path, path), f"uploading {url}")
 
