@@ -12,6 +12,7 @@ Films of a manifest (existing files, no shards) are written as plain files inste
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import tarfile
@@ -117,6 +118,8 @@ class Driver(Ledger):
         self.pending: list[tuple[Future, Callable[[Any], None], Callable[[Exception], None]]] = []
 
     def add(self, segment: Segment) -> None:
+        if segment.out_of_space:  # a worker's write was refused for room: not the film's failure
+            raise OSError(errno.ENOSPC, f"{segment.reason} (film {segment.film.key!r})")
         super().add(segment)
         self._collect(block=False)
 

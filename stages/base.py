@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stages.schema import Segment, Status, segments_from_batch, segments_to_batch
+from stages.storage import out_of_space
 
 log = logging.getLogger(__name__)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -48,6 +49,7 @@ class SegmentStage:
         except Exception as error:  # noqa: BLE001 - any crash in one film must not stop the catalog
             log.warning("%s failed on %s: %s", self.name, segment.film.uid, traceback.format_exc())
             segment.fail(f"{self.name}: {type(error).__name__}: {error}", stage=self.name)
+            segment.out_of_space = out_of_space(error)
         segment.timings[self.name] = segment.timings.get(self.name, 0.0) + time.perf_counter() - began
         segment.workers[self.name] = WORKER
         if segment.status is Status.OK:
@@ -55,6 +57,7 @@ class SegmentStage:
                 self.commit(segment)
             except Exception as error:  # noqa: BLE001
                 segment.fail(f"{self.name}: committing output: {type(error).__name__}: {error}", stage=self.name)
+                segment.out_of_space = out_of_space(error)
         return segment
 
     def commit(self, segment: Segment) -> None:

@@ -163,6 +163,7 @@ class Segment:
     workers: dict[str, str] = field(default_factory=dict)  # stage -> "host:pid" of the actor that ran it
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    out_of_space: bool = False  # failed because a write was refused for room: the run stops, nothing is failed
 
     @property
     def id(self) -> str:

@@ -170,3 +170,24 @@ def test_a_write_the_disk_refuses_leaves_the_old_file_whole_and_no_temporary(tmp
         assert out_of_space(refused.value), refused.value
         assert (folder / name).read_bytes() == b"old"  # never a partial file under the final name
     assert sorted(p.name for p in folder.iterdir()) == ["film.mp4", "report.json"]  # the partial temporaries went
+
+
+def test_a_stage_whose_write_the_disk_refuses_marks_its_segment_out_of_space_not_just_failed(tmp_path):
+    from stages.base import SegmentStage
+    from tests.stages.film_segments import cut_film
+
+    class Writes(SegmentStage):  # a stage that writes its output, as encode writes a segment file
+        name = "writes"
+
+        def process(self, segment):
+            write_bytes(str(tmp_path / "segment.bin"), b"x" * 65536)
+            return segment
+
+    def segment():
+        return cut_film(np.zeros((10, 16, 16, 3), np.uint8), None, segment_frames=10)[0]
+
+    with file_size_limit(4096):
+        refused = Writes().run_one(segment())
+    assert refused.reason.startswith("writes: OSError") and refused.out_of_space, refused.reason
+    passed = Writes().run_one(segment())  # room again
+    assert passed.reason == "" and not passed.out_of_space
