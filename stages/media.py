@@ -110,10 +110,17 @@ class VideoInfo:
     keyframe: np.ndarray  # (N,) bool: frame is a keyframe (a cheap seek target)
     codec: str
     has_audio: bool
+    hidden: int = 0  # packets the container's edit list hides (decoded for their neighbours, never shown)
 
 
 def probe_video(file: IO[bytes]) -> VideoInfo:
-    """Demux (no decoding) to get every frame's PTS and keyframe flag: exact for VFR films."""
+    """Demux (no decoding) to get every shown frame's PTS and keyframe flag: exact for VFR films.
+
+    An mp4/mov edit list can hide frames: the pre-roll of a cut that starts between keyframes, the
+    ends of a trim, the gap of a splice. FFmpeg's mov demuxer still hands those packets over (the
+    decoder needs them) but flags them as discard, and the decoder drops their frames; a player
+    shows only the rest, from the edit's start (after any empty edit). They are not counted, so a
+    film is planned, dubbed and timed from the first frame a player shows."""
     with av.open(file, mode="r", metadata_errors="ignore") as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -127,8 +134,12 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
         has_audio = bool(container.streams.audio)
         times: list[int] = []
         keys: list[bool] = []
+        hidden = 0
         for packet in container.demux(stream):
             if packet.size == 0:
+                continue
+            if packet.is_discard:
+                hidden += 1
                 continue
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None:
@@ -142,7 +153,7 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
     keyframe = np.asarray(keys, dtype=bool)[order]
     if width <= 0 or height <= 0:
         raise ValueError(f"video stream has no usable size ({width}x{height})")
-    return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio)
+    return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio, hidden)
 
 
 @dataclass(frozen=True)
