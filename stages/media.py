@@ -298,6 +298,13 @@ class DecordReader:
             ) from None
 
         self._data = io.BytesIO(file.read())  # decord needs the whole container in memory
+        # decord's own frame index ignores edit lists (it shows hidden frames, shifted): such a film
+        # is read with PyAV, which shows what a player shows
+        hidden = hides_frames(self._data)
+        self._data.seek(0)
+        self._pyav = PyAVReader(self._data, threads) if hidden else None
+        if self._pyav is not None:
+            return
         self._reader = decord.VideoReader(self._data, num_threads=threads)
         self._times = np.asarray(self._reader.get_frame_timestamp(range(len(self._reader))))[:, 0]
 
@@ -306,6 +313,9 @@ class DecordReader:
     ) -> Iterator[tuple[float, np.ndarray]]:
         import cv2
 
+        if self._pyav is not None:
+            yield from self._pyav.frames(seek_pts, start_pts, stop_pts, size)
+            return
         eps = 1e-4
         wanted = np.nonzero((self._times >= start_pts - eps) & (self._times <= stop_pts + eps))[0]
         for chunk in np.array_split(wanted, max(1, len(wanted) // 16)):
@@ -318,7 +328,15 @@ class DecordReader:
                 yield float(self._times[i]), image
 
     def close(self) -> None:
+        if self._pyav is not None:
+            self._pyav.close()
         self._data.close()
+
+
+def hides_frames(file: IO[bytes]) -> bool:
+    """Whether the video's edit list hides frames: the demuxer flags their packets discard."""
+    with av.open(file, mode="r", metadata_errors="ignore") as container:
+        return any(packet.is_discard for packet in container.demux(container.streams.video[0]) if packet.size)
 
 
 BACKENDS = {"pyav": PyAVReader, "decord": DecordReader}

@@ -4,11 +4,12 @@ time zero on the first shown frame, whether the original stream is copied or re-
 
 The films are built here: frames with negative timestamps (the mp4 muxer hides them behind an edit
 list, as a cut from a longer stream does), and edit lists rewritten in place (a trim at both ends,
-an empty edit before a trim, a splice of two ranges). Every stored frame has its own grey level, so
-which frame is shown when is read off the pixels."""
+an empty edit before a trim, a splice of two ranges), with and without B-frames. Every stored frame
+has its own grey level, so which frame is shown when is read off the pixels."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import struct
@@ -36,19 +37,16 @@ def grey(i: int) -> int:
     return 20 + 7 * i  # stored frame i (limited range keeps 16..235 apart)
 
 
-def encode(path: Path, pts: list[int], time_base: Fraction = TB, gop: int = 250, face: np.ndarray | None = None) -> Path:
-    """H.264 without B-frames, one grey level per stored frame (over the top rows when a face is given)."""
-    height, width = (48, 64) if face is None else face.shape[:2]
+def encode(path: Path, pts: list[int], gop: int = 250, b_frames: int = 0) -> Path:
+    """H.264 at 25 fps, one grey level per stored frame."""
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25, options={"bf": "0", "crf": "18"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = stream.codec_context.time_base = time_base
+        stream = out.add_stream("libx264", rate=25, options={"bf": str(b_frames), "crf": "18"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = TB
         stream.codec_context.gop_size = gop
         for i, stamp in enumerate(pts):
-            image = np.full((height, width, 3), grey(i), np.uint8) if face is None else face.copy()
-            image[:16] = grey(i)
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = stamp, time_base
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), grey(i), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = stamp, TB
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     return path
@@ -75,6 +73,7 @@ def films(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plain = encode(folder / "plain.mp4", list(range(30)), gop=10)
     late = encode(folder / "late.mp4", [75 + i for i in range(30)], gop=10)  # starts at 3 s: an empty edit
+    reordered = encode(folder / "reordered.mp4", list(range(-5, 20)), b_frames=3)
     return {
         # a cut from a longer stream: its first three frames (from the keyframe) only feed the decoder
         "preroll": encode(folder / "preroll.mp4", list(range(-3, 22))),
@@ -84,6 +83,10 @@ def films(folder: Path) -> dict[str, Path]:
         "late": edit(late, folder / "late-trimmed.mp4", [(3.0, -1), (0.6, 0.2)]),
         # two ranges of the media one after the other (an edit list of two entries)
         "splice": edit(late, folder / "splice.mp4", [(0.2, 0.0), (0.2, 0.4)]),
+        # with B-frames: a cut (hidden packets follow shown ones in decode order, all before zero) and
+        # a trim whose hidden end frames are decoded before shown ones (references they need)
+        "b_cut": reordered,
+        "b_trim": edit(reordered, folder / "b-trimmed.mp4", [(0.5, 0.3)]),
     }
 
 
@@ -128,6 +131,7 @@ def members(path: Path) -> dict[str, bytes]:
 
 def test_the_demuxer_hides_what_the_edit_list_hides_and_probing_counts_only_shown_frames(tmp_path):
     expected = {"preroll": (22, 0.0, 3), "trimmed": (20, 0.0, 5), "late": (15, 3.0, 5), "splice": (10, 0.0, 0)}
+    expected |= {"b_cut": (20, 0.0, 5), "b_trim": (12, 0.0, 6)}
     for key, path in films(tmp_path).items():
         times, levels = shown(path)
         count, start, first = expected[key]
@@ -140,6 +144,20 @@ def test_the_demuxer_hides_what_the_edit_list_hides_and_probing_counts_only_show
         with open(path, "rb") as file:
             info = probe_video(file)
         np.testing.assert_allclose(info.pts, times, atol=1e-3, err_msg=key)  # planning counts what is shown
+
+
+def test_the_decode_stage_gives_every_planned_frame_the_picture_a_player_shows_with_either_backend(tmp_path):
+    from stages.decode import decode_frames
+    from tests.conftest import file_segment
+
+    backends = ["pyav"] + (["decord"] if importlib.util.find_spec("decord") else [])
+    for key, path in films(tmp_path).items():
+        want_t, want = shown(path)
+        segment = file_segment(path, key)
+        np.testing.assert_allclose(segment.pts, want_t, atol=1e-3, err_msg=key)
+        for backend in backends:  # decord's own index ignores edit lists: such films are read with PyAV
+            frames = decode_frames(segment, backend, (64, 48))
+            assert np.abs(frames[:, :16].mean(axis=(1, 2, 3)) - want).max() < 3, (key, backend)
 
 
 def check_output(key: str, source: Path, output: bytes) -> None:
@@ -174,7 +192,7 @@ def test_the_re_encode_path_shows_the_frames_a_player_shows_over_several_segment
         assemble_film(parts, film.dub, AudioPlan(duration=film.duration, start=film.start), str(output))
         check_output(film.key, sources[film.key], output.read_bytes())
         counts[film.key] = len(segments)
-    assert counts == {"preroll": 3, "trimmed": 3, "late": 2, "splice": 1}
+    assert counts == {"preroll": 3, "trimmed": 3, "late": 2, "splice": 1, "b_cut": 2, "b_trim": 1}
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +210,15 @@ def test_a_film_whose_edit_list_hides_frames_is_dubbed_with_exactly_the_frames_a
     out = tmp_path / "out"
     assert main(["run", str(path), str(out), *FAST, "--model", "identity"]) == EXIT_OK
     result = members(out / "e-0000.tar")
+    copied = {"preroll", "trimmed", "b_cut"}  # the copy's own edit list hides what lies before zero
     for key, source in sources.items():
         check_output(key, source, result[f"{key}.mp4"])
         report = json.loads(result[f"{key}.json"])
         assert report["frames"] == len(shown(source)[0]), key
-        print(key, report["video"], report["notes"])
+        assert any("edit list hides stored frames" in n for n in report["notes"]), key
+        if key in copied:
+            assert report["video"] == "original stream copied (no face changed)", key
+            assert np.array_equal(shown(result[f"{key}.mp4"])[1], shown(source)[1]), key  # the same packets
+        else:  # a pre-roll after an empty edit, a splice, a B-frame trim: no mp4 copy shows them
+            assert report["video"].startswith("re-encoded (no face changed"), key
+            assert any(n.endswith(": re-encoded (libx264)") for n in report["notes"]), (key, report["notes"])
