@@ -3,9 +3,10 @@
 Segments keep the source's timestamps and share encoder settings, so their packets are copied into
 one stream without re-encoding. A film in which no face was changed keeps its original video
 stream (packet copy from the source) when the copy shows what the source shows (see `copy_film`);
-otherwise it too is assembled from its re-encoded segments. The dub is decoded as a stream, shifted by the metadata's
-`dub_offset`, padded with silence or cut to the film's duration and encoded (AAC by default) in its
-own channel layout (5.1 stays 5.1, mono stays mono); what had to change is noted.
+otherwise it too is assembled from its re-encoded segments. The dub is decoded as a stream,
+shifted by the metadata's `dub_offset`, padded with silence or cut to the film's duration and
+encoded (AAC by default) in its own channel layout (5.1 stays 5.1, mono stays mono); what had to
+change is noted.
 """
 
 from __future__ import annotations
