@@ -2,9 +2,11 @@
 
 Segments keep the source's timestamps and share encoder settings, so their packets are copied into
 one stream without re-encoding. A film in which no face was changed keeps its original video
-stream (packet copy from the source). The dub is decoded as a stream, shifted by the metadata's
-`dub_offset`, padded with silence or cut to the film's duration and encoded (AAC by default) in its
-own channel layout (5.1 stays 5.1, mono stays mono); what had to change is noted.
+stream (packet copy from the source) when the copy shows what the source shows (see `copy_film`);
+otherwise it too is assembled from its re-encoded segments. The dub is decoded as a stream,
+shifted by the metadata's `dub_offset`, padded with silence or cut to the film's duration and
+encoded (AAC by default) in its own channel layout (5.1 stays 5.1, mono stays mono); what had to
+change is noted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import av
 import fsspec
 import numpy as np
 
-from stages.media import display_info, open_member, pixel_depth
+from stages.media import display_info, open_member, pixel_depth, probe_video
 from stages.schema import MemberRef
 
 OUTPUT_AUDIO_RATE = 48000
@@ -98,16 +100,41 @@ def _encodes(codec: str, layout: str) -> bool:
         return False
 
 
+class NotCopyable(Exception):
+    """The source's video stream, copied packet for packet into an mp4, would not show the frames
+    the source shows from the time it shows them."""
+
+
 def _video_packets(sources: list[str | MemberRef]) -> Iterator[tuple[float, int, av.Packet]]:
-    """Packets of each source in turn, one source open at a time (a film may have thousands)."""
+    """Packets of each source in turn, one source open at a time (a film may have thousands).
+
+    Packets the source's edit list hides (the demuxer flags them discard) go along only where the
+    decoder needs them: before a shown packet (a cut's pre-roll). The mp4 muxer hides just what lies
+    before time zero, so hidden packets after the last shown one (a trimmed end) are dropped, and
+    hidden packets at or after zero before the first shown one (a pre-roll behind a late start)
+    raise `NotCopyable`."""
     for source in sources:
         with _open_source(source) as handle, av.open(handle, mode="r", metadata_errors="ignore") as container:
             stream = container.streams.video[0]
+            hidden: list[tuple[float, int, av.Packet]] = []
+            shown = False
             for packet in container.demux(stream):
                 if packet.size == 0 or packet.pts is None:
                     continue
                 stamp = packet.dts if packet.dts is not None else packet.pts  # mux in decode order
-                yield float(stamp * stream.time_base), 0, packet
+                item = (float(stamp * stream.time_base), 0, packet)
+                if packet.is_discard:
+                    if not shown and packet.pts >= 0:
+                        raise NotCopyable(
+                            f"the source's edit list hides frames from {float(packet.pts * stream.time_base):.3f} s, "
+                            "after time zero, which an mp4 stream copy would show"
+                        )
+                    hidden.append(item)
+                    continue
+                shown = True
+                yield from hidden
+                hidden.clear()
+                yield item
 
 
 def _open_source(source: str | MemberRef):
@@ -245,6 +272,24 @@ def re_encode_notes(video: MemberRef, segment_url: str) -> list[str]:
     return [f"video: the source's {source} ({bits}-bit) picture is re-encoded as {written} ({out_bits}-bit)"]
 
 
-def copy_film(video: MemberRef, dub: MemberRef, plan: AudioPlan, output: str) -> AudioResult:
-    """Keep the source's video stream as it is (no face changed) and mux the dub."""
-    return _mux([video], dub, plan, output)
+def copy_film(video: MemberRef, dub: MemberRef, plan: AudioPlan, output: str, frames: int | None = None) -> AudioResult:
+    """Keep the source's video stream as it is (no face changed) and mux the dub.
+
+    Raises `NotCopyable` when the copy would not show what a player shows of the source: its
+    `frames` frames (when given), the first at `plan.start`. An edit list is what makes them differ:
+    the mp4 muxer writes one edit from the first packet's time (hiding what lies before zero), so a
+    pre-roll behind an empty edit or a splice of two ranges cannot be copied as it is."""
+    try:
+        result = _mux([video], dub, plan, output)
+    except av.FFmpegError as error:  # e.g. a splice's timestamps, not monotonic in decode order
+        raise NotCopyable(f"the source's video cannot be stream-copied into mp4 (the muxer: {error.strerror})") from None
+    with open(output, "rb") as file:
+        copied = probe_video(file)
+    count = len(copied.pts)
+    if (frames is not None and count != frames) or abs(float(copied.pts[0]) - plan.start) > 1e-3:
+        shown = "frames" if frames is None else f"{frames} frames"
+        raise NotCopyable(
+            f"a stream copy of the source's video would show {count} frames from {float(copied.pts[0]):.3f} s "
+            f"where a player shows {shown} from {plan.start:.3f} s (its edit list)"
+        )
+    return result

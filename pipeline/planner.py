@@ -212,6 +212,8 @@ def _plan_film(
     film.start = float(pts[0])
     if film.start > 0.5:
         film.notes.append(f"video timestamps start at {film.start:.3f} s: the dub's time zero plays with the first frame")
+    if info.hidden:
+        film.notes.append(f"the video's edit list hides stored frames: only the {len(pts)} a player shows are dubbed and kept")
     assert film.dub is not None
     offset = float(film.metadata.get("dub_offset", 0.0) or 0.0)  # checked when the shard was indexed
     try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pipeline.assemble import AudioPlan, assemble_film, copy_film, copy_problem, re_encode_notes
+from pipeline.assemble import AudioPlan, NotCopyable, assemble_film, copy_film, copy_problem, re_encode_notes
 from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
@@ -180,15 +180,18 @@ class Driver(Ledger):
         with tempfile.TemporaryDirectory(prefix="stabledub-film-") as tmp:
             local = os.path.join(tmp, "film.mp4")
             uncopyable = None if changed else copy_problem(film.video)
+            if not changed and not uncopyable:
+                try:
+                    audio = copy_film(film.video, film.dub, plan, local, frames=film.frames)
+                except NotCopyable as refusal:  # an edit list a copy cannot keep: the segments show it
+                    uncopyable = str(refusal)
             if changed or uncopyable:
                 audio = assemble_film([r["output"] for r in records], film.dub, plan, local)
                 audio.notes += re_encode_notes(film.video, records[0]["output"])
-            else:
-                audio = copy_film(film.video, film.dub, plan, local)
             if uncopyable:
                 audio.notes.append(f"{uncopyable}: re-encoded ({encode.codec})")
             put_file(local, target)
-        report = film_report(film, records, changed, audio, self.options.config)
+        report = film_report(film, records, changed, audio, self.options.config, copied=not (changed or uncopyable))
         report.update(film_report_faces(film, report, self.run.track_summaries(film, state.count or 0)))
         if self.options.config.adapt.active:
             report["adaptation"] = film_adaptation(self.run.adapt_record(film), report["persons"])
@@ -236,6 +239,14 @@ class Driver(Ledger):
         return self.summary
 
 
+def video_line(changed: int, copied: bool) -> str:
+    if changed:
+        return "re-encoded (faces changed)"
+    if copied:
+        return "original stream copied (no face changed)"
+    return "re-encoded (no face changed, but the original stream cannot be copied: see the notes)"
+
+
 def count_adaptation(summary: RunSummary, adaptation: dict[str, Any] | None) -> None:
     """A film's adaptation in the run's summary (persons reused from an earlier run cost nothing now)."""
     for person in (adaptation or {}).get("persons", []):
@@ -246,7 +257,10 @@ def count_adaptation(summary: RunSummary, adaptation: dict[str, Any] | None) -> 
             summary.adapt_seconds += float(person.get("seconds") or 0.0)
 
 
-def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audio, config: PipelineConfig) -> dict[str, Any]:
+def film_report(
+    film: FilmRef, records: list[dict[str, Any]], changed: int, audio, config: PipelineConfig, copied: bool
+) -> dict[str, Any]:
+    """`copied`: whether the film kept its original video stream."""
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
     notes: list[str] = list(film.notes)
@@ -269,7 +283,7 @@ def film_report(film: FilmRef, records: list[dict[str, Any]], changed: int, audi
         "duration": round(film.duration, 4),
         "segments": len(records),
         "frames_changed": changed,
-        "video": "re-encoded (faces changed)" if changed else "original stream copied (no face changed)",
+        "video": video_line(changed, copied),
         "model": config.inpaint.model,
         "stage_busy_seconds": timings,
         "busiest_stage": busiest,

@@ -110,10 +110,17 @@ class VideoInfo:
     keyframe: np.ndarray  # (N,) bool: frame is a keyframe (a cheap seek target)
     codec: str
     has_audio: bool
+    hidden: int = 0  # packets the container's edit list hides (decoded for their neighbours, never shown)
 
 
 def probe_video(file: IO[bytes]) -> VideoInfo:
-    """Demux (no decoding) to get every frame's PTS and keyframe flag: exact for VFR films."""
+    """Demux (no decoding) to get every shown frame's PTS and keyframe flag: exact for VFR films.
+
+    An mp4/mov edit list can hide frames: the pre-roll of a cut that starts between keyframes, the
+    ends of a trim, the gap of a splice. FFmpeg's mov demuxer still hands those packets over (the
+    decoder needs them) but flags them as discard, and the decoder drops their frames; a player
+    shows only the rest, from the edit's start (after any empty edit). They are not counted, so a
+    film is planned, dubbed and timed from the first frame a player shows."""
     with av.open(file, mode="r", metadata_errors="ignore") as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -127,8 +134,12 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
         has_audio = bool(container.streams.audio)
         times: list[int] = []
         keys: list[bool] = []
+        hidden = 0
         for packet in container.demux(stream):
             if packet.size == 0:
+                continue
+            if packet.is_discard:
+                hidden += 1
                 continue
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None:
@@ -142,7 +153,7 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
     keyframe = np.asarray(keys, dtype=bool)[order]
     if width <= 0 or height <= 0:
         raise ValueError(f"video stream has no usable size ({width}x{height})")
-    return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio)
+    return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio, hidden)
 
 
 @dataclass(frozen=True)
@@ -337,6 +348,13 @@ class DecordReader:
             ) from None
 
         self._data = io.BytesIO(file.read())  # decord needs the whole container in memory
+        # decord's own frame index ignores edit lists (it shows hidden frames, shifted): such a film
+        # is read with PyAV, which shows what a player shows
+        hidden = hides_frames(self._data)
+        self._data.seek(0)
+        self._pyav = PyAVReader(self._data, threads) if hidden else None
+        if self._pyav is not None:
+            return
         self._turns = quarter_turns(display_info(self._data).rotation)  # decord shows the stored picture
         self._data.seek(0)
         self._reader = decord.VideoReader(self._data, num_threads=threads)
@@ -347,6 +365,9 @@ class DecordReader:
     ) -> Iterator[tuple[float, np.ndarray]]:
         import cv2
 
+        if self._pyav is not None:
+            yield from self._pyav.frames(seek_pts, start_pts, stop_pts, size)
+            return
         eps = 1e-4
         wanted = np.nonzero((self._times >= start_pts - eps) & (self._times <= stop_pts + eps))[0]
         for chunk in np.array_split(wanted, max(1, len(wanted) // 16)):
@@ -360,7 +381,15 @@ class DecordReader:
                 yield float(self._times[i]), image
 
     def close(self) -> None:
+        if self._pyav is not None:
+            self._pyav.close()
         self._data.close()
+
+
+def hides_frames(file: IO[bytes]) -> bool:
+    """Whether the video's edit list hides frames: the demuxer flags their packets discard."""
+    with av.open(file, mode="r", metadata_errors="ignore") as container:
+        return any(packet.is_discard for packet in container.demux(container.streams.video[0]) if packet.size)
 
 
 BACKENDS = {"pyav": PyAVReader, "decord": DecordReader}
