@@ -128,7 +128,7 @@ def test_a_film_replaced_after_its_run_finished_is_redone_from_the_new_input(tmp
     assert summary(out)["films_ok"] == 1 and summary(out)["films_skipped"] == 1
 
 
-def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_rerun_finishes(tmp_path):
+def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_resume_is_byte_identical(tmp_path):
     import os
     import signal
     import subprocess
@@ -157,6 +157,9 @@ def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_rerun_f
     assert not lease.exists()  # released: the rerun needs no wait
     assert main(["run", str(path), str(out), *FAST]) == EXIT_OK
     assert {n for n in members(out / "f-0000.tar") if n.endswith(".mp4")} == {f"{k}.mp4" for k in films}
+    assert main(["run", str(path), str(tmp_path / "uninterrupted"), *FAST]) == EXIT_OK
+    resumed, whole = members(out / "f-0000.tar"), members(tmp_path / "uninterrupted" / "f-0000.tar")
+    assert all(resumed[f"{k}.mp4"] == whole[f"{k}.mp4"] for k in films)  # byte for byte
 
 
 def test_a_video_codec_mp4_cannot_carry_is_re_encoded_and_noted_not_failed(tmp_path):
