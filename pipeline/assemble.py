@@ -12,7 +12,6 @@ change is noted.
 from __future__ import annotations
 
 import heapq
-import io
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -222,7 +221,13 @@ def _mux(video_inputs: list[str | MemberRef], dub: MemberRef, plan: AudioPlan, o
         av.open(output, mode="w", format="mp4") as out,
     ):
         with _open_source(video_inputs[0]) as handle, av.open(handle, mode="r", metadata_errors="ignore") as first:
-            video_out = out.add_stream_from_template(first.streams.video[0])
+            template = first.streams.video[0]
+            try:
+                video_out = out.add_stream_from_template(template)
+            except ValueError as error:  # the container has no tag for this codec (ProRes, DNxHD, raw, ...)
+                raise NotCopyable(
+                    f"the source's {template.codec_context.name} video cannot be stream-copied into mp4 ({error})"
+                ) from None
         fmt = output_audio_format(dub_container.streams.audio[0], plan, result)
         audio_out = out.add_stream(plan.codec, rate=OUTPUT_AUDIO_RATE, layout=fmt.layout)
         if result.bit_rate:
@@ -241,24 +246,6 @@ def assemble_film(segment_urls: list[str], dub: MemberRef, plan: AudioPlan, outp
     return _mux(list(segment_urls), dub, plan, output)
 
 
-def copy_problem(video: MemberRef) -> str | None:
-    """Why the source's video stream cannot be copied into an mp4 as it is (None: it can): the
-    mp4 muxer is asked, with the stream's header and first packet."""
-    with open_member(video) as handle, av.open(handle, mode="r", metadata_errors="ignore") as source:
-        stream = source.streams.video[0]
-        try:
-            with av.open(io.BytesIO(), mode="w", format="mp4") as probe:
-                copied = probe.add_stream_from_template(stream)
-                for packet in source.demux(stream):
-                    if packet.size and packet.pts is not None:
-                        packet.stream = copied
-                        probe.mux(packet)
-                        break
-        except (av.FFmpegError, ValueError) as error:
-            return f"the source's {stream.codec_context.name} video cannot be stream-copied into mp4 ({error})"
-    return None
-
-
 def re_encode_notes(video: MemberRef, segment_url: str) -> list[str]:
     """What re-encoding changed in the picture's format: bit depth or chroma subsampling (the
     segments are 8-bit 4:2:0, or 4:4:4 for odd sizes)."""
@@ -275,8 +262,9 @@ def re_encode_notes(video: MemberRef, segment_url: str) -> list[str]:
 def copy_film(video: MemberRef, dub: MemberRef, plan: AudioPlan, output: str, frames: int | None = None) -> AudioResult:
     """Keep the source's video stream as it is (no face changed) and mux the dub.
 
-    Raises `NotCopyable` when the copy would not show what a player shows of the source: its
-    `frames` frames (when given), the first at `plan.start`. An edit list is what makes them differ:
+    Raises `NotCopyable` when mp4 cannot hold the source's codec, or when the copy would not show
+    what a player shows of the source: its `frames` frames (when given), the first at `plan.start`.
+    An edit list is what makes them differ:
     the mp4 muxer writes one edit from the first packet's time (hiding what lies before zero), so a
     pre-roll behind an empty edit or a splice of two ranges cannot be copied as it is."""
     try:

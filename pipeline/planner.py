@@ -29,7 +29,7 @@ from pipeline.shards import (
     stat_stamp,
 )
 from stages.audio_io import describe_error, dub_alignment_notes, probe_audio
-from stages.media import display_info, open_member, probe_video, quarter_turns, streams_left_out
+from stages.media import display_info, open_member, probe_video, quarter_turns
 from stages.schema import FilmRef, Segment, Status, from_row, marker, to_row
 from stages.storage import filesystem, retrying
 
@@ -198,13 +198,11 @@ def _plan_film(
         with open_member(film.video) as member:
             info = probe_video(member)
             member.seek(0)
-            left_out = streams_left_out(member)
-            member.seek(0)
             turns = quarter_turns(display_info(member).rotation)
     except Exception as error:  # noqa: BLE001 - any container problem is this film's failure
         return [to_row(failed_marker(film, f"cannot read video {film.video.name}: {error}"))]
-    if left_out:
-        film.notes.append(f"not carried into the output (it holds the picture and the dub): {', '.join(left_out)}")
+    if info.left_out:
+        film.notes.append(f"not carried into the output (it holds the picture and the dub): {', '.join(info.left_out)}")
     pts, keyframe = info.pts, info.keyframe
     step = float(np.median(np.diff(pts))) if len(pts) > 1 else 1 / 25
     film.frames = len(pts)

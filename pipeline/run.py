@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pipeline.assemble import AudioPlan, NotCopyable, assemble_film, copy_film, copy_problem, re_encode_notes
+from pipeline.assemble import AudioPlan, NotCopyable, assemble_film, copy_film, re_encode_notes
 from pipeline.config import PipelineConfig
 from pipeline.lease import Lease
 from pipeline.ledger import FilmState, Ledger, ShardState, Summary
@@ -179,11 +179,11 @@ class Driver(Ledger):
         target = join(self.options.output, f"{film.safe_key}.mp4") if plain else self.run.film_url(film, ".mp4")
         with tempfile.TemporaryDirectory(prefix="stabledub-film-") as tmp:
             local = os.path.join(tmp, "film.mp4")
-            uncopyable = None if changed else copy_problem(film.video)
-            if not changed and not uncopyable:
+            uncopyable = None
+            if not changed:
                 try:
                     audio = copy_film(film.video, film.dub, plan, local, frames=film.frames)
-                except NotCopyable as refusal:  # an edit list a copy cannot keep: the segments show it
+                except NotCopyable as refusal:  # a codec or an edit list a copy cannot keep: the segments show it
                     uncopyable = str(refusal)
             if changed or uncopyable:
                 audio = assemble_film([r["output"] for r in records], film.dub, plan, local)

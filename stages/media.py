@@ -111,6 +111,7 @@ class VideoInfo:
     codec: str
     has_audio: bool
     hidden: int = 0  # packets the container's edit list hides (decoded for their neighbours, never shown)
+    left_out: tuple[str, ...] = ()  # the source's streams a dubbed film does not carry (`_streams_left_out`)
 
 
 def probe_video(file: IO[bytes]) -> VideoInfo:
@@ -132,6 +133,7 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
         width, height = stream.codec_context.width, stream.codec_context.height
         tb = stream.time_base
         has_audio = bool(container.streams.audio)
+        left_out = _streams_left_out(container)
         times: list[int] = []
         keys: list[bool] = []
         hidden = 0
@@ -153,7 +155,7 @@ def probe_video(file: IO[bytes]) -> VideoInfo:
     keyframe = np.asarray(keys, dtype=bool)[order]
     if width <= 0 or height <= 0:
         raise ValueError(f"video stream has no usable size ({width}x{height})")
-    return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio, hidden)
+    return VideoInfo(width, height, (tb.numerator, tb.denominator), pts, keyframe, codec, has_audio, hidden, left_out)
 
 
 @dataclass(frozen=True)
@@ -176,20 +178,17 @@ def pixel_depth(pixel_format: str) -> tuple[int, int, int]:
     return form.components[0].bits, chroma.width, chroma.height
 
 
-def streams_left_out(file: IO[bytes]) -> list[str]:
+def _streams_left_out(container: av.container.InputContainer) -> tuple[str, ...]:
     """The source's streams a dubbed film does not carry (it holds the picture and the dub): further
     video and audio streams (the first audio stream is the film's own sound, replaced by the dub),
     subtitles, data and attachments, each as `kind #index (codec)`."""
-    with av.open(file, mode="r", metadata_errors="ignore") as container:
-        first_video = container.streams.video[0].index if container.streams.video else None
-        first_audio = container.streams.audio[0].index if container.streams.audio else None
-        left = []
-        for stream in container.streams:
-            if stream.index in (first_video, first_audio):
-                continue
-            codec = stream.codec_context.name if stream.codec_context is not None else "unknown codec"
-            left.append(f"{stream.type} #{stream.index} ({codec})")
-        return left
+    first_video = container.streams.video[0].index if container.streams.video else None
+    first_audio = container.streams.audio[0].index if container.streams.audio else None
+    return tuple(
+        f"{stream.type} #{stream.index} ({stream.codec_context.name if stream.codec_context is not None else 'unknown codec'})"
+        for stream in container.streams
+        if stream.index not in (first_video, first_audio)
+    )
 
 
 def display_info(file: IO[bytes]) -> DisplayInfo:
