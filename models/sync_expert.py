@@ -40,6 +40,37 @@ from models.face_landmarks import LIP_CONTOUR_POINTS
 _CORNERS = (0, 10)
 
 
+MOUTH_SIZE = (24, 40)  # (height, width) of a mouth patch: 1.6 mouth widths wide, 0.96 high
+
+
+def mouth_patches(crops: np.ndarray, lips: np.ndarray, size: tuple[int, int] = MOUTH_SIZE) -> np.ndarray:
+    """(N, h, w) grey patches in [0, 1] around the mouth of a track's aligned crops (N, S, S, 3) uint8.
+
+    Centred on the mouth corners' midpoint (the corners move less than the lips when the mouth opens),
+    1.6 of the track's median mouth widths wide at a fixed scale, so an opening mouth is seen opening.
+    """
+    import cv2
+
+    h, w = size
+    flat = fill_gaps(np.asarray(lips, np.float64).reshape(len(lips), -1)).reshape(np.shape(lips))
+    left, right = flat[:, _CORNERS[0]], flat[:, _CORNERS[1]]
+    centre = (left + right) / 2
+    width = float(np.median(np.linalg.norm(right - left, axis=-1))) if len(flat) else 1.0
+    scale = w / max(1.6 * width, 1e-3)  # patch pixels per crop pixel
+    out = np.empty((len(crops), h, w), np.float32)
+    for i, crop in enumerate(crops):
+        grey = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY)
+        cx, cy = centre[i]
+        affine = np.array([[scale, 0, w / 2 - scale * cx], [0, scale, h / 2 - scale * cy]])
+        out[i] = cv2.warpAffine(grey, affine, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE) / 255.0
+    return out
+
+
+def expert_mouth(expert: SyncExpert, crops: np.ndarray, lips: np.ndarray) -> np.ndarray | None:
+    """The mouth patches `expert` reads beside the landmarks (None for a landmark-only expert)."""
+    return mouth_patches(crops, lips, tuple(expert.config.mouth_size)) if expert.config.mouth_components else None
+
+
 @dataclass
 class TrackData:
     """One track's lip landmarks (N, P, 2; NaN where none was found) and per-frame audio windows (N, W, F)."""
@@ -88,10 +119,12 @@ class SyncExpert(ModelMixin, ConfigMixin):
         audio_track_norm: bool = False,  # also feed each band minus its mean over the track (channel/mic removed)
         audio_deltas: bool = False,  # also feed the pooled window's change from the previous frame's
         dilation: tuple[int, int, int] = (1, 1, 1),  # of the towers' three temporal convolutions
+        mouth_components: int = 0,  # > 0: also the mouth's pixels (mouth_patches) on this many principal components
+        mouth_size: tuple[int, int] = MOUTH_SIZE,  # (height, width) of the grey mouth patches
     ) -> None:
         super().__init__()
         pt, pf = audio_pool
-        self.visual_in = len(lip_points) * 2 * 2  # shape and motion
+        self.visual_in = len(lip_points) * 2 * 2 + 2 * mouth_components  # shape and motion (+ pixels and their motion)
         self.audio_in = (audio_window // pt) * (audio_dim // pf) * (1 + int(audio_track_norm) + int(audio_deltas))
         self.video_tower = _tower(self.visual_in, hidden, embed_dim, dropout, tuple(dilation))
         self.audio_tower = _tower(self.audio_in, hidden, embed_dim, dropout, tuple(dilation))
@@ -101,6 +134,8 @@ class SyncExpert(ModelMixin, ConfigMixin):
         self.register_buffer("visual_std", torch.ones(self.visual_in))
         self.register_buffer("audio_mean", torch.zeros(self.audio_in))
         self.register_buffer("audio_std", torch.ones(self.audio_in))
+        if mouth_components:  # principal directions of a patch's change from its track's median patch (fitted in training)
+            self.register_buffer("mouth_basis", torch.zeros(mouth_components, mouth_size[0] * mouth_size[1]))
 
     # ------------------------------------------------------------------------------ features
     def check_inputs(self, lips: np.ndarray | None = None, audio: np.ndarray | None = None) -> None:
@@ -115,9 +150,28 @@ class SyncExpert(ModelMixin, ConfigMixin):
                 f"{' x '.join(map(str, np.shape(audio)[1:]))} (the audio encoder or window differs from its training)"
             )
 
-    def visual_features(self, lips: np.ndarray) -> np.ndarray:
-        """(N, P, 2) lip landmarks (any pixel scale) -> (N, 4P): shape around the track's median shape, and motion."""
+    def mouth_features(self, mouth: np.ndarray) -> np.ndarray:
+        """(N, h, w) grey mouth patches in [0, 1] -> (N, 2K): their change from the track's median patch on the
+        fitted principal components, and its frame-to-frame motion. A linear map of the pixels (differentiable)."""
+        c = self.config
+        if np.ndim(mouth) != 3 or tuple(np.shape(mouth)[1:]) != tuple(c.mouth_size):
+            expected = f"(N, {c.mouth_size[0]}, {c.mouth_size[1]})"
+            raise ValueError(f"sync expert expects mouth patches {expected}, got {np.shape(mouth)}")
+        flat = np.asarray(mouth, np.float32).reshape(len(mouth), -1)
+        relative = (flat - np.median(flat, axis=0, keepdims=True)) @ self.mouth_basis.numpy().T
+        return np.concatenate([relative, np.diff(relative, axis=0, prepend=relative[:1])], axis=1)
+
+    def visual_features(self, lips: np.ndarray, mouth: np.ndarray | None = None) -> np.ndarray:
+        """(N, P, 2) lip landmarks (any pixel scale) -> (N, 4P): shape around the track's median shape, and motion;
+        with `mouth_components`, also the mouth patches' features (`mouth_features`), which it then requires."""
         self.check_inputs(lips=lips)
+        if self.config.mouth_components:
+            if mouth is None or len(mouth) != len(lips):
+                raise ValueError("this sync expert reads the mouth's pixels too: pass mouth patches (mouth_patches) per frame")
+            return np.concatenate([self._lip_features(lips), self.mouth_features(mouth)], axis=1).astype(np.float32)
+        return self._lip_features(lips)
+
+    def _lip_features(self, lips: np.ndarray) -> np.ndarray:
         lips = np.asarray(lips, np.float64)
         n = len(lips)
         flat = fill_gaps(lips.reshape(n, -1)).reshape(lips.shape)
@@ -162,17 +216,19 @@ class SyncExpert(ModelMixin, ConfigMixin):
         return (video * audio).sum(-1) / float(video.shape[-1]) ** 0.5 + self.bias
 
     @torch.no_grad()
-    def embed(self, lips: np.ndarray, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def embed(self, lips: np.ndarray, audio: np.ndarray, mouth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-frame (N, E) video and audio embeddings of one track (frame counts may differ)."""
-        v = torch.from_numpy(self.visual_features(lips))[None]
+        v = torch.from_numpy(self.visual_features(lips, mouth))[None]
         a = torch.from_numpy(self.audio_features(audio))[None]
         return self.video_embedding(v)[0].numpy(), self.audio_embedding(a)[0].numpy()
 
 
 # ---------------------------------------------------------------------------------- scoring
-def logits_at_offsets(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, offsets: range) -> np.ndarray:
+def logits_at_offsets(
+    expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, offsets: range, mouth: np.ndarray | None = None
+) -> np.ndarray:
     """(len(offsets), N): logit of each frame's lips with the audio `offset` frames later (NaN off the end)."""
-    video, sound = expert.embed(lips, audio)
+    video, sound = expert.embed(lips, audio, mouth)
     n = min(len(video), len(sound))
     bias = float(expert.bias.detach())
     scale = float(video.shape[1]) ** 0.5
@@ -192,7 +248,12 @@ def distance(logits: np.ndarray) -> np.ndarray:
 
 
 def window_confidence(
-    expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, window: int = 25, max_offset: int = 15
+    expert: SyncExpert,
+    lips: np.ndarray,
+    audio: np.ndarray,
+    window: int = 25,
+    max_offset: int = 15,
+    mouth: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sync confidence of consecutive `window`-frame windows as they are (offset 0); higher: more confident sync.
 
@@ -201,7 +262,7 @@ def window_confidence(
     quiet audio under a moving mouth is low everywhere), the second "and at this very offset"
     (shifted audio peaks elsewhere), in the spirit of SyncNet's LSE-C.
     """
-    table = logits_at_offsets(expert, lips, audio, range(-max_offset, max_offset + 1))
+    table = logits_at_offsets(expert, lips, audio, range(-max_offset, max_offset + 1), mouth)
     starts = range(0, table.shape[1] - window + 1, window)
     out = []
     for s in starts:
@@ -218,10 +279,12 @@ class SyncScore:
     distance_at_zero: float  # mean distance at offset 0 (lower: better synced as it is)
 
 
-def sync_score(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offset: int = 12) -> SyncScore:
+def sync_score(
+    expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offset: int = 12, mouth: np.ndarray | None = None
+) -> SyncScore:
     """LSE-D / LSE-C style scores of a track: lip landmarks (N, P, 2) at `expert.config.lip_points`, audio windows (N, W, F)."""
     offsets = range(-max_offset, max_offset + 1)
-    mean = np.nanmean(distance(logits_at_offsets(expert, lips, audio, offsets)), axis=1)
+    mean = np.nanmean(distance(logits_at_offsets(expert, lips, audio, offsets, mouth)), axis=1)
     best = int(np.nanargmin(mean))
     return SyncScore(
         lse_d=float(mean[best]),
@@ -231,10 +294,12 @@ def sync_score(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offs
     )
 
 
-def speaking_probability(expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offset: int = 2) -> float:
+def speaking_probability(
+    expert: SyncExpert, lips: np.ndarray, audio: np.ndarray, max_offset: int = 2, mouth: np.ndarray | None = None
+) -> float:
     """Probability in [0, 1] that this face is speaking this audio: the sigmoid of the track's mean
     sync logit at the best offset within ±max_offset frames (a small AV offset is tolerated)."""
-    logits = logits_at_offsets(expert, lips, audio, range(-max_offset, max_offset + 1))
+    logits = logits_at_offsets(expert, lips, audio, range(-max_offset, max_offset + 1), mouth)
     best = float(np.nanmax(np.nanmean(logits, axis=1)))
     return float(1.0 / (1.0 + np.exp(-best)))
 

@@ -319,14 +319,15 @@ def mouth_moving(landmarks: np.ndarray, window: int, min_motion: float) -> np.nd
 def frame_sync(expert: Any, track: Track, audio: np.ndarray, voiced: np.ndarray, settings: FaceLinkConfig) -> np.ndarray:
     """(N,) the track's sync logit per frame, averaged over `sync_window` voiced frames at the best
     small offset (±2 frames); NaN on unvoiced frames (no evidence either way)."""
-    from models.sync_expert import logits_at_offsets
+    from models.sync_expert import expert_mouth, logits_at_offsets
 
     assert track.landmarks is not None
     lips = track.landmarks[:, list(LIP_CONTOUR_POINTS)]
     n = len(track.frame_index)
     if n < 3:
         return np.full(n, np.nan)
-    found = logits_at_offsets(expert, lips, audio, range(-2, 3)).astype(np.float64)
+    mouth = expert_mouth(expert, track.crops, lips)
+    found = logits_at_offsets(expert, lips, audio, range(-2, 3), mouth).astype(np.float64)
     table = np.full((found.shape[0], n), np.nan)  # fewer audio windows than frames (the film's end): no evidence there
     table[:, : found.shape[1]] = found[:, :n]
     table[:, ~voiced] = np.nan

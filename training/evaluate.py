@@ -33,7 +33,7 @@ from models.audio_encoder import AUDIO_RATE
 from models.face_landmarks import LMD_POINTS
 from models.images import resize_square
 from models.pipeline_stabledub import StableDubPipeline
-from models.sync_expert import load_sync_expert, sync_score, window_confidence
+from models.sync_expert import expert_mouth, load_sync_expert, sync_score, window_confidence
 from pipeline.config import load_config
 from pipeline.shards import PackItem, ShardError, index_shard, pack
 from stages.audio_io import decode_audio
@@ -505,8 +505,9 @@ class Scorer:
         }
         if self.expert is not None:
             lips = LipLandmarks.steady(mesh)[:, list(self.expert.config.lip_points)]
-            sync = sync_score(self.expert, lips, audio)
-            windows = window_confidence(self.expert, lips, audio, window=min(25, len(lips)))
+            mouth = expert_mouth(self.expert, resize_square(output, LipLandmarks.size), lips)  # the mesh's 256 px crops
+            sync = sync_score(self.expert, lips, audio, mouth=mouth)
+            windows = window_confidence(self.expert, lips, audio, window=min(25, len(lips)), mouth=mouth)
             scores.update(
                 sync_score=sync.lse_c,
                 sync_distance=sync.lse_d,

@@ -130,28 +130,38 @@ def _sync_expert() -> Any:
     return load_sync_expert()[0]  # loaded once per process (the driver)
 
 
-def expert_av_offset(lips: np.ndarray, audio: np.ndarray, max_lag: int, expert: Any = None) -> AVOffset:
+def expert_av_offset(
+    lips: np.ndarray, audio: np.ndarray, max_lag: int, expert: Any = None, mouth: np.ndarray | None = None
+) -> AVOffset:
     """Best audio offset by the sync expert (positive: audio is late); confidence is its LSE-C.
 
     `lips`: the track's landmarks at `expert.config.lip_points` (face track's smoothed ones, crop px);
-    `audio`: the audio stage's per-frame windows. Raises ValueError for features the expert was not trained on.
+    `audio`: the audio stage's per-frame windows; `mouth`: the mouth patches an expert that reads pixels needs
+    (`expert_mouth`). Raises ValueError for features the expert was not trained on.
     """
     from models.sync_expert import sync_score
 
     expert = expert if expert is not None else _sync_expert()
-    score = sync_score(expert, lips, audio, max_offset=max_lag)
+    score = sync_score(expert, lips, audio, max_lag, mouth)
     return AVOffset(lag=score.offset, correlation=float("nan"), confidence=score.lse_c, estimator="expert")
 
 
-def track_av_offset(landmarks: np.ndarray, audio: np.ndarray, estimator: str, max_lag: int) -> tuple[AVOffset, str]:
-    """A track's AV offset by `estimator` (landmarks (N, K, 2) of the face mesh, audio windows (N, W, F)).
+def track_av_offset(
+    landmarks: np.ndarray, audio: np.ndarray, estimator: str, max_lag: int, crops: np.ndarray | None = None
+) -> tuple[AVOffset, str]:
+    """A track's AV offset by `estimator` (landmarks (N, K, 2) of the face mesh, audio windows (N, W, F),
+    and the aligned crops (N, S, S, 3) for an expert that reads the mouth's pixels).
 
     The expert refuses features it was not trained on (another audio encoder or window); the
     envelope estimate is used then, and the second value says why ('' otherwise)."""
     if estimator == "expert":
+        from models.sync_expert import expert_mouth
+
         expert = _sync_expert()
+        lips = landmarks[:, list(expert.config.lip_points)]
         try:
-            return expert_av_offset(landmarks[:, list(expert.config.lip_points)], audio, max_lag, expert), ""
+            mouth = None if crops is None else expert_mouth(expert, crops, lips)
+            return expert_av_offset(lips, audio, max_lag, expert, mouth), ""
         except ValueError as error:
             fallback = f"expert refused the features: {error}"
     else:
@@ -208,7 +218,7 @@ def track_sample(
     if speech < filters.min_speech:
         return None, "no speech", meta
     assert track.landmarks is not None
-    offset, fallback = track_av_offset(track.landmarks[keep], audio, filters.offset_estimator, filters.max_lag)
+    offset, fallback = track_av_offset(track.landmarks[keep], audio, filters.offset_estimator, filters.max_lag, track.crops[keep])
     meta["av_offset"] = {
         "estimator": offset.estimator,
         "lag_frames": offset.lag,

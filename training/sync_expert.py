@@ -27,18 +27,27 @@ import torch.nn.functional as F
 from models.face_landmarks import LIP_CONTOUR_POINTS
 from models.face_mediapipe import FaceMesh
 from models.images import resize_square
-from models.sync_expert import SyncExpert, fill_gaps, logits_at_offsets, sync_score, window_confidence
+from models.sync_expert import (
+    MOUTH_SIZE,
+    SyncExpert,
+    fill_gaps,
+    logits_at_offsets,
+    mouth_patches,
+    sync_score,
+    window_confidence,
+)
 from stages.face_align import eye_distance
 from stages.face_smooth import smooth
 from stages.face_track import FaceTrack, FaceTrackConfig
 from stages.media import rgb_view
-from stages.schema import frames_segment
+from stages.schema import Track, frames_segment
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("STABLEDUB_SYNC_CACHE", "/tmp/synclab"))
 CACHE_VERSION = "v1"  # bump when the face track or audio stage changes what they carry
+MOUTH_VERSION = "m1"  # bump when mouth_patches changes
 SHIFTS = (-15, -10, -6, -3, 3, 6, 10, 15)  # frames: the shifted-audio negatives of the bench
 MIN_SHIFT, MAX_SHIFT = 3, 15  # training negatives: shifted by 3..15 frames either way
 CHUNK = 250  # frames per FaceTrack segment (the pipeline cuts films into segments too)
@@ -112,6 +121,11 @@ class Clip:
     audio: np.ndarray
     vad: np.ndarray
     info: dict = field(default_factory=dict)
+    mouth_uint8: np.ndarray | None = None  # (N, h, w) grey mouth patches, 0 where no face
+
+    @property
+    def mouth(self) -> np.ndarray | None:
+        return None if self.mouth_uint8 is None else self.mouth_uint8.astype(np.float32) / 255.0
 
     @property
     def lips(self) -> np.ndarray:
@@ -130,6 +144,7 @@ class Clip:
             self.audio[index],
             self.vad[index],
             {**self.info, "offset_corrected": offset},
+            self.mouth_uint8,
         )
 
     def runs(self, min_frames: int = 30) -> list[slice]:
@@ -157,19 +172,28 @@ def read_video(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(frames), np.asarray(pts, np.float64)
 
 
-def face_track_landmarks(frames: np.ndarray, pts: np.ndarray, key: str = "clip") -> np.ndarray:
-    """(N, 468, 2) landmarks in crop pixels of the longest track of each segment, NaN where none (FaceTrack stage)."""
+def face_track_landmarks(
+    frames: np.ndarray, pts: np.ndarray, key: str = "clip", on_track: Callable[[Track], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of the longest track of each segment (FaceTrack stage): (N, 468, 2) landmarks in crop pixels, NaN
+    where none, and (N, h, w) uint8 grey mouth patches (`mouth_patches`, 0 where none). `on_track` sees each track."""
     stage = FaceTrack(FaceTrackConfig())
     n = len(frames)
     out = np.full((n, 468, 2), np.nan, np.float32)
+    mouth = np.zeros((n, *MOUTH_SIZE), np.uint8)
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
         segment = stage.process(frames_segment(frames[a:b], pts[a:b], key=key))
         if not segment.tracks:
             continue
         track = max(segment.tracks, key=lambda t: len(t.frame_index))
-        out[a + np.asarray(track.frame_index)] = np.asarray(track.landmarks)[:, :468, :2]
-    return out
+        index = a + np.asarray(track.frame_index)
+        out[index] = np.asarray(track.landmarks)[:, :468, :2]
+        lips = np.asarray(track.landmarks)[:, list(LIP_CONTOUR_POINTS), :2]
+        mouth[index] = np.round(mouth_patches(track.crops, lips) * 255).astype(np.uint8)
+        if on_track is not None:
+            on_track(track)
+    return out, mouth
 
 
 def audio_windows(wav: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,22 +223,28 @@ def corpus_rows(root: Path | None = None) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def load_clip(row: dict, root: Path | None = None, cache: Path | None = CACHE) -> Clip:
+def load_clip(
+    row: dict, root: Path | None = None, cache: Path | None = CACHE, on_track: Callable[[Track], None] | None = None
+) -> Clip:
     """One corpus clip through FaceTrack and AudioFeaturize, cached under `cache` by name and CACHE_VERSION."""
     root = root or shared_data() / "corpus"
     name = row["name"]
     key = hashlib.sha1(f"{name}:{CACHE_VERSION}".encode()).hexdigest()[:10]
     marks = cache / "landmarks" / f"{name}-{key}.npz" if cache else None
     sound = cache / "audio" / f"{name}-{key}.npz" if cache else None
-    if marks and marks.exists():
+    mouth_key = hashlib.sha1(f"{name}:{CACHE_VERSION}:{MOUTH_VERSION}".encode()).hexdigest()[:10]
+    mouths = cache / "mouth" / f"{name}-{mouth_key}.npz" if cache else None
+    if marks and marks.exists() and mouths and mouths.exists():
         data = np.load(marks)
         landmarks, pts = data["landmarks"], data["pts"]
+        mouth = np.load(mouths)["mouth"]
     else:
         frames, pts = read_video(root / "video" / f"{name}.mp4")
-        landmarks = face_track_landmarks(frames, pts, name)
+        landmarks, mouth = face_track_landmarks(frames, pts, name, on_track)
         del frames
         if marks:
             _save(marks, landmarks=landmarks, pts=pts)
+            _save(mouths, mouth=mouth)
     if sound and sound.exists():
         data = np.load(sound)
         audio, vad = data["audio"], data["vad"]
@@ -223,7 +253,9 @@ def load_clip(row: dict, root: Path | None = None, cache: Path | None = CACHE) -
         if sound:
             _save(sound, audio=audio.astype(np.float16), vad=vad)
     fps = float(1.0 / np.median(np.diff(pts))) if len(pts) > 1 else 25.0
-    return Clip(name, row["identity"], fps, landmarks.astype(np.float32), audio.astype(np.float32), vad.astype(np.float32))
+    return Clip(
+        name, row["identity"], fps, landmarks.astype(np.float32), audio.astype(np.float32), vad.astype(np.float32), {}, mouth
+    )
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
@@ -251,17 +283,33 @@ class Sequence:
     audio: np.ndarray
     vad: np.ndarray
     lips: np.ndarray
+    mouth: np.ndarray | None = None  # (N, h, w) grey mouth patches in [0, 1]
 
 
 def sequences(expert: SyncExpert, clips: list[Clip], min_frames: int = 30) -> list[Sequence]:
     out = []
     for clip in clips:
+        mouth = clip.mouth if expert.config.mouth_components else None
         for run in clip.runs(min_frames):
-            lips = clip.lips[run]
-            out.append(
-                Sequence(clip.name, expert.visual_features(lips), expert.audio_features(clip.audio[run]), clip.vad[run], lips)
-            )
+            lips, patches = clip.lips[run], None if mouth is None else mouth[run]
+            visual = expert.visual_features(lips, patches)
+            out.append(Sequence(clip.name, visual, expert.audio_features(clip.audio[run]), clip.vad[run], lips, patches))
     return out
+
+
+def fit_mouth_basis(expert: SyncExpert, train: list[Sequence], frames: int = 20000, seed: int = 0) -> None:
+    """The expert's mouth_basis: the top principal directions of the training patches' change from their track's median."""
+    relative = []
+    for seq in train:
+        flat = seq.mouth.reshape(len(seq.mouth), -1)
+        relative.append(flat - np.median(flat, axis=0, keepdims=True))
+    relative = np.concatenate(relative)
+    rng = np.random.default_rng(seed)
+    sample = relative[rng.choice(len(relative), min(frames, len(relative)), replace=False)]
+    _, _, directions = np.linalg.svd(sample - sample.mean(0), full_matrices=False)
+    expert.mouth_basis.copy_(torch.from_numpy(directions[: expert.config.mouth_components].astype(np.float32)))
+    for seq in train:
+        seq.visual = expert.visual_features(seq.lips, seq.mouth)
 
 
 def quiet_audio(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -321,6 +369,9 @@ def fit(
     """Train the towers with BCE on true vs {shifted, other-clip, quiet, frozen-mouth} pairs + an offset softmax."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    pixels = bool(expert.config.mouth_components)
+    if pixels:
+        fit_mouth_basis(expert, train, seed=config.seed)
     visual = np.concatenate([s.visual for s in train])
     audio = np.concatenate([s.audio for s in train])
     expert.visual_mean.copy_(torch.from_numpy(visual.mean(0)))
@@ -346,12 +397,18 @@ def fit(
             window = _crop(seq, L, rng, config.time_warp)
             lips = _stretch(seq.lips[window], config.shape_jitter, rng)
             lips = lips + rng.normal(0, 0.1, lips.shape)
-            v.append(expert.visual_features(lips))
+            patches = still = None
+            if pixels:  # a different exposure and sensor noise; the frozen mouth is one of the crop's patches
+                patches = seq.mouth[window] * np.float32(rng.uniform(0.8, 1.2)) + np.float32(rng.uniform(-0.05, 0.05))
+                patches = patches + rng.normal(0, 0.01, patches.shape).astype(np.float32)
+                still = np.repeat(patches[rng.integers(L)][None], L, axis=0)
+                still = still + rng.normal(0, 0.01, still.shape).astype(np.float32)
+            v.append(expert.visual_features(lips, patches))
             sound = seq.audio[window].copy()
             sound[:, :gain_dims] += np.float32(rng.normal(0, 0.05))  # a few dB of gain (not on deltas or mean-removed bands)
             a.append(sound)
             vad.append(seq.vad[window])
-            fz.append(expert.visual_features(frozen_lips(lips, rng)))
+            fz.append(expert.visual_features(frozen_lips(lips, rng), still))
             q.append(quiet[rng.integers(len(quiet))])
         v, a, fz, q = (torch.from_numpy(np.stack(x)) for x in (v, a, fz, q))
         speech = torch.from_numpy(np.stack(vad)) > 0.5  # (B, L)
@@ -428,12 +485,15 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
         for k, (clip, run) in enumerate(runs):
             window = max(1, int(round(clip.fps)))
             lips, sound = clip.lips[run], clip.audio[run]
+            patches = clip.mouth[run] if expert.config.mouth_components else None
             n = len(lips)
             if n < window:
                 continue
 
-            def windows(audio: np.ndarray, mouth: np.ndarray = lips, size: int = window) -> np.ndarray:
-                return window_confidence(expert, mouth, audio, size, MAX_SHIFT)
+            def windows(
+                audio: np.ndarray, mouth: np.ndarray = lips, size: int = window, pixels: np.ndarray | None = patches
+            ) -> np.ndarray:
+                return window_confidence(expert, mouth, audio, size, MAX_SHIFT, pixels)
 
             true = windows(sound)
             shifted = []
@@ -445,7 +505,8 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
             while other_clip.identity == clip.identity and len(runs) > 1:
                 other_clip, other_run = runs[int(rng.integers(len(runs)))]
             others = windows(np.resize(other_clip.audio[other_run], sound.shape))
-            frozen = windows(sound, np.repeat(fill_gaps(lips.reshape(n, -1))[:1].reshape(1, *lips.shape[1:]), n, 0))
+            still = np.repeat(fill_gaps(lips.reshape(n, -1))[:1].reshape(1, *lips.shape[1:]), n, 0)
+            frozen = windows(sound, still, pixels=None if patches is None else np.repeat(patches[:1], n, 0))
             pos.append(true)
             neg.extend([*shifted, others])
             for shift, scores in zip(SHIFTS, shifted):
@@ -456,14 +517,14 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
             clip_errors = []
             for applied in rng.choice(np.r_[-10:0, 1:11], size=4, replace=False):
                 moved = sound[np.clip(np.arange(n) - applied, 0, n - 1)]  # audio late by `applied` frames
-                clip_errors.append(abs(sync_score(expert, lips, moved, max_offset=15).offset - int(applied)))
+                clip_errors.append(abs(sync_score(expert, lips, moved, 15, patches).offset - int(applied)))
             errors.extend(clip_errors)
             entry = per_clip.setdefault(clip.name, {"identity": clip.identity, "pos": [], "neg": [], "frozen": [], "errors": []})
             entry["pos"].extend(true)
             entry["neg"].extend(np.concatenate([*shifted, others]))
             entry["frozen"].extend(frozen)
             entry["errors"].extend(clip_errors)
-            entry["offset"] = sync_score(expert, lips, sound, max_offset=15).offset
+            entry["offset"] = sync_score(expert, lips, sound, 15, patches).offset
     pos_all, neg_all = np.concatenate(pos), np.concatenate(neg)
     result = {
         "sync_auc_window": round(auc(pos_all, neg_all), 4),
@@ -503,10 +564,12 @@ def cost_ms_per_frame(expert: SyncExpert, clip: Clip, repeats: int = 3) -> float
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lips, sound = clip.lips[clip.runs(30)[0]], clip.audio[clip.runs(30)[0]]
+        run = clip.runs(30)[0]
+        lips, sound = clip.lips[run], clip.audio[run]
+        mouth = clip.mouth[run] if expert.config.mouth_components else None
         began = time.process_time()
         for _ in range(repeats):
-            sync_score(expert, lips, sound, max_offset=15)
+            sync_score(expert, lips, sound, 15, mouth)
         return (time.process_time() - began) / repeats / len(lips) * 1000
     finally:
         torch.set_num_threads(threads)
@@ -562,8 +625,9 @@ def clip_estimate(expert: SyncExpert, clip: Clip, audio: str, by: str) -> dict |
         return None
     lips = np.concatenate([clip.lips[r] for r in runs])
     sound = np.concatenate([clip.audio[r] for r in runs])
-    score = sync_score(expert, lips, sound, max_offset=MAX_SHIFT)
-    profile = np.nanmean(logits_at_offsets(expert, lips, sound, range(-MAX_SHIFT, MAX_SHIFT + 1)), axis=1)
+    mouth = np.concatenate([clip.mouth[r] for r in runs]) if expert.config.mouth_components else None
+    score = sync_score(expert, lips, sound, MAX_SHIFT, mouth)
+    profile = np.nanmean(logits_at_offsets(expert, lips, sound, range(-MAX_SHIFT, MAX_SHIFT + 1), mouth), axis=1)
     return {
         "offset": score.offset,
         "lse_c": round(score.lse_c, 3),

@@ -11,11 +11,14 @@ import torch
 
 from models.face_landmarks import LIP_CONTOUR_POINTS
 from models.sync_expert import (
+    MOUTH_SIZE,
     SyncExpert,
     default_sync_expert,
     distance,
+    expert_mouth,
     load_sync_expert,
     logits_at_offsets,
+    mouth_patches,
     speaking_probability,
     sync_score,
 )
@@ -98,3 +101,37 @@ def test_audio_deltas_round_trip_and_still_refuse_other_encoders(tmp_path):
     )
     with pytest.raises(ValueError, match="audio windows of 20 x 80 features, got 20 x 384"):
         sync_score(loaded, lips, np.zeros((60, 20, 384), np.float32))
+
+
+def test_mouth_patches_follow_the_mouth_and_a_pixel_expert_requires_them(tmp_path):
+    import cv2
+
+    lips, audio = random_track(n=8)
+    lips = np.array([120.0, 170.0]) + lips * 0.02  # a mouth at (120, 170), its corners 20 px apart
+    lips[:, 0], lips[:, 10] = (110.0, 170.0), (130.0, 170.0)
+    crops = np.full((8, 256, 256, 3), 200, np.uint8)
+    for i, crop in enumerate(crops):  # a dark mouth opening that widens over time
+        cv2.ellipse(crop, (120, 170), (8, 1 + i), 0, 0, 360, (20, 20, 20), -1)
+    patches = mouth_patches(crops, lips)
+    assert patches.shape == (8, *MOUTH_SIZE) and patches.min() >= 0 and patches.max() <= 1
+    h, w = MOUTH_SIZE
+    centre = patches[:, h // 2 - 1 : h // 2 + 1, w // 2 - 1 : w // 2 + 1].mean(axis=(1, 2))
+    assert np.all(centre < 0.2) and np.all(patches[:, 0, 0] > 0.7)  # dark mouth in the middle, skin at the border
+    dark = (patches < 0.5).sum(axis=(1, 2))
+    assert np.all(np.diff(dark) >= 0) and dark[-1] > 2 * dark[0]  # an opening mouth is seen opening
+
+    torch.manual_seed(0)
+    expert = SyncExpert(mouth_components=4).eval()
+    expert.mouth_basis.copy_(torch.randn(4, h * w))
+    with pytest.raises(ValueError, match="mouth's pixels"):
+        sync_score(expert, lips, audio, max_offset=2)
+    assert expert_mouth(SyncExpert(), crops, lips) is None
+    mouth = expert_mouth(expert, crops, lips)
+    expert.save_pretrained(tmp_path)
+    loaded, _ = load_sync_expert(str(tmp_path))
+    np.testing.assert_allclose(
+        logits_at_offsets(loaded, lips, audio, range(-2, 3), mouth),
+        logits_at_offsets(expert, lips, audio, range(-2, 3), mouth),
+        rtol=1e-5,
+        atol=1e-5,
+    )

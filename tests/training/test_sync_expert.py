@@ -96,7 +96,7 @@ def real_clip() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The clip's lips (face track stage) and audio windows (audio stage); another speaker's windows."""
     torch.set_num_threads(1)
     frames, pts = read_video(shared_clip(CLIP))
-    lips = face_track_landmarks(frames, pts)[:, list(LIP_CONTOUR_POINTS)]
+    lips = face_track_landmarks(frames, pts)[0][:, list(LIP_CONTOUR_POINTS)]
     audio, _ = audio_windows(read_wav(SHARED_DATA / "audio" / f"{CLIP}.wav"), pts)
     other, _ = audio_windows(read_wav(SHARED_DATA / "audio" / f"{OTHER}.wav"), pts)
     assert np.isfinite(lips).all()
