@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.adapt import AdaptOptions, Footage, adapt, adapted  # noqa: E402
 from models.face_landmarks import LMD_POINTS  # noqa: E402
+from models.images import resize_square  # noqa: E402
 from models.pipeline_stabledub import StableDubPipeline  # noqa: E402
-from models.sync_expert import load_sync_expert, sync_score, window_confidence  # noqa: E402
+from models.sync_expert import expert_mouth, load_sync_expert, sync_score, window_confidence  # noqa: E402
 from training.autoencoder import lip_box  # noqa: E402
 from training.pack import MEL_LOW, MEL_STEP, PackClip, mel_stream, runs_of, track_frames  # noqa: E402
 from training.recipe import psnr  # noqa: E402
@@ -162,8 +163,9 @@ class Scores:
         mesh = self.landmarks(output)
         lips = LipLandmarks.steady(mesh, clip.fps)[:, list(self.expert.config.lip_points)]
         audio = clip.audio(test)
-        sync = sync_score(self.expert, lips, audio)
-        windows = window_confidence(self.expert, lips, audio, window=min(25, len(lips)))
+        mouth = expert_mouth(self.expert, resize_square(output, LipLandmarks.size), lips)  # the mesh's 256 px crops
+        sync = sync_score(self.expert, lips, audio, mouth=mouth)
+        windows = window_confidence(self.expert, lips, audio, window=min(25, len(lips)), mouth=mouth)
         return {
             "psnr_frames": psnrs,
             "mouth_psnr": float(np.mean(psnrs)),

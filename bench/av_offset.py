@@ -60,7 +60,7 @@ def measure(clips: list[Clip], max_lag: int) -> dict[str, dict]:
             for d in SHIFTS:
                 moved = clip.audio[np.clip(frames - d, 0, n - 1)]
                 for name in OFFSET_ESTIMATORS:
-                    offset, _ = track_av_offset(clip.landmarks[seg], moved, name, max_lag)
+                    offset, _ = track_av_offset(clip.landmarks[seg], moved, name, max_lag, mouth=clip.mouth[seg])
                     out[name]["errors"].append(abs(offset.lag - d))
                     out[name]["confidence"].append(offset.confidence)
     return out

@@ -118,6 +118,47 @@ def clip_crops(
     return crops, masks
 
 
+def corpus_clips(validation: bool, root: Path | None = None) -> list[str]:
+    """Corpus clips (../shared/data/corpus) of its training identities, or of its validation ones (never
+    trained on): the sync expert's identity split, so no model of the project trains on a validation person."""
+    from training.sync_expert import corpus_rows, split_identities
+
+    rows = corpus_rows(root)
+    train, held = split_identities(rows)
+    chosen = set(held if validation else train)
+    return [r["name"] for r in rows if r["identity"] in chosen]
+
+
+def corpus_crops(validation: bool, step: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Crops and masks of every `step`-th frame of the corpus clips of one side of the identity split, by clip."""
+    out = {}
+    for name in corpus_clips(validation):
+        try:
+            out[name] = clip_crops(name, step=step, root=DATA_DIR / "corpus")
+        except ValueError as error:
+            log.warning("skipping %s: %s", name, error)
+    return out
+
+
+def real_false_positive(
+    net: OcclusionNet, clips: dict[str, tuple[np.ndarray, np.ndarray]], settings: OcclusionConfig | None = None
+) -> tuple[float, dict[str, float]]:
+    """Occluder area the stage marks on real footage, over the region to regenerate: pooled, and per clip.
+
+    The corpus's faces talk with nothing in front of the mouth, so every mark there is a false positive."""
+    from stages.occlusion import segment_occluders
+
+    settings = settings or OcclusionConfig()
+    covered = area = 0
+    per_clip = {}
+    for name, (crops, masks) in clips.items():
+        region = masks > 0
+        marked = (segment_occluders(net, crops, masks, settings) >= 128) & region
+        covered, area = covered + int(marked.sum()), area + int(region.sum())
+        per_clip[name] = float(marked.sum() / max(region.sum(), 1))
+    return covered / max(area, 1), per_clip
+
+
 def usable_clips(names, **kwargs) -> list[tuple[np.ndarray, np.ndarray]]:
     """Crops of every clip the face tracker can follow (dlib's HOG misses some, e.g. low light)."""
     pool = []
@@ -354,6 +395,8 @@ def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     began, cpu_began = time.perf_counter(), time.process_time()
     pool = usable_clips(train_clips(), step=args.frame_step)
+    if args.corpus_step:
+        pool += list(corpus_crops(validation=False, step=args.corpus_step).values())
     log.info("%d training clips, %d crops (%.0f s)", len(pool), sum(len(c) for c, _ in pool), time.perf_counter() - began)
     val = validation_sequences()
     # --init fine-tunes a trained net (its widths, not --widths)
@@ -409,6 +452,7 @@ def train(args: argparse.Namespace) -> dict:
         "args": vars(args),
         "history": history,
         "train_clips": train_clips(),
+        "corpus_clips": corpus_clips(validation=False) if args.corpus_step else [],
         "val_clips": list(VAL_CLIPS),
         "calibration": calibration,
         "threshold_folded_into_head_bias": chosen,
@@ -569,6 +613,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--seed", type=int, default=TRAIN_SEED)
     parser.add_argument("--frame-step", type=int, default=1, help="use every n-th frame of the training clips")
+    parser.add_argument(
+        "--corpus-step",
+        type=int,
+        default=0,
+        help="also train on every n-th frame of the corpus's training identities (real faces; 0: not)",
+    )
     parser.add_argument("--coarse-size", type=int, default=96, help="ROI side of the first, cheaper steps")
     parser.add_argument("--coarse-fraction", type=float, default=0.6)
     parser.add_argument("--clean-fraction", type=float, default=0.3, help="training crops left without occluder")

@@ -147,10 +147,15 @@ def expert_av_offset(
 
 
 def track_av_offset(
-    landmarks: np.ndarray, audio: np.ndarray, estimator: str, max_lag: int, crops: np.ndarray | None = None
+    landmarks: np.ndarray,
+    audio: np.ndarray,
+    estimator: str,
+    max_lag: int,
+    crops: np.ndarray | None = None,
+    mouth: np.ndarray | None = None,
 ) -> tuple[AVOffset, str]:
     """A track's AV offset by `estimator` (landmarks (N, K, 2) of the face mesh, audio windows (N, W, F),
-    and the aligned crops (N, S, S, 3) for an expert that reads the mouth's pixels).
+    and for an expert that reads the mouth's pixels its mouth patches, or the aligned crops (N, S, S, 3)).
 
     The expert refuses features it was not trained on (another audio encoder or window); the
     envelope estimate is used then, and the second value says why ('' otherwise)."""
@@ -160,7 +165,8 @@ def track_av_offset(
         expert = _sync_expert()
         lips = landmarks[:, list(expert.config.lip_points)]
         try:
-            mouth = None if crops is None else expert_mouth(expert, crops, lips)
+            if mouth is None and crops is not None:
+                mouth = expert_mouth(expert, crops, lips)
             return expert_av_offset(lips, audio, max_lag, expert, mouth), ""
         except ValueError as error:
             fallback = f"expert refused the features: {error}"

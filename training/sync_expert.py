@@ -51,6 +51,7 @@ MOUTH_VERSION = "m1"  # bump when mouth_patches changes
 SHIFTS = (-15, -10, -6, -3, 3, 6, 10, 15)  # frames: the shifted-audio negatives of the bench
 MIN_SHIFT, MAX_SHIFT = 3, 15  # training negatives: shifted by 3..15 frames either way
 CHUNK = 250  # frames per FaceTrack segment (the pipeline cuts films into segments too)
+SHIPPED_MOUTH_COMPONENTS = 16  # the shipped expert reads the mouth's pixels on this many components (model card)
 
 
 def shared_data() -> Path:
@@ -769,6 +770,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", nargs="*", default=[], help="training clips to leave out (bad sync)")
+    parser.add_argument(
+        "--mouth-components",
+        type=int,
+        default=SHIPPED_MOUTH_COMPONENTS,
+        help="principal components of the mouth's pixels beside the landmarks (0: landmarks only)",
+    )
     parser.add_argument("--data", default=str(REPO / "training" / "sync_expert_data.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -779,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     val_clips = audited_clips(listed["validation"], listed)
     assert not {c.identity for c in train_clips} & {c.identity for c in val_clips}, "identities leak into validation"
     torch.manual_seed(args.seed)  # the towers' initial weights too: the command reproduces the shipped expert
-    expert = SyncExpert()
+    expert = SyncExpert(mouth_components=args.mouth_components)
     config = TrainConfig(steps=args.steps, seed=args.seed)
     history = fit(expert, sequences(expert, train_clips), config)
     validation = measure(expert, val_clips)

@@ -17,26 +17,27 @@ CLIP = "vfhq_GX80GoZmROw"  # a real interview clip (5.4 s) with its own audio, n
 
 
 @pytest.fixture(scope="module")
-def track() -> tuple[np.ndarray, np.ndarray]:
-    """The clip's face-track landmarks (N, 468, 2, crop px) and audio windows, as a preprocess Track carries them."""
+def track() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The clip's face-track landmarks (N, 468, 2, crop px), audio windows and mouth patches, as a preprocess Track
+    carries them (the patches are what `expert_mouth` makes of its crops)."""
     torch.set_num_threads(1)
     clip = load_clip({"name": CLIP, "identity": CLIP}, root=SHARED_DATA)  # cached under /tmp/synclab
     assert np.isfinite(clip.landmarks).all()
-    return clip.landmarks, clip.audio
+    return clip.landmarks, clip.audio, clip.mouth
 
 
 @pytest.mark.parametrize("delay", [-5, 0, 4])
 def test_expert_estimator_finds_a_known_shift_on_a_real_track(track, delay):
-    landmarks, audio = track
+    landmarks, audio, mouth = track
     moved = audio[np.clip(np.arange(len(audio)) - delay, 0, len(audio) - 1)]  # positive: audio late
-    offset, fallback = track_av_offset(landmarks, moved, "expert", max_lag=8)
+    offset, fallback = track_av_offset(landmarks, moved, "expert", max_lag=8, mouth=mouth)
     assert fallback == "" and offset.estimator == "expert"
     assert abs(offset.lag - delay) <= 1 and offset.confidence >= FilterConfig().min_expert_confidence
 
 
 def test_expert_estimator_falls_back_to_the_envelope_on_features_it_was_not_trained_on(track):
-    landmarks, audio = track
-    offset, fallback = track_av_offset(landmarks, audio[:, :, :40], "expert", max_lag=8)
+    landmarks, audio, mouth = track
+    offset, fallback = track_av_offset(landmarks, audio[:, :, :40], "expert", max_lag=8, mouth=mouth)
     assert offset.estimator == "envelope" and "expert refused" in fallback
 
 

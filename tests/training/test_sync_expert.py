@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from models.face_landmarks import LIP_CONTOUR_POINTS
-from models.sync_expert import SyncExpert, load_sync_expert, logits_at_offsets, speaking_probability, sync_score
+from models.sync_expert import (
+    SyncExpert,
+    expert_mouth,
+    load_sync_expert,
+    logits_at_offsets,
+    speaking_probability,
+    sync_score,
+)
 from tests.conftest import SHARED_DATA, shared_clip
 from training.sync_expert import (
     Clip,
@@ -92,38 +99,43 @@ def test_expert_learns_sync_from_constructed_clips_and_finds_a_known_offset(one_
 
 
 @pytest.fixture(scope="module")
-def real_clip() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The clip's lips (face track stage) and audio windows (audio stage); another speaker's windows."""
+def real_clip() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The clip's lips and mouth patches (face track stage), audio windows (audio stage); another speaker's windows."""
     torch.set_num_threads(1)
     frames, pts = read_video(shared_clip(CLIP))
-    lips = face_track_landmarks(frames, pts)[0][:, list(LIP_CONTOUR_POINTS)]
+    landmarks, mouth = face_track_landmarks(frames, pts)
+    lips = landmarks[:, list(LIP_CONTOUR_POINTS)]
     audio, _ = audio_windows(read_wav(SHARED_DATA / "audio" / f"{CLIP}.wav"), pts)
     other, _ = audio_windows(read_wav(SHARED_DATA / "audio" / f"{OTHER}.wav"), pts)
     assert np.isfinite(lips).all()
-    return lips, audio, other
+    return lips, audio, other, mouth.astype(np.float32) / 255.0
 
 
 @pytest.mark.parametrize("delay", [-6, 6])
 def test_shipped_expert_finds_a_known_offset_in_a_real_clip(real_clip, delay):
     expert, _ = load_sync_expert()
-    lips, audio, _ = real_clip
+    lips, audio, _, mouth = real_clip
     moved = audio[np.clip(np.arange(len(audio)) - delay, 0, len(audio) - 1)]  # positive: audio late
-    assert abs(sync_score(expert, lips, moved, max_offset=10).offset - delay) <= 1
+    assert abs(sync_score(expert, lips, moved, 10, mouth).offset - delay) <= 1
 
 
 def test_shipped_expert_scores_a_frozen_mouth_and_other_audio_below_the_original(real_clip):
     expert, _ = load_sync_expert()
-    lips, audio, other = real_clip
-    frozen = np.repeat(lips[:1], len(lips), 0)
+    lips, audio, other, mouth = real_clip
+    moving = (lips, mouth)
+    frozen = (np.repeat(lips[:1], len(lips), 0), np.repeat(mouth[:1], len(mouth), 0))  # landmarks and pixels still
 
-    def mean_logit(mouth: np.ndarray, sound: np.ndarray) -> float:
-        return float(np.nanmean(logits_at_offsets(expert, mouth, sound, range(0, 1))))
+    def mean_logit(face: tuple[np.ndarray, np.ndarray], sound: np.ndarray) -> float:
+        return float(np.nanmean(logits_at_offsets(expert, face[0], sound, range(0, 1), face[1])))
 
-    original = mean_logit(lips, audio)
-    assert original > mean_logit(frozen, audio) and original > mean_logit(lips, other)
-    assert speaking_probability(expert, lips, audio) > speaking_probability(expert, frozen, audio)
-    assert speaking_probability(expert, lips, audio) > speaking_probability(expert, lips, other)
-    assert sync_score(expert, lips, audio).lse_d < sync_score(expert, frozen, audio).lse_d
+    def probability(face: tuple[np.ndarray, np.ndarray], sound: np.ndarray) -> float:
+        return speaking_probability(expert, face[0], sound, mouth=face[1])
+
+    original = mean_logit(moving, audio)
+    assert original > mean_logit(frozen, audio) and original > mean_logit(moving, other)
+    assert probability(moving, audio) > probability(frozen, audio)
+    assert probability(moving, audio) > probability(moving, other)
+    assert sync_score(expert, lips, audio, mouth=mouth).lse_d < sync_score(expert, frozen[0], audio, mouth=frozen[1]).lse_d
 
 
 @pytest.mark.slow
@@ -132,9 +144,10 @@ def test_eval_landmark_path_gives_the_expert_the_same_offset(real_clip):
     from training.occlusion import track_crops
 
     expert, _ = load_sync_expert()
-    _, audio, _ = real_clip
+    _, audio, _, _ = real_clip
     crops, _ = track_crops(read_video(shared_clip(CLIP))[0])
     lips = LipLandmarks.steady(LipLandmarks()(crops))[:, list(expert.config.lip_points)]
+    mouth = expert_mouth(expert, crops, lips)
     late = audio[np.clip(np.arange(len(audio)) - 4, 0, len(audio) - 1)]
-    assert abs(sync_score(expert, lips, audio).offset) <= 1
-    assert abs(sync_score(expert, lips, late).offset - 4) <= 1
+    assert abs(sync_score(expert, lips, audio, mouth=mouth).offset) <= 1
+    assert abs(sync_score(expert, lips, late, mouth=mouth).offset - 4) <= 1
