@@ -144,10 +144,11 @@ def test_sigint_exits_130_without_a_traceback_releases_the_lease_and_the_resume_
     argv = [sys.executable, "-m", "pipeline.cli", "run", str(path), str(out), *FAST]
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lease = out / "_stabledub_run" / "lease.json"
+    reports = out / "_stabledub_run" / "films"
     deadline = time.time() + 120
-    while time.time() < deadline and not lease.exists() and process.poll() is None:
-        time.sleep(0.1)
-    time.sleep(3)  # Ray is up and the plan runs
+    # the signal comes as the first film is finished: work is under way and some of it is still to do
+    while time.time() < deadline and not any(reports.rglob("*.json")) and process.poll() is None:
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     if process.returncode == 0:
