@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -124,8 +125,9 @@ class Clip:
     info: dict = field(default_factory=dict)
     mouth_uint8: np.ndarray | None = None  # (N, h, w) grey mouth patches, 0 where no face
 
-    @property
+    @functools.cached_property
     def mouth(self) -> np.ndarray | None:
+        """The patches in [0, 1], converted once per clip (callers slice them run by run)."""
         return None if self.mouth_uint8 is None else self.mouth_uint8.astype(np.float32) / 255.0
 
     @property
