@@ -46,7 +46,7 @@ from models.images import resize_square  # noqa: E402
 from models.pipeline_stabledub import StableDubPipeline  # noqa: E402
 from models.sync_expert import expert_mouth, load_sync_expert, sync_score, window_confidence  # noqa: E402
 from training.autoencoder import lip_box  # noqa: E402
-from training.pack import MEL_LOW, MEL_STEP, PackClip, mel_stream, runs_of, track_frames  # noqa: E402
+from training.pack import MEL_LOW, MEL_STEP, PACK_VERSION, PackClip, mel_stream, runs_of, track_frames  # noqa: E402
 from training.recipe import psnr  # noqa: E402
 from training.shared_data import SHARED_DATA  # noqa: E402
 
@@ -80,7 +80,7 @@ def load_person(name: str) -> PackClip:
 
     listed = json.loads((REPO / "training" / "sync_expert_data.json").read_text())
     offset = int(listed.get("audit", {}).get("offsets", {}).get(name, 0))
-    cached = CACHE / f"{name}.npz"
+    cached = CACHE / f"{name}-pack{PACK_VERSION}.npz"  # the pack format decides what is cached
     if not cached.exists():
         root = SHARED_DATA / "corpus" if (SHARED_DATA / "corpus" / "video" / f"{name}.mp4").exists() else SHARED_DATA
         frames, pts = read_video(root / "video" / f"{name}.mp4")

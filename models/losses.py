@@ -8,13 +8,18 @@
 - mouth pixels (optional, `PixelLoss`): the predicted clean latent of a few frames per window is
   decoded by the frozen autoencoder and compared with the true crop inside the regenerated region
   (L1, weighted by alpha_bar_t like the temporal term, except for clean-latent prediction), so the
-  loss sees the pixels a viewer sees.
+  loss sees the pixels a viewer sees;
+- lip sync (optional, `SyncLoss`): every frame of a window is decoded, pasted into the true crop
+  outside the region, and scored by the frozen sync expert against the window's audio
+  (`models.sync_expert.sync_loss`: the mean sync distance at offset 0), as LatentSync trains with
+  its SyncNet; weighted by alpha_bar_t like the pixel term.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import SchedulerMixin
@@ -53,6 +58,33 @@ def mouth_pixel_loss(pixel: PixelLoss, clean: torch.Tensor, alphas: torch.Tensor
     weight = alphas.float().repeat_interleave(k).view(-1, 1, 1, 1)
     error = (decoded - target).abs().mean(dim=1, keepdim=True) * region * weight
     return error.sum() / (region * weight).sum().clamp_min(1.0)
+
+
+@dataclass
+class SyncLoss:
+    """Score whole decoded windows of the predicted clean latent with a frozen sync expert."""
+
+    vae: torch.nn.Module  # frozen autoencoder
+    expert: torch.nn.Module  # frozen models.sync_expert.SyncExpert that reads mouth pixels
+    pixels: torch.Tensor  # (B, F, 3, S, S) true crops in [-1, 1]
+    region: torch.Tensor  # (B, F, 1, S, S) regenerated region in [0, 1]
+    lips: np.ndarray  # (B, F, P, 2) the source track's lip contour at the expert's lip_points, crop pixels
+    audio: np.ndarray  # (B, F, W, D) each frame's audio window
+    weight: float = 0.05
+
+
+def mouth_sync_loss(sync: SyncLoss, clean: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Mean over windows (weighted by alpha_bar_t) of the expert's sync distance of the decoded, pasted frames."""
+    from models.sync_expert import sync_loss
+
+    b, f = clean.shape[:2]
+    latents = clean.flatten(0, 1) / sync.vae.config.scaling_factor
+    decoded = sync.vae.decode(latents.to(sync.vae.dtype)).sample.float().view(b, f, *sync.pixels.shape[2:])
+    region = sync.region.float()
+    frames = ((decoded * region + sync.pixels.float() * (1 - region)).clamp(-1, 1) + 1) / 2
+    per_window = torch.stack([sync_loss(sync.expert, frames[i], sync.lips[i], sync.audio[i]) for i in range(b)])
+    weight = alphas.float()
+    return (per_window * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
 @dataclass
@@ -149,8 +181,9 @@ def training_losses(
     audio_dropout: float = 0.0,
     habit_dropout: float = 0.0,
     pixel: PixelLoss | None = None,
+    sync: SyncLoss | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Losses of one batch: {"total", "denoising", "lcf", "temporal"} (+ "pixel" with `pixel`).
+    """Losses of one batch: {"total", "denoising", "lcf", "temporal"} (+ "pixel" with `pixel`, "sync" with `sync`).
 
     `audio_dropout` zeroes whole samples' audio (enables audio classifier-free guidance);
     `habit_dropout` swaps in the neutral habit so it learns the average speaker.
@@ -204,4 +237,7 @@ def training_losses(
             pixel, clean, alphas, generator if generator is None or generator.device.type == "cpu" else None
         )
         losses["total"] = losses["total"] + pixel.weight * losses["pixel"]
+    if sync is not None and sync.weight > 0:
+        losses["sync"] = mouth_sync_loss(sync, clean, alphas)
+        losses["total"] = losses["total"] + sync.weight * losses["sync"]
     return losses

@@ -52,11 +52,7 @@ def mouth_patches(crops: np.ndarray, lips: np.ndarray, size: tuple[int, int] = M
     import cv2
 
     h, w = size
-    flat = fill_gaps(np.asarray(lips, np.float64).reshape(len(lips), -1)).reshape(np.shape(lips))
-    left, right = flat[:, _CORNERS[0]], flat[:, _CORNERS[1]]
-    centre = (left + right) / 2
-    width = float(np.median(np.linalg.norm(right - left, axis=-1))) if len(flat) else 1.0
-    scale = w / max(1.6 * width, 1e-3)  # patch pixels per crop pixel
+    centre, scale = _mouth_frame(lips, size)  # scale: patch pixels per crop pixel
     out = np.empty((len(crops), h, w), np.float32)
     for i, crop in enumerate(crops):
         grey = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY)
@@ -64,6 +60,35 @@ def mouth_patches(crops: np.ndarray, lips: np.ndarray, size: tuple[int, int] = M
         affine = np.array([[scale, 0, w / 2 - scale * cx], [0, scale, h / 2 - scale * cy]])
         out[i] = cv2.warpAffine(grey, affine, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE) / 255.0
     return out
+
+
+_GREY = (0.299, 0.587, 0.114)  # OpenCV's RGB -> grey weights
+
+
+def _mouth_frame(lips: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """Per-frame patch centres (N, 2) in crop pixels and the track's patch pixels per crop pixel."""
+    flat = fill_gaps(np.asarray(lips, np.float64).reshape(len(lips), -1)).reshape(np.shape(lips))
+    left, right = flat[:, _CORNERS[0]], flat[:, _CORNERS[1]]
+    width = float(np.median(np.linalg.norm(right - left, axis=-1))) if len(flat) else 1.0
+    return (left + right) / 2, size[1] / max(1.6 * width, 1e-3)
+
+
+def mouth_patches_torch(crops: torch.Tensor, lips: np.ndarray, size: tuple[int, int] = MOUTH_SIZE) -> torch.Tensor:
+    """`mouth_patches` for a differentiable caller: (N, 3, S, S) RGB crops in [0, 1] -> (N, h, w) grey patches.
+
+    The same frame (centre, track scale) and the same bilinear sampling as `mouth_patches` (OpenCV's
+    warpAffine samples bilinearly whatever the flag), so both agree to rounding (tested)."""
+    h, w = size
+    n, _, height, width = crops.shape
+    centre, scale = _mouth_frame(lips, size)
+    grey = (crops * crops.new_tensor(_GREY).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    # patch pixel x -> crop pixel u = (x - w/2) / scale + cx -> grid_sample's [-1, 1] (pixel edges, align_corners=False)
+    x = (np.arange(w) - w / 2)[None] / scale + centre[:, :1]  # (N, w)
+    y = (np.arange(h) - h / 2)[None] / scale + centre[:, 1:]  # (N, h)
+    gx = torch.from_numpy(((2 * x + 1) / width - 1).astype(np.float32))
+    gy = torch.from_numpy(((2 * y + 1) / height - 1).astype(np.float32))
+    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], dim=-1).to(crops.device, crops.dtype)
+    return torch.nn.functional.grid_sample(grey, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
 
 
 def expert_mouth(expert: SyncExpert, crops: np.ndarray, lips: np.ndarray) -> np.ndarray | None:
@@ -157,9 +182,14 @@ class SyncExpert(ModelMixin, ConfigMixin):
         if np.ndim(mouth) != 3 or tuple(np.shape(mouth)[1:]) != tuple(c.mouth_size):
             expected = f"(N, {c.mouth_size[0]}, {c.mouth_size[1]})"
             raise ValueError(f"sync expert expects mouth patches {expected}, got {np.shape(mouth)}")
-        flat = np.asarray(mouth, np.float32).reshape(len(mouth), -1)
-        relative = (flat - np.median(flat, axis=0, keepdims=True)) @ self.mouth_basis.numpy().T
-        return np.concatenate([relative, np.diff(relative, axis=0, prepend=relative[:1])], axis=1)
+        with torch.no_grad():
+            return self.mouth_features_torch(torch.from_numpy(np.asarray(mouth, np.float32))).numpy()
+
+    def mouth_features_torch(self, mouth: torch.Tensor) -> torch.Tensor:
+        """`mouth_features` on a tensor (N, h, w), differentiable with respect to the patches."""
+        flat = mouth.reshape(len(mouth), -1)
+        relative = (flat - torch.quantile(flat, 0.5, dim=0, keepdim=True)) @ self.mouth_basis.T.to(flat.dtype)
+        return torch.cat([relative, torch.diff(relative, dim=0, prepend=relative[:1])], dim=1)
 
     def visual_features(self, lips: np.ndarray, mouth: np.ndarray | None = None) -> np.ndarray:
         """(N, P, 2) lip landmarks (any pixel scale) -> (N, 4P): shape around the track's median shape, and motion;
@@ -302,6 +332,24 @@ def speaking_probability(
     logits = logits_at_offsets(expert, lips, audio, range(-max_offset, max_offset + 1), mouth)
     best = float(np.nanmax(np.nanmean(logits, axis=1)))
     return float(1.0 / (1.0 + np.exp(-best)))
+
+
+def sync_loss(expert: SyncExpert, crops: torch.Tensor, lips: np.ndarray, audio: np.ndarray) -> torch.Tensor:
+    """A differentiable sync loss on generated frames (LatentSync-style, with a frozen expert): the mean sync
+    distance softplus(-logit) at offset 0 of one track's crops (N, 3, S, S) RGB in [0, 1] with its audio
+    windows (N, W, F). Only the mouth's pixels carry gradient: the landmark half of the video tower reads
+    the source track's `lips` (N, P, 2, crop pixels), which a generated mouth is meant to follow anyway.
+    Lower is better synced; freeze the expert's parameters (requires_grad_(False)) when training with it."""
+    if not expert.config.mouth_components:
+        raise ValueError("sync_loss needs an expert that reads the mouth's pixels (mouth_components > 0)")
+    if len(crops) != len(lips) or len(crops) != len(audio):
+        raise ValueError(f"sync_loss: {len(crops)} crops, {len(lips)} lip frames and {len(audio)} audio windows differ")
+    patches = mouth_patches_torch(crops.float(), lips, tuple(expert.config.mouth_size))  # quantile needs float32
+    lip = torch.from_numpy(expert._lip_features(lips)).to(crops.device)
+    visual = torch.cat([lip, expert.mouth_features_torch(patches)], dim=1)[None]
+    sound = torch.from_numpy(expert.audio_features(audio)).to(crops.device)[None]
+    logit = expert.logit(expert.video_embedding(visual), expert.audio_embedding(sound))[0]
+    return torch.nn.functional.softplus(-logit).mean()
 
 
 def default_sync_expert() -> str:

@@ -13,7 +13,7 @@ import torch
 
 from models.conditioning import regenerate_region, to_latent_resolution
 from models.lip_habit import LipHabitEncoder
-from models.losses import LossWeights, PixelLoss, TrainingBatch, training_losses
+from models.losses import LossWeights, PixelLoss, SyncLoss, TrainingBatch, training_losses
 from models.vae import encode
 
 
@@ -117,14 +117,21 @@ def optimisation_step(
     parameters: list[torch.nn.Parameter],
     generator: torch.Generator,
     device: torch.device,
+    sync_expert: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """One step on collated windows: the training losses (bf16 autocast on CUDA), backward, gradient
-    clipping at 1 and the optimiser's update; returns the losses."""
+    clipping at 1 and the optimiser's update; returns the losses. With a frozen `sync_expert` and
+    `settings.sync_weight` > 0, the windows' lip contours (`raw["lips"]`) and audio drive a sync loss."""
     batch, pixels, region = to_batch(raw, vae, lip, device)
     total_t = int(scheduler.config.num_train_timesteps)
     timesteps = draw_timesteps(settings.high_noise_share, settings.batch_size, total_t, generator).to(device)
     noise = torch.randn(batch.latents.shape, generator=generator).to(device)
     pixel = PixelLoss(vae, pixels, region, settings.pixel_frames, settings.pixel_weight) if settings.pixel_weight else None
+    sync_weight = float(getattr(settings, "sync_weight", 0.0))
+    sync = None
+    if sync_expert is not None and sync_weight > 0:
+        lips, audio = raw["lips"].numpy(), raw["audio"].float().numpy()
+        sync = SyncLoss(vae, sync_expert, pixels, region, lips, audio, sync_weight)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
         losses = training_losses(
@@ -139,6 +146,7 @@ def optimisation_step(
             audio_dropout=settings.audio_dropout,
             habit_dropout=settings.habit_dropout,
             pixel=pixel,
+            sync=sync,
         )
     optimiser.zero_grad(set_to_none=True)
     losses["total"].backward()

@@ -12,8 +12,8 @@ Layout of OUT:
 - `<name>.crops.mp4`: the longest face track's 128 px aligned crops, H.264 4:4:4 (crf 16);
 - `<name>.masks.mp4`: the region to regenerate (red) and the coarse mouth blob (green), same codec;
 - `<name>.npz`: `mel` (M, 80) uint8 log-mel stream (quantised, `MEL_STEP`), `centre` (N,) int32 the
-  mel frame each video frame is centred on (AV offset of the audit already applied), `lips` (N, 20, 2)
-  float16 outer-lip landmarks in crop pixels, `vad` (N,) uint8 voice activity x 255.
+  mel frame each video frame is centred on (AV offset of the audit already applied), `lips` (N, 40, 2)
+  float16 lip contour (outer ring, then inner: the sync expert's points) in crop pixels, `vad` (N,) uint8 voice activity x 255.
 
 Split by identity (training/sync_expert_data.json): validation identities are in the pack only as
 `split: validation` clips, capped at `--validation-frames` frames each; the recipe never trains on them.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.face_landmarks import LIPS_OUTER
+from models.face_landmarks import LIP_CONTOUR_POINTS
 
 log = logging.getLogger("stabledub.pack")
 
@@ -43,7 +43,7 @@ MEL_STEP = 0.01  # log-mel quantisation step (the features span about -1 .. 1.5)
 MEL_LOW = -1.0
 AUDIO_WINDOW = 20  # mel frames per video frame (audio.window_s 0.2 at 100 frames/s): the audio stage's default
 MEL_RATE = 100.0
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: lips are the 40-point lip contour (the sync expert's), was the outer 20
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PackClip:
     crops: np.ndarray  # (N, 128, 128, 3) uint8 RGB
     mask: np.ndarray  # (N, 128, 128) uint8
     coarse: np.ndarray  # (N, 128, 128) uint8
-    lips: np.ndarray  # (N, 20, 2) float32 crop pixels
+    lips: np.ndarray  # (N, 40, 2) float32 crop pixels: LIP_CONTOUR_POINTS (outer ring, then inner)
     vad: np.ndarray  # (N,) float32 0..1
     mel: np.ndarray  # (M, 80) float32
     centre: np.ndarray  # (N,) int64
@@ -166,7 +166,7 @@ def track_frames(frames: np.ndarray, pts: np.ndarray, name: str, chunk: int = 25
         parts["crops"].append(resize_square(track.crops, CROP))
         parts["mask"].append(resize_square(track.mask, CROP))
         parts["coarse"].append(resize_square(track.coarse_mask, CROP))
-        parts["lips"].append(np.asarray(track.landmarks)[:, LIPS_OUTER, :2] * (CROP / TRACK))
+        parts["lips"].append(np.asarray(track.landmarks)[:, list(LIP_CONTOUR_POINTS), :2] * (CROP / TRACK))
     if not parts["frame"]:
         raise ValueError("no face track with landmarks")
     return {k: np.concatenate(v) for k, v in parts.items()}

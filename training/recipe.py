@@ -86,6 +86,9 @@ class RecipeConfig(Settings):
     temporal_weight: NonNegativeFloat = 0.1
     pixel_weight: NonNegativeFloat = 1.0
     pixel_frames: NonNegativeInt = 2  # decoded frames per window for the pixel loss
+    # the frozen sync expert's distance on decoded, pasted windows (LatentSync-style); 0: off
+    sync_weight: NonNegativeFloat = 0.0
+    sync_expert: str = ""  # a SyncExpert folder that reads mouth pixels ("": the shipped one)
     sample_steps: Count = 8  # DPM-Solver++ steps for the evaluation (and the saved default)
     # more step counts to evaluate; the best mouth PSNR among them and sample_steps is recommended_steps
     sweep_steps: list[int] = field(default_factory=list)
@@ -110,6 +113,7 @@ class Window:
     reference: np.ndarray  # (1, S, S, 3)
     lip_crops: np.ndarray  # (L, S, S, 3)
     lip_audio: np.ndarray
+    lips: np.ndarray  # (F, 40, 2) lip contour (the sync expert's points), crop pixels
 
 
 def runs_with(clips: list[PackClip], frames: int) -> list[tuple[int, int, int]]:
@@ -140,6 +144,7 @@ def cut_window(clip: PackClip, run: tuple[int, int], config: RecipeConfig, rng: 
         reference=clip.crops[[reference]],
         lip_crops=clip.crops[lip],
         lip_audio=clip.audio(lip),
+        lips=clip.lips[span],
     )
 
 
@@ -192,6 +197,16 @@ def build(config: RecipeConfig, device: torch.device):
     if config.init:
         start_from(config.init, unet, lip)
     return vae, unet, lip
+
+
+def frozen_sync_expert(folder: str, device: torch.device) -> torch.nn.Module:
+    """The sync expert of the sync loss (the shipped one for ""), frozen; it must read the mouth's pixels."""
+    from models.sync_expert import load_sync_expert
+
+    expert, _ = load_sync_expert(folder)
+    if not expert.config.mouth_components:
+        raise ValueError(f"sync_expert {folder or 'shipped'}: reads landmarks only; the sync loss needs mouth pixels")
+    return expert.to(device).requires_grad_(False)
 
 
 def start_from(folder: str, unet: StableDubUNet, lip: LipHabitEncoder) -> None:
@@ -333,6 +348,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
     parameters = [*unet.parameters(), *lip.parameters()]
     optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA([unet, lip], config.ema_decay)
+    sync_expert = frozen_sync_expert(config.sync_expert, device) if config.sync_weight else None
     history: list[dict[str, Any]] = []
     step, spent = 0, 0.0
     resumed = latest_checkpoint(out)
@@ -369,7 +385,9 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
                 * min(1.0, (step + 1) / max(1, config.warmup))
                 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
             )
-        losses = optimisation_step(unet, lip, scheduler, vae, raw, config, optimiser, parameters, generator, device)
+        losses = optimisation_step(
+            unet, lip, scheduler, vae, raw, config, optimiser, parameters, generator, device, sync_expert=sync_expert
+        )
         ema.update()
         step += 1
         row = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "seconds": round(time.time() - start, 1)}
@@ -434,7 +452,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
 
 
 def write_curve(history: list[dict[str, Any]], out: str) -> None:
-    keys = ["step", "total", "denoising", "lcf", "temporal", "pixel", "seconds"]
+    keys = ["step", "total", "denoising", "lcf", "temporal", "pixel", "sync", "seconds"]
     with open(os.path.join(out, "loss.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -448,8 +466,10 @@ def write_curve(history: list[dict[str, Any]], out: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = np.array([h["step"] for h in history])
-    for key in ("total", "denoising", "pixel"):
+    for key in ("total", "denoising", "pixel", "sync"):
         values = np.array([h.get(key, np.nan) for h in history], np.float64)
+        if np.isnan(values).all():
+            continue
         shown = steps
         if len(values) >= 20:  # trailing means of 20 (no zero padding at the ends)
             values, shown = np.convolve(values, np.ones(20) / 20, mode="valid"), steps[19:]

@@ -19,6 +19,7 @@ from models.sync_expert import (
     load_sync_expert,
     logits_at_offsets,
     mouth_patches,
+    mouth_patches_torch,
     speaking_probability,
     sync_score,
 )
@@ -135,3 +136,22 @@ def test_mouth_patches_follow_the_mouth_and_a_pixel_expert_requires_them(tmp_pat
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_differentiable_mouth_patches_agree_with_the_pipelines(size):
+    """`mouth_patches_torch` (the sync loss's path) samples what `mouth_patches` (every scorer's path) does."""
+    import cv2
+    import skimage.data
+
+    image = cv2.resize(skimage.data.astronaut(), (size, size), interpolation=cv2.INTER_AREA)  # detail everywhere
+    rng = np.random.default_rng(0)
+    lips = np.zeros((6, len(LIP_CONTOUR_POINTS), 2))
+    for i in range(6):  # a mouth that moves around and changes width
+        cx, cy, width = size * (0.47 + rng.normal(0, 0.01)), size * (0.66 + rng.normal(0, 0.01)), size * rng.uniform(0.2, 0.26)
+        lips[i, :, 0], lips[i, :, 1] = cx + np.linspace(-width / 2, width / 2, len(LIP_CONTOUR_POINTS)), cy
+        lips[i, 0], lips[i, 10] = (cx - width / 2, cy), (cx + width / 2, cy)
+    crops = np.repeat(image[None], 6, axis=0)
+    expected = mouth_patches(crops, lips)
+    got = mouth_patches_torch(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255, lips).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 2 / 255

@@ -130,3 +130,21 @@ def test_recipe_settings_are_checked(tmp_path):
         RecipeConfig(output_prior="mouth")
     with pytest.raises(ValueError, match="needs prediction_type=sample"):
         train("unused-pack", str(tmp_path), RecipeConfig(output_prior="reference"))
+
+
+def test_recipe_trains_with_the_sync_experts_loss_on_decoded_windows(tiny_pack, tmp_path):
+    """sync_weight > 0: every window is decoded, pasted and scored by the frozen shipped expert; the loss is
+    logged and finite. A landmark-only expert cannot give a pixel loss and is refused."""
+    from models.sync_expert import SyncExpert
+    from training.recipe import frozen_sync_expert
+
+    root, _ = tiny_pack
+    config = load_config(None, [*TINY, "steps=2", "eval_windows=0", "sync_weight=0.5", "checkpoint_every=100"])
+    assert train(str(root), str(tmp_path / "model"), config)["steps"] == 2
+    rows = (tmp_path / "model" / "loss.csv").read_text().splitlines()
+    values = [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
+    assert len(values) == 2 and all(0 < float(v["sync"]) < 20 for v in values)
+    assert not any(p.requires_grad for p in frozen_sync_expert("", torch.device("cpu")).parameters())
+    SyncExpert().save_pretrained(tmp_path / "landmarks-only")
+    with pytest.raises(ValueError, match="landmarks only"):
+        frozen_sync_expert(str(tmp_path / "landmarks-only"), torch.device("cpu"))

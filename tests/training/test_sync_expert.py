@@ -15,10 +15,13 @@ import torch
 from models.face_landmarks import LIP_CONTOUR_POINTS
 from models.sync_expert import (
     SyncExpert,
+    distance,
     expert_mouth,
     load_sync_expert,
     logits_at_offsets,
+    mouth_patches,
     speaking_probability,
+    sync_loss,
     sync_score,
 )
 from tests.conftest import SHARED_DATA, shared_clip
@@ -138,16 +141,46 @@ def test_shipped_expert_scores_a_frozen_mouth_and_other_audio_below_the_original
     assert sync_score(expert, lips, audio, mouth=mouth).lse_d < sync_score(expert, frozen[0], audio, mouth=frozen[1]).lse_d
 
 
-@pytest.mark.slow
-def test_eval_landmark_path_gives_the_expert_the_same_offset(real_clip):
-    """`stabledub eval` re-meshes the crops with LipLandmarks; the expert must read those too."""
+@pytest.fixture(scope="module")
+def real_crops() -> tuple[np.ndarray, np.ndarray]:
+    """The clip's aligned crops (uint8) and their lips as `stabledub eval` meshes them (LipLandmarks)."""
     from training.occlusion import track_crops
 
+    crops, _ = track_crops(read_video(shared_clip(CLIP))[0])
+    lips = LipLandmarks.steady(LipLandmarks()(crops))[:, list(LIP_CONTOUR_POINTS)]
+    return crops, lips
+
+
+@pytest.mark.slow
+def test_eval_landmark_path_gives_the_expert_the_same_offset(real_clip, real_crops):
+    """`stabledub eval` re-meshes the crops with LipLandmarks; the expert must read those too."""
     expert, _ = load_sync_expert()
     _, audio, _, _ = real_clip
-    crops, _ = track_crops(read_video(shared_clip(CLIP))[0])
-    lips = LipLandmarks.steady(LipLandmarks()(crops))[:, list(expert.config.lip_points)]
+    crops, lips = real_crops
     mouth = expert_mouth(expert, crops, lips)
     late = audio[np.clip(np.arange(len(audio)) - 4, 0, len(audio) - 1)]
     assert abs(sync_score(expert, lips, audio, mouth=mouth).offset) <= 1
     assert abs(sync_score(expert, lips, late, mouth=mouth).offset - 4) <= 1
+
+
+def test_sync_loss_scores_generated_pixels_like_the_expert_and_passes_gradient_to_the_mouth(real_clip, real_crops):
+    """The differentiable path (a frozen expert on decoded crops, as LatentSync trains): the same value as the
+    expert's own scoring of the same pixels, lower for the real mouth than for a frozen one or other audio,
+    and a gradient on the mouth's pixels only."""
+    expert, _ = load_sync_expert()
+    expert.requires_grad_(False)
+    _, audio, other, _ = real_clip
+    crops, lips = real_crops
+    n = min(len(crops), len(audio))
+    crops, lips, audio, other = crops[:n], lips[:n], audio[:n], other[:n]
+    pixels = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    loss = sync_loss(expert, pixels, lips, audio)
+    scored = float(np.nanmean(distance(logits_at_offsets(expert, lips, audio, range(0, 1), mouth_patches(crops, lips)))))
+    assert abs(loss.item() - scored) < 0.02 * scored + 1e-3
+    frozen = pixels.detach()[:1].expand_as(pixels)
+    assert loss.item() < sync_loss(expert, frozen, lips, audio).item()
+    assert loss.item() < sync_loss(expert, pixels.detach(), lips, other).item()
+    loss.backward()
+    grad = pixels.grad.abs().sum(dim=(0, 1))  # (S, S)
+    rows = np.flatnonzero(grad.sum(1).numpy() > 0)
+    assert grad.sum() > 0 and rows.min() > lips[..., 1].min() - 40 and rows.max() < lips[..., 1].max() + 40
