@@ -253,14 +253,23 @@ def eval_windows(clips: list[PackClip], count: int, frames: int = 16, seed: int 
 
 
 def evaluate(
-    pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeConfig, steps: int | None = None
+    pipeline: StableDubPipeline,
+    clips: list[PackClip],
+    config: RecipeConfig,
+    steps: int | None = None,
+    expert: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Self-reenactment on validation windows, mouth box per frame: the model, the frozen mouth (the
     window's first frame's mouth held) and the reference copy (the model's own reference frame's mouth
     pasted: what a model that ignores the audio and copies its reference would score). Frames 1.. of
     each window are scored: frame 0 is the frozen mouth's own frame (a perfect score there would
-    inflate that baseline by several dB)."""
+    inflate that baseline by several dB).
+
+    With a sync `expert` each method also gets `sync_logit`: the expert's mean sync logit at offset 0
+    over its windows (higher: more confidently in sync with the window's own audio), and the untouched
+    source is scored as the top of that scale."""
     rows: dict[str, list[tuple[float, float]]] = {"model": [], "frozen_mouth": [], "reference_copy": []}
+    sync: dict[str, list[float]] = {name: [] for name in ("model", "frozen_mouth", "reference_copy", "source")}
     for clip, span, reference in eval_windows(clips, config.eval_windows):
         crops, masks = clip.crops[span], clip.mask[span]
         out = pipeline(
@@ -283,17 +292,33 @@ def evaluate(
                 rows[name].append(
                     (psnr(truth[y0:y1, x0:x1], got[y0:y1, x0:x1]), ssim_gray(truth[y0:y1, x0:x1], got[y0:y1, x0:x1]))
                 )
-    return {
+        if expert is not None:
+            for name, result in (("model", out), ("frozen_mouth", frozen), ("reference_copy", copied), ("source", crops)):
+                sync[name].append(sync_logit(expert, result, clip.lips[span], clip.audio(span)))
+    scores: dict[str, Any] = {
         name: {"mouth_psnr": float(np.mean([r[0] for r in v])), "mouth_ssim": float(np.mean([r[1] for r in v])), "frames": len(v)}
         for name, v in rows.items()
         if v
     }
+    for name, values in sync.items():
+        if values:
+            scores.setdefault(name, {})["sync_logit"] = float(np.mean(values))
+    return scores
 
 
-def evaluate_sweep(pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeConfig) -> tuple[dict[str, Any], int]:
+def sync_logit(expert: torch.nn.Module, crops: np.ndarray, lips: np.ndarray, audio: np.ndarray) -> float:
+    """The sync expert's mean logit at offset 0 of one window's crops (uint8) with its audio windows."""
+    from models.sync_expert import logits_at_offsets, mouth_patches
+
+    return float(np.nanmean(logits_at_offsets(expert, lips, audio, range(0, 1), mouth_patches(crops, lips))))
+
+
+def evaluate_sweep(
+    pipeline: StableDubPipeline, clips: list[PackClip], config: RecipeConfig, expert: torch.nn.Module | None = None
+) -> tuple[dict[str, Any], int]:
     """eval.json's content (the sample_steps scores, plus `by_steps` when sweeping) and the best step count."""
     counts = sorted({config.sample_steps, *config.sweep_steps})
-    by_steps = {n: evaluate(pipeline, clips, config, n) for n in counts}
+    by_steps = {n: evaluate(pipeline, clips, config, n, expert) for n in counts}
     best = max(counts, key=lambda n: by_steps[n]["model"]["mouth_psnr"])
     scores = dict(by_steps[config.sample_steps])
     if len(counts) > 1:
@@ -418,7 +443,9 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
     pipeline.to(device)
     began = time.time()
     scores, best_steps = (
-        evaluate_sweep(pipeline, val_clips, config) if val_clips and config.eval_windows else ({}, config.sample_steps)
+        evaluate_sweep(pipeline, val_clips, config, frozen_sync_expert(config.sync_expert, torch.device("cpu")))
+        if val_clips and config.eval_windows
+        else ({}, config.sample_steps)
     )
     eval_seconds = time.time() - began
     pipeline.to("cpu")

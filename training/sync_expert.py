@@ -344,6 +344,7 @@ class TrainConfig:
     batch_softmax: bool = False  # the offset softmax also competes against the other crops' audio at the same frame
     shape_jitter: float = 0.15  # lips stretched by 1 ± this along x and y independently (other mouths)
     near_shift_weight: float = 0.0  # an extra BCE term on the nearest shifted negatives (MIN_SHIFT..MIN_SHIFT+1 frames)
+    mirror: bool = False  # half the crops mirrored left-right (lips, with their point order, and mouth pixels)
     seed: int = 0
 
 
@@ -353,6 +354,17 @@ def _crop(seq: Sequence, length: int, rng: np.random.Generator, warp: float = 0.
     span = min(len(seq.vad), max(2, int(round(length * rate))))
     start = int(rng.integers(0, len(seq.vad) - span + 1))
     return start + np.round(np.linspace(0, span - 1, length)).astype(np.int64)
+
+
+# LIP_CONTOUR_POINTS is two rings of 20 (outer, inner), each starting at the left mouth corner with the
+# right corner at position 10: mirroring the face maps ring position k to (10 - k) mod 20.
+MIRRORED_POINTS = np.array([ring + (10 - k) % 20 for ring in (0, 20) for k in range(20)])
+
+
+def _mirror(lips: np.ndarray, patches: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The same mouth seen in a mirror: x negated (the features ignore position), points renumbered, pixels flipped."""
+    flipped = lips[:, MIRRORED_POINTS] * np.array([-1.0, 1.0])
+    return flipped, None if patches is None else np.ascontiguousarray(patches[:, :, ::-1])
 
 
 def _stretch(lips: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
@@ -373,7 +385,7 @@ def fit(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     pixels = bool(expert.config.mouth_components)
-    if pixels:
+    if pixels and expert.config.mouth_encoder == "pca":
         fit_mouth_basis(expert, train, seed=config.seed)
     visual = np.concatenate([s.visual for s in train])
     audio = np.concatenate([s.audio for s in train])
@@ -404,6 +416,9 @@ def fit(
             if pixels:  # a different exposure and sensor noise; the frozen mouth is one of the crop's patches
                 patches = seq.mouth[window] * np.float32(rng.uniform(0.8, 1.2)) + np.float32(rng.uniform(-0.05, 0.05))
                 patches = patches + rng.normal(0, 0.01, patches.shape).astype(np.float32)
+            if config.mirror and rng.random() < 0.5:
+                lips, patches = _mirror(lips, patches)
+            if pixels:
                 still = np.repeat(patches[rng.integers(L)][None], L, axis=0)
                 still = still + rng.normal(0, 0.01, still.shape).astype(np.float32)
             v.append(expert.visual_features(lips, patches))

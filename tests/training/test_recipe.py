@@ -103,7 +103,8 @@ def test_gpu_recipe_dry_runs_on_cpu_resumes_and_saves_a_pipeline_that_dubs(tiny_
     assert report["steps"] == 3 and report["device"] == "cpu"
     # the GPU config: clean-latent prediction on the reference prior, a 1/2/4-step sweep
     assert report["config"]["output_prior"] == "reference" and report["config"]["prediction_type"] == "sample"
-    assert set(report["eval"]) == {"model", "frozen_mouth", "reference_copy", "by_steps"}
+    assert set(report["eval"]) == {"model", "frozen_mouth", "reference_copy", "source", "by_steps"}
+    assert all(np.isfinite(report["eval"][name]["sync_logit"]) for name in ("model", "frozen_mouth", "source"))
     assert set(report["eval"]["by_steps"]) == {"1", "2", "4"}
     best = max(report["eval"]["by_steps"], key=lambda n: report["eval"]["by_steps"][n]["mouth_psnr"])
     assert report["recommended_steps"] == int(best)
