@@ -13,6 +13,11 @@ one-second windows (models.sync_expert.window_confidence):
 - offset_error_frames: median |estimated - applied| offset after moving the audio by a known
   -10..+10 frames (4 shifts per stretch).
 Goals: window and frozen AUC >= 0.90, offset error <= 1 frame, <= 5 core-ms per frame.
+
+Also, for this expert and the recipe's sync-loss expert (weights/sync_expert_pixels), what a loss on
+generated frames would see (`training.sync_expert.loss_order`: source lips, offset 0, 8-frame windows):
+`RESULT loss_real_below_frozen` is the loss expert's share of windows where the real mouth scores
+better than a frozen one.
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.sync_expert import load_sync_expert  # noqa: E402
-from training.sync_expert import audited_clips, cost_ms_per_frame, data_list, identity_spread, measure  # noqa: E402
+from models.sync_expert import default_sync_loss_expert, load_sync_expert  # noqa: E402
+from training.sync_expert import (  # noqa: E402
+    audited_clips,
+    cost_ms_per_frame,
+    data_list,
+    identity_spread,
+    loss_order,
+    measure,
+)
 
 
 def main() -> None:
@@ -51,6 +63,10 @@ def main() -> None:
     raw.pop("per_clip")
     print("without the audit (no clip dropped, no offset corrected):", json.dumps(raw))
     print("audited validation set:", json.dumps(result))
+    print("as a loss, this expert:", json.dumps(loss_order(expert, clips)))
+    as_loss = loss_order(load_sync_expert(default_sync_loss_expert())[0], clips)
+    print("as a loss, the recipe's pixel-only expert:", json.dumps(as_loss))
+    print(f"RESULT loss_real_below_frozen {as_loss['real_below_frozen']:.4f}")
     print(f"RESULT cost_core_ms_per_frame {cost_ms_per_frame(expert, clips[0]):.3f}")
     print(f"RESULT sync_auc_window {result['sync_auc_window']:.4f}")
     print(f"RESULT sync_auc_frozen {result['sync_auc_frozen']:.4f}")

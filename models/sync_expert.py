@@ -170,12 +170,17 @@ class SyncExpert(ModelMixin, ConfigMixin):
         # how the pixels become mouth_components features: "pca" (fitted principal directions, linear) or
         # "conv" (a small learned convolutional net on each patch's change from the track's median patch)
         mouth_encoder: str = "pca",
+        # False: the landmarks only place the mouth patch; the mouth's pixels alone say whether it moves with
+        # the sound (a loss on generated frames then cannot be satisfied by the source track's landmarks)
+        landmarks: bool = True,
     ) -> None:
         super().__init__()
         if mouth_encoder not in ("pca", "conv"):
             raise ValueError(f"mouth_encoder must be 'pca' or 'conv', got {mouth_encoder!r}")
+        if not landmarks and not mouth_components:
+            raise ValueError("a sync expert without landmarks needs the mouth's pixels (mouth_components > 0)")
         pt, pf = audio_pool
-        lip_in = len(lip_points) * 2 * 2  # shape and motion
+        lip_in = self._lip_in = len(lip_points) * 2 * 2 if landmarks else 0  # shape and motion
         self.visual_in = lip_in + 2 * mouth_components  # the video tower's input (+ pixel features and their motion)
         conv = mouth_components and mouth_encoder == "conv"
         self.feature_in = lip_in + mouth_size[0] * mouth_size[1] if conv else self.visual_in  # visual_features' width
@@ -239,6 +244,8 @@ class SyncExpert(ModelMixin, ConfigMixin):
     def _lip_features(self, lips: np.ndarray) -> np.ndarray:
         lips = np.asarray(lips, np.float64)
         n = len(lips)
+        if not self.config.landmarks:
+            return np.zeros((n, 0), np.float32)
         flat = fill_gaps(lips.reshape(n, -1)).reshape(lips.shape)
         shape = flat - flat.mean(axis=1, keepdims=True)
         width = np.linalg.norm(shape[:, _CORNERS[0]] - shape[:, _CORNERS[1]], axis=-1)
@@ -274,7 +281,7 @@ class SyncExpert(ModelMixin, ConfigMixin):
         if not hasattr(self, "mouth_net"):
             return self._run(self.video_tower, features, self.visual_mean, self.visual_std)
         x = (features - self.visual_mean) / self.visual_std
-        lip_in = len(self.config.lip_points) * 4
+        lip_in = self._lip_in
         b, t = x.shape[:2]
         pixels = x[..., lip_in:].reshape(b * t, 1, *self.config.mouth_size)
         mouth = self.mouth_net(pixels).view(b, t, -1)
@@ -397,6 +404,12 @@ def sync_loss(expert: SyncExpert, crops: torch.Tensor, lips: np.ndarray, audio: 
 
 def default_sync_expert() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "sync_expert")
+
+
+def default_sync_loss_expert() -> str:
+    """The pixel-only expert the training recipe's sync loss uses (weights/sync_expert_pixels/README.md: the
+    scoring expert above also reads the source's landmarks, which let a frozen generated mouth score as well)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "sync_expert_pixels")
 
 
 def load_sync_expert(path: str = "") -> tuple[SyncExpert, dict]:

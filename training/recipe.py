@@ -88,7 +88,7 @@ class RecipeConfig(Settings):
     pixel_frames: NonNegativeInt = 2  # decoded frames per window for the pixel loss
     # the frozen sync expert's distance on decoded, pasted windows (LatentSync-style); 0: off
     sync_weight: NonNegativeFloat = 0.0
-    sync_expert: str = ""  # a SyncExpert folder that reads mouth pixels ("": the shipped one)
+    sync_loss_expert: str = ""  # a SyncExpert folder that reads mouth pixels ("": the shipped pixel-only one)
     sample_steps: Count = 8  # DPM-Solver++ steps for the evaluation (and the saved default)
     # more step counts to evaluate; the best mouth PSNR among them and sample_steps is recommended_steps
     sweep_steps: list[int] = field(default_factory=list)
@@ -200,13 +200,21 @@ def build(config: RecipeConfig, device: torch.device):
 
 
 def frozen_sync_expert(folder: str, device: torch.device) -> torch.nn.Module:
-    """The sync expert of the sync loss (the shipped one for ""), frozen; it must read the mouth's pixels."""
+    """The sync loss's expert (the shipped pixel-only one for ""), frozen; it must read the mouth's pixels."""
+    from models.sync_expert import default_sync_loss_expert, load_sync_expert
+
+    expert, _ = load_sync_expert(folder or default_sync_loss_expert())
+    if not expert.config.mouth_components:
+        raise ValueError(f"sync_loss_expert {folder}: reads landmarks only; the sync loss needs mouth pixels")
+    return expert.to(device).requires_grad_(False)
+
+
+def scoring_sync_expert() -> torch.nn.Module:
+    """The shipped scoring expert (landmarks + pixels, as `stabledub eval`), on CPU: the eval's sync column is not
+    scored by the loss's own expert, so a model cannot please the metric by pleasing its loss alone."""
     from models.sync_expert import load_sync_expert
 
-    expert, _ = load_sync_expert(folder)
-    if not expert.config.mouth_components:
-        raise ValueError(f"sync_expert {folder or 'shipped'}: reads landmarks only; the sync loss needs mouth pixels")
-    return expert.to(device).requires_grad_(False)
+    return load_sync_expert()[0]
 
 
 def start_from(folder: str, unet: StableDubUNet, lip: LipHabitEncoder) -> None:
@@ -373,7 +381,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
     parameters = [*unet.parameters(), *lip.parameters()]
     optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA([unet, lip], config.ema_decay)
-    sync_expert = frozen_sync_expert(config.sync_expert, device) if config.sync_weight else None
+    sync_expert = frozen_sync_expert(config.sync_loss_expert, device) if config.sync_weight else None
     history: list[dict[str, Any]] = []
     step, spent = 0, 0.0
     resumed = latest_checkpoint(out)
@@ -443,7 +451,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
     pipeline.to(device)
     began = time.time()
     scores, best_steps = (
-        evaluate_sweep(pipeline, val_clips, config, frozen_sync_expert(config.sync_expert, torch.device("cpu")))
+        evaluate_sweep(pipeline, val_clips, config, scoring_sync_expert())
         if val_clips and config.eval_windows
         else ({}, config.sample_steps)
     )

@@ -31,6 +31,7 @@ from models.images import resize_square
 from models.sync_expert import (
     MOUTH_SIZE,
     SyncExpert,
+    distance,
     fill_gaps,
     logits_at_offsets,
     mouth_patches,
@@ -567,6 +568,42 @@ def measure(expert: SyncExpert, clips: list[Clip], seed: int = 0) -> dict:
     return result
 
 
+def _distance_at_zero(expert: SyncExpert, lips: np.ndarray, mouth: np.ndarray, audio: np.ndarray) -> float:
+    return float(np.nanmean(distance(logits_at_offsets(expert, lips, audio, range(0, 1), mouth))))
+
+
+def loss_order(expert: SyncExpert, clips: list[Clip], frames: int = 8, seed: int = 0) -> dict:
+    """The expert as the recipe's sync loss sees it (source lips, mouth pixels, offset 0, `frames`-frame windows
+    with speech): how often the real mouth's distance is below the window's first frame frozen, and below
+    another clip's audio, with the mean distances."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index, clip in enumerate(clips):
+        other = clips[(index + 1) % len(clips)]
+        for run in clip.runs(30):
+            for start in range(run.start, run.stop - frames + 1, frames):
+                w = slice(start, start + frames)
+                if clip.vad[w].mean() < 0.5:
+                    continue
+                j = int(rng.integers(0, len(other.audio) - frames))
+                lips, mouth, audio = clip.lips[w], clip.mouth[w], clip.audio[w]
+                frozen = np.repeat(mouth[:1], frames, axis=0)
+                rows.append(
+                    (
+                        _distance_at_zero(expert, lips, mouth, audio),
+                        _distance_at_zero(expert, lips, frozen, audio),
+                        _distance_at_zero(expert, lips, mouth, other.audio[j : j + frames]),
+                    )
+                )
+    r = np.array(rows)
+    return {
+        "windows": len(r),
+        "real_below_frozen": round(float(np.mean(r[:, 0] < r[:, 1])), 4),
+        "real_below_other_audio": round(float(np.mean(r[:, 0] < r[:, 2])), 4),
+        "mean_distance": {k: round(float(v), 3) for k, v in zip(("real", "frozen", "other_audio"), r.mean(0))},
+    }
+
+
 def identity_spread(per_clip: dict) -> dict:
     """Per-identity mean of the per-clip window AUCs (the spread over speakers the expert never saw)."""
     by: dict[str, list[float]] = {}
@@ -760,6 +797,7 @@ def dev_main(argv: list[str]) -> int:
     parser.add_argument("setting", nargs="?", default="{}", help="JSON: SyncExpert kwargs under model, TrainConfig under train")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--data", default=str(REPO / "training" / "sync_expert_data.json"))
+    parser.add_argument("--save", default="", help="also save the trained expert here (save_pretrained)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     setting = json.loads(args.setting)
@@ -771,6 +809,8 @@ def dev_main(argv: list[str]) -> int:
     fit(expert, sequences(expert, train), config, log_every=config.steps)
     result = measure(expert, dev)
     result.pop("per_clip")
+    if args.save:
+        expert.save_pretrained(args.save)
     print(json.dumps({"setting": setting, "fold": args.fold, "train_clips": len(train), **result}))
     return 0
 
@@ -793,6 +833,11 @@ def main(argv: list[str] | None = None) -> int:
         default=SHIPPED_MOUTH_COMPONENTS,
         help="principal components of the mouth's pixels beside the landmarks (0: landmarks only)",
     )
+    parser.add_argument(
+        "--pixels-only",
+        action="store_true",
+        help="the landmarks only place the mouth patch (the sync loss's expert: generated pixels alone must move)",
+    )
     parser.add_argument("--data", default=str(REPO / "training" / "sync_expert_data.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -803,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     val_clips = audited_clips(listed["validation"], listed)
     assert not {c.identity for c in train_clips} & {c.identity for c in val_clips}, "identities leak into validation"
     torch.manual_seed(args.seed)  # the towers' initial weights too: the command reproduces the shipped expert
-    expert = SyncExpert(mouth_components=args.mouth_components)
+    expert = SyncExpert(mouth_components=args.mouth_components, landmarks=not args.pixels_only)
     config = TrainConfig(steps=args.steps, seed=args.seed)
     history = fit(expert, sequences(expert, train_clips), config)
     validation = measure(expert, val_clips)

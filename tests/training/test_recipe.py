@@ -134,8 +134,8 @@ def test_recipe_settings_are_checked(tmp_path):
 
 
 def test_recipe_trains_with_the_sync_experts_loss_on_decoded_windows(tiny_pack, tmp_path):
-    """sync_weight > 0: every window is decoded, pasted and scored by the frozen shipped expert; the loss is
-    logged and finite. A landmark-only expert cannot give a pixel loss and is refused."""
+    """sync_weight > 0: every window is decoded, pasted and scored by the frozen shipped pixel-only expert; the
+    loss is logged and finite. A landmark-only expert cannot give a pixel loss and is refused."""
     from models.sync_expert import SyncExpert
     from training.recipe import frozen_sync_expert
 
