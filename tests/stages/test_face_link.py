@@ -180,6 +180,29 @@ def test_a_cut_inside_a_segment_starts_a_shot_and_the_person_keeps_their_id(stag
     assert len(man_ids) == 1 and len(other_ids) == 1 and man_ids != other_ids
 
 
+def test_people_who_change_places_at_a_cut_keep_their_ids(stages) -> None:
+    """Shot and reverse shot in one set, the cut inside a segment: both people are at new places and
+    sizes after it; each gets their own id back (by appearance, not by place)."""
+    a, b = clip_frames("vfhq_MhV2NIHmUjM", 130), clip_frames("vfhq_oy2ZeXz3Bjw", 130)
+    frames = np.concatenate(
+        [
+            composite([(a[:72], 300, 80, 120), (b[:72], 300, 560, 120)], SMALL),
+            composite([(b[72:], 380, 60, 80), (a[72:], 240, 640, 200)], SMALL),
+        ]
+    )
+    released = stages.run(cut_film(frames, None))
+    ids: dict[str, set[int]] = {"a": set(), "b": set()}
+    for s in released:
+        for t in s.tracks:
+            if "skipped" in t.info:
+                continue
+            first = int(s.context_start + t.frame_index[0])
+            x = -t.affine[0][0, 2] / t.affine[0][0, 0] + 128.0 / t.affine[0][0, 0]
+            ids["a" if (x < 480) == (first < 72) else "b"].add(t.track_id)
+    assert {t.info["shot"] for s in released for t in s.tracks} == {0, 1}
+    assert len(ids["a"]) == 1 and len(ids["b"]) == 1 and ids["a"] != ids["b"]
+
+
 def test_a_moving_mean_keeps_the_length_of_a_track_shorter_than_its_window() -> None:
     values = np.array([1.0, np.nan, 3.0, 5.0])
     assert moving_mean(values, 25).tolist() == [3.0, 3.0, 3.0, 3.0]
