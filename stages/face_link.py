@@ -9,11 +9,12 @@ segments after it are linked (about 2 s each), and what is kept per film between
 (per person a descriptor, per open track a few boxes and sums).
 
 Speakers (`face_track.speaker`): `auto` scores every frame of every track with the sync expert
-(lip landmarks against the film's own log-mel windows, models/sync_expert.py), averages it over
-about a second of voiced frames and adds the whole shot-track's mean (its prior: a speaker keeps
-speaking through a pause); per shot one face at a time is dubbed, and the dubbed face changes only
-when another stays ahead (or the current one stays below `off_logit`) for `min_switch_frames`
-voiced frames. `all`, `largest` (per shot, by the shot-track's median size) and `ids` (person ids
+(lips and mouth against the film's own log-mel windows, models/sync_expert.py) as a confidence over
+about a second of voiced frames (`frame_sync_scores`) and adds the whole shot-track's mean (its
+prior: a speaker keeps speaking through a pause); per shot one face at a time is dubbed, from the
+shot's start the one whose whole shot-track scores best, and the dubbed face changes only when
+another stays ahead (or the current one stays below `off_logit`) for `min_switch_frames` voiced
+frames. `all`, `largest` (per shot, by the shot-track's median size) and `ids` (person ids
 from metadata `dub_person_ids`, else `face_track.track_ids`) decide by person or track, not by
 segment. A track is cut where its decision changes: the dubbed part becomes its own `Track`.
 
@@ -86,7 +87,7 @@ class ShotTrack:
     tail: dict[int, list[float]]  # film frame -> box (x0, y0, x1, y1), the last segment's last frames
     last_frame: int
     descriptor: list[float]
-    # segment index -> [sum of frame sync logits over voiced frames, voiced frames, sum of face sizes, frames]
+    # segment index -> [sum of frame sync confidences over voiced frames, voiced frames, sum of face sizes, frames]
     evidence: dict[int, list[float]] = field(default_factory=dict)
 
     def prior(self) -> float | None:
@@ -344,21 +345,29 @@ def mouth_moving(landmarks: np.ndarray, window: int, min_motion: float) -> np.nd
 
 
 def frame_sync(expert: Any, track: Track, audio: np.ndarray, voiced: np.ndarray, settings: FaceLinkConfig) -> np.ndarray:
-    """(N,) the track's sync confidence per frame over `sync_window` voiced frames; NaN on unvoiced
-    frames (no evidence either way).
+    """(N,) the track's sync logit per frame, averaged over `sync_window` voiced frames at the best
+    small offset (±2 frames); NaN on unvoiced frames (no evidence either way)."""
+    return frame_sync_scores(expert, track, audio, voiced, settings)[0]
 
-    As the expert's `window_confidence` (in the spirit of SyncNet's LSE-C): the mean logit at the
-    best small offset (±2 frames) plus how far it stands above the median over offsets
-    ±`contrast_offsets`. The second part cancels what a face scores whatever the audio's timing (a
-    talking face under someone else's voice often scores high at every offset), so a speaker whose
-    logits the expert puts low still stands above a listener whose logits it puts high."""
+
+def frame_sync_scores(
+    expert: Any, track: Track, audio: np.ndarray, voiced: np.ndarray, settings: FaceLinkConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) logits as `frame_sync` (their sigmoid: the sync probability) and (N,) confidences, the
+    speaker choice's score; both NaN on unvoiced frames, both low where the mouth is still.
+
+    The confidence is the expert's `window_confidence` (in the spirit of SyncNet's LSE-C): the logit
+    plus how far it stands above the median over offsets ±`contrast_offsets`. The second part cancels
+    what a face scores whatever the audio's timing (a talking face under someone else's voice often
+    scores high at every offset), so a speaker whose logits the expert puts low still stands above a
+    listener whose logits it puts high."""
     from models.sync_expert import expert_mouth, logits_at_offsets
 
     assert track.landmarks is not None
     lips = track.landmarks[:, list(LIP_CONTOUR_POINTS)]
     n = len(track.frame_index)
     if n < 3:
-        return np.full(n, np.nan)
+        return np.full(n, np.nan), np.full(n, np.nan)
     reach = settings.contrast_offsets
     mouth = expert_mouth(expert, track.crops, lips)
     found = logits_at_offsets(expert, lips, audio, range(-reach, reach + 1), mouth).astype(np.float64)
@@ -371,11 +380,13 @@ def frame_sync(expert: Any, track: Track, audio: np.ndarray, voiced: np.ndarray,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN frames (unvoiced) stay NaN
         median = np.nanmedian(smoothed, axis=0)
-    local = 2 * near[best_offset] - median
-    local[~voiced] = np.nan
+    logit = near[best_offset].copy()
+    confidence = 2 * logit - median
     still = ~mouth_moving(track.landmarks, settings.sync_window, settings.min_motion)
-    local[still & voiced] = np.minimum(local[still & voiced], settings.off_logit - 2.0)
-    return local
+    for score in (logit, confidence):
+        score[~voiced] = np.nan
+        score[still & voiced] = np.minimum(score[still & voiced], settings.off_logit - 2.0)
+    return logit, confidence
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -389,7 +400,8 @@ class Linked:
 
     segment: Segment
     frames: list[np.ndarray] = field(default_factory=list)  # per track: film frame numbers
-    scores: list[np.ndarray] = field(default_factory=list)  # per track: frame sync logits (NaN: unvoiced)
+    scores: list[np.ndarray] = field(default_factory=list)  # per track: frame sync confidences (NaN: unvoiced)
+    logits: list[np.ndarray] = field(default_factory=list)  # per track: frame sync logits (NaN: unvoiced)
     snapshot: dict[str, Any] | None = None  # FilmLinks.link_state() right after linking this segment
     shots: np.ndarray | None = None  # (T,) film shot of every decoded frame
     # its shot-tracks (shared with the film's state, so later segments' evidence shows; kept here
@@ -515,7 +527,7 @@ def take(track: Track, keep: np.ndarray) -> Track:
     return Track(track_id=track.track_id, speaking=track.speaking, info=dict(track.info), descriptor=track.descriptor, **parts)
 
 
-def split_by_decision(track: Track, dub: np.ndarray, scores: np.ndarray) -> list[Track]:
+def split_by_decision(track: Track, dub: np.ndarray, logits: np.ndarray) -> list[Track]:
     """A track as its dubbed part (speaking) and the rest (not speaking), each with its mean sync probability."""
     pieces = []
     for speaking in (True, False):
@@ -524,7 +536,7 @@ def split_by_decision(track: Track, dub: np.ndarray, scores: np.ndarray) -> list
             continue
         piece = take(track, keep) if not keep.all() else track
         piece.speaking = speaking
-        voiced = scores[keep][np.isfinite(scores[keep])]
+        voiced = logits[keep][np.isfinite(logits[keep])]
         piece.info = dict(track.info)
         piece.info["sync"] = round(float(sigmoid(voiced).mean()), 4) if len(voiced) else None
         pieces.append(piece)
@@ -697,10 +709,11 @@ class FaceLink(SegmentStage):
             frames = segment.context_start + track.frame_index
             if usable and eligible(track):
                 voiced = np.asarray(segment.source_speech, bool)[track.frame_index]
-                scores = frame_sync(self.expert, track, features[track.frame_index], voiced, self.settings)
+                logits, scores = frame_sync_scores(self.expert, track, features[track.frame_index], voiced, self.settings)
             else:
-                scores = np.full(len(frames), np.nan)
+                logits = scores = np.full(len(frames), np.nan)
             item.frames.append(frames)
+            item.logits.append(logits)
             item.scores.append(scores)
             new = (frames >= segment.start) & (frames < segment.stop)  # overlap frames count once
             voiced_new = new & np.isfinite(scores)
@@ -751,8 +764,8 @@ class FaceLink(SegmentStage):
         links.decided = {k: v for k, v in links.decided.items() if k in live or k in links.tracks}
         summary = segment_summary(item, dub)
         pieces: list[Track] = []
-        for track, d, scores in zip(segment.tracks, dub, item.scores):
-            pieces += split_by_decision(track, d, scores)
+        for track, d, logits in zip(segment.tracks, dub, item.logits):
+            pieces += split_by_decision(track, d, logits)
         segment.tracks = pieces
         segment.counts["tracks_dubbed"] = sum(t.speaking for t in pieces)
         if self.summary_url is not None:
@@ -773,11 +786,11 @@ def segment_summary(item: Linked, dub: list[np.ndarray]) -> dict[str, Any]:
     segment = item.segment
     tracks = []
     shots: dict[int, list[int]] = {}
-    for track, frames, d, scores in zip(segment.tracks, item.frames, dub, item.scores):
+    for track, frames, d, logits in zip(segment.tracks, item.frames, dub, item.logits):
         new = (frames >= segment.start) & (frames < segment.stop)
         if not new.any():
             continue
-        voiced = scores[new & d][np.isfinite(scores[new & d])]
+        voiced = logits[new & d][np.isfinite(logits[new & d])]
         tracks.append(
             {
                 "person": int(track.track_id),
