@@ -227,7 +227,7 @@ def link_segment(segment: Segment, links: FilmLinks, settings: FaceLinkConfig) -
             claimed.add(open_track.id)
             track.track_id = open_track.person
             track.info["shot_track"] = open_track.id
-    for i, person in zip(new, _persons_for(segment, new, links, settings)):
+    for i, person in zip(new, _persons_for(segment.tracks, new, links, settings)):
         track = segment.tracks[i]
         open_track = ShotTrack(
             id=links.next_track,
@@ -283,12 +283,11 @@ def _continued(
     return best
 
 
-def _persons_for(segment: Segment, new: list[int], links: FilmLinks, settings: FaceLinkConfig) -> list[int]:
-    """Persons of the `new` tracks of `segment` (those that continue no open shot-track), chosen
+def _persons_for(tracks: list[Track], new: list[int], links: FilmLinks, settings: FaceLinkConfig) -> list[int]:
+    """Persons of the `new` tracks of a segment (those that continue no open shot-track), chosen
     together: the assignment (Hungarian) of tracks to known persons with the most appearance
     similarity in all, over pairs at least `reid_similarity` alike, never a person already on
     screen beside the track (another track of its shot at the same frames); the rest are new persons."""
-    tracks = segment.tracks
     span = {i: (int(tracks[i].frame_index[0]), int(tracks[i].frame_index[-1])) for i in range(len(tracks))}
     scores = np.full((len(new), len(links.persons)), -1.0)
     for row, i in enumerate(new):
@@ -303,6 +302,7 @@ def _persons_for(segment: Segment, new: list[int], links: FilmLinks, settings: F
         for col, person in enumerate(links.persons):
             if person.id not in beside and len(person.descriptor) == len(tracks[i].descriptor):
                 scores[row, col] = similarity(np.array(person.descriptor), tracks[i].descriptor)
+    scores[scores < settings.reid_similarity] = -1.0  # pairs not alike enough weigh nothing in the assignment
     chosen: dict[int, Person] = {}
     if scores.size:
         for row, col in zip(*linear_sum_assignment(scores, maximize=True)):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from pipeline.report import film_faces
-from stages.face_link import FaceLinkConfig, moving_mean
+from stages.face_identity import DESCRIPTOR_SIZE
+from stages.face_link import FaceLinkConfig, FilmLinks, Person, _persons_for, moving_mean
 from stages.face_track import FaceTrackConfig
-from stages.schema import FilmRef, Segment, Status
+from stages.schema import FilmRef, Segment, Status, Track
 from tests.stages.film_segments import FilmStages, cut_film
 from tests.stages.test_face_track import clip_audio, clip_frames, composite
 
@@ -201,6 +202,39 @@ def test_people_who_change_places_at_a_cut_keep_their_ids(stages) -> None:
             ids["a" if (x < 480) == (first < 72) else "b"].add(t.track_id)
     assert {t.info["shot"] for s in released for t in s.tracks} == {0, 1}
     assert len(ids["a"]) == 1 and len(ids["b"]) == 1 and ids["a"] != ids["b"]
+
+
+def test_new_tracks_take_known_persons_but_never_one_on_screen_beside_them() -> None:
+    """A segment with a cut: both known people in shot 0, then both again in shot 1 (new tracks):
+    each takes their own person back; a third face alike one of them but on screen beside them
+    (shot 1, same frames) is a new person."""
+    rng = np.random.default_rng(0)
+    look = [rng.normal(size=DESCRIPTOR_SIZE).astype(np.float32) for _ in range(2)]
+
+    def track(person: int, shot: int, frames: range, descriptor: np.ndarray) -> Track:
+        n = len(frames)
+        return Track(
+            track_id=person,
+            frame_index=np.array(frames),
+            affine=np.zeros((n, 2, 3)),
+            crops=np.zeros((n, 1, 1, 3), np.uint8),
+            mask=np.zeros((n, 1, 1), np.uint8),
+            info={"shot": shot},
+            descriptor=descriptor,
+        )
+
+    links = FilmLinks(persons=[Person(id=k, descriptor=look[k].tolist()) for k in range(2)])
+    noise = lambda: 0.05 * rng.normal(size=DESCRIPTOR_SIZE).astype(np.float32)  # noqa: E731
+    tracks = [
+        track(0, 0, range(0, 25), look[0]),  # continued from the previous segment
+        track(1, 0, range(0, 25), look[1]),
+        track(-1, 1, range(25, 50), look[1] + noise()),  # new after the cut
+        track(-1, 1, range(25, 50), look[0] + noise()),
+    ]
+    assert _persons_for(tracks, [2, 3], links, FaceLinkConfig()) == [1, 0]
+    tracks[2].track_id, tracks[3].track_id = 1, 0
+    tracks.append(track(-1, 1, range(30, 50), look[0] + noise()))
+    assert _persons_for(tracks, [4], links, FaceLinkConfig()) == [2]
 
 
 def test_a_moving_mean_keeps_the_length_of_a_track_shorter_than_its_window() -> None:
