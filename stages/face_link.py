@@ -9,11 +9,12 @@ segments after it are linked (about 2 s each), and what is kept per film between
 (per person a descriptor, per open track a few boxes and sums).
 
 Speakers (`face_track.speaker`): `auto` scores every frame of every track with the sync expert
-(lip landmarks against the film's own log-mel windows, models/sync_expert.py), averages it over
-about a second of voiced frames and adds the whole shot-track's mean (its prior: a speaker keeps
-speaking through a pause); per shot one face at a time is dubbed, and the dubbed face changes only
-when another stays ahead (or the current one stays below `off_logit`) for `min_switch_frames`
-voiced frames. `all`, `largest` (per shot, by the shot-track's median size) and `ids` (person ids
+(lips and mouth against the film's own log-mel windows, models/sync_expert.py) as a confidence over
+about a second of voiced frames (`frame_sync_scores`) and adds the whole shot-track's mean (its
+prior: a speaker keeps speaking through a pause); per shot one face at a time is dubbed, from the
+shot's start the one whose whole shot-track scores best, and the dubbed face changes only when
+another stays ahead (or the current one stays below `off_logit`) for `min_switch_frames` voiced
+frames. `all`, `largest` (per shot, by the shot-track's median size) and `ids` (person ids
 from metadata `dub_person_ids`, else `face_track.track_ids`) decide by person or track, not by
 segment. A track is cut where its decision changes: the dubbed part becomes its own `Track`.
 
@@ -29,11 +30,13 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from models.face_landmarks import LIP_CONTOUR_POINTS
 from models.face_mediapipe import box_iou
@@ -57,6 +60,7 @@ class FaceLinkConfig(Settings, section="face_link"):
     # measured on 78 corpus tracks: 2.7 % of pairs of different people reach 0.9, 94.7 % of pairs of one clip 2 s apart do.
     reid_similarity: Annotated[float, Range(0, 1)] = 0.9
     sync_window: Count = 25  # voiced frames over which a frame's sync logit is averaged
+    contrast_offsets: Count = 15  # a frame's sync is compared with its median over audio offsets up to this many frames
     prior_weight: Annotated[float, Range(0, 1)] = 0.5  # share of the whole shot-track's mean in a frame's score
     on_logit: float = 0.0  # a face's score must pass this to be dubbed
     off_logit: float = -1.0  # the dubbed face stops when its score stays below this
@@ -83,7 +87,7 @@ class ShotTrack:
     tail: dict[int, list[float]]  # film frame -> box (x0, y0, x1, y1), the last segment's last frames
     last_frame: int
     descriptor: list[float]
-    # segment index -> [sum of frame sync logits over voiced frames, voiced frames, sum of face sizes, frames]
+    # segment index -> [sum of frame sync confidences over voiced frames, voiced frames, sum of face sizes, frames]
     evidence: dict[int, list[float]] = field(default_factory=dict)
 
     def prior(self) -> float | None:
@@ -206,34 +210,37 @@ def film_shots(segment: Segment, links: FilmLinks) -> np.ndarray:
 def link_segment(segment: Segment, links: FilmLinks, settings: FaceLinkConfig) -> np.ndarray:
     """Give every track of `segment` its shot, shot-track and person; returns the film shot of every decoded frame."""
     shots = film_shots(segment, links)
-    used_persons: set[int] = set()
     boxes_of: dict[int, dict[int, np.ndarray]] = {}
     claimed: set[int] = set()
+    new: list[int] = []  # tracks that continue no open shot-track
     order = sorted(range(len(segment.tracks)), key=lambda i: (int(segment.tracks[i].frame_index[0]), i))
     for i in order:
         track = segment.tracks[i]
-        boxes = track_boxes(track, segment.context_start)
-        boxes_of[i] = boxes
-        shot = int(shots[track.frame_index[0]])
-        track.info["shot"] = shot
+        boxes_of[i] = track_boxes(track, segment.context_start)
+        track.info["shot"] = int(shots[track.frame_index[0]])
         if track.descriptor is None:
             track.descriptor = np.zeros(1, np.float32)
-        open_track = _continued(track, boxes, shot, links, settings, claimed)
+        open_track = _continued(track, boxes_of[i], track.info["shot"], links, settings, claimed)
         if open_track is None:
-            person = _person_for(track, links, settings, used_persons)
-            open_track = ShotTrack(
-                id=links.next_track,
-                person=person,
-                shot=shot,
-                tail={},
-                last_frame=-1,
-                descriptor=track.descriptor.tolist(),
-            )
-            links.tracks[open_track.id] = open_track
-            links.next_track += 1
+            new.append(i)
+        else:
+            claimed.add(open_track.id)
+            track.track_id = open_track.person
+            track.info["shot_track"] = open_track.id
+    for i, person in zip(new, _persons_for(segment.tracks, new, links, settings)):
+        track = segment.tracks[i]
+        open_track = ShotTrack(
+            id=links.next_track,
+            person=person,
+            shot=track.info["shot"],
+            tail={},
+            last_frame=-1,
+            descriptor=track.descriptor.tolist(),
+        )
+        links.tracks[open_track.id] = open_track
+        links.next_track += 1
         claimed.add(open_track.id)
-        used_persons.add(open_track.person)
-        track.track_id = open_track.person
+        track.track_id = person
         track.info["shot_track"] = open_track.id
     # tails for the next segment: the last frames, which it decodes again as its overlap
     overlap = set(range(segment.stop - 8, segment.stop))
@@ -276,21 +283,42 @@ def _continued(
     return best
 
 
-def _person_for(track: Track, links: FilmLinks, settings: FaceLinkConfig, used: set[int]) -> int:
-    """The known person this face looks like most (not one already on screen in this segment), or a new one."""
-    best, best_similarity = None, settings.reid_similarity
-    for person in links.persons:
-        if person.id in used or len(person.descriptor) != len(track.descriptor):
-            continue
-        s = similarity(np.array(person.descriptor), track.descriptor)
-        if s >= best_similarity:
-            best, best_similarity = person, s
-    if best is None:
-        best = Person(id=len(links.persons), descriptor=track.descriptor.tolist(), tracks=0)
-        links.persons.append(best)
-    best.descriptor = ((np.array(best.descriptor) * best.tracks + track.descriptor) / (best.tracks + 1)).tolist()
-    best.tracks += 1
-    return best.id
+def _persons_for(tracks: list[Track], new: list[int], links: FilmLinks, settings: FaceLinkConfig) -> list[int]:
+    """Persons of the `new` tracks of a segment (those that continue no open shot-track), chosen
+    together: the assignment (Hungarian) of tracks to known persons with the most appearance
+    similarity in all, over pairs at least `reid_similarity` alike, never a person already on
+    screen beside the track (another track of its shot at the same frames); the rest are new persons."""
+    span = {i: (int(tracks[i].frame_index[0]), int(tracks[i].frame_index[-1])) for i in range(len(tracks))}
+    scores = np.full((len(new), len(links.persons)), -1.0)
+    for row, i in enumerate(new):
+        beside = {
+            tracks[j].track_id
+            for j in range(len(tracks))
+            if j not in new
+            and tracks[j].info["shot"] == tracks[i].info["shot"]
+            and span[j][0] <= span[i][1]
+            and span[i][0] <= span[j][1]
+        }
+        for col, person in enumerate(links.persons):
+            if person.id not in beside and len(person.descriptor) == len(tracks[i].descriptor):
+                scores[row, col] = similarity(np.array(person.descriptor), tracks[i].descriptor)
+    scores[scores < settings.reid_similarity] = -1.0  # pairs not alike enough weigh nothing in the assignment
+    chosen: dict[int, Person] = {}
+    if scores.size:
+        for row, col in zip(*linear_sum_assignment(scores, maximize=True)):
+            if scores[row, col] >= settings.reid_similarity:
+                chosen[row] = links.persons[col]
+    out = []
+    for row, i in enumerate(new):
+        descriptor = tracks[i].descriptor
+        person = chosen.get(row)
+        if person is None:
+            person = Person(id=len(links.persons), descriptor=descriptor.tolist(), tracks=0)
+            links.persons.append(person)
+        person.descriptor = ((np.array(person.descriptor) * person.tracks + descriptor) / (person.tracks + 1)).tolist()
+        person.tracks += 1
+        out.append(person.id)
+    return out
 
 
 # ------------------------------------------------------------------------------------- evidence
@@ -319,25 +347,46 @@ def mouth_moving(landmarks: np.ndarray, window: int, min_motion: float) -> np.nd
 def frame_sync(expert: Any, track: Track, audio: np.ndarray, voiced: np.ndarray, settings: FaceLinkConfig) -> np.ndarray:
     """(N,) the track's sync logit per frame, averaged over `sync_window` voiced frames at the best
     small offset (±2 frames); NaN on unvoiced frames (no evidence either way)."""
+    return frame_sync_scores(expert, track, audio, voiced, settings)[0]
+
+
+def frame_sync_scores(
+    expert: Any, track: Track, audio: np.ndarray, voiced: np.ndarray, settings: FaceLinkConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) logits as `frame_sync` (their sigmoid: the sync probability) and (N,) confidences, the
+    speaker choice's score; both NaN on unvoiced frames, both low where the mouth is still.
+
+    The confidence is the expert's `window_confidence` (in the spirit of SyncNet's LSE-C): the logit
+    plus how far it stands above the median over offsets ±`contrast_offsets`. The second part cancels
+    what a face scores whatever the audio's timing (a talking face under someone else's voice often
+    scores high at every offset), so a speaker whose logits the expert puts low still stands above a
+    listener whose logits it puts high."""
     from models.sync_expert import expert_mouth, logits_at_offsets
 
     assert track.landmarks is not None
     lips = track.landmarks[:, list(LIP_CONTOUR_POINTS)]
     n = len(track.frame_index)
     if n < 3:
-        return np.full(n, np.nan)
+        return np.full(n, np.nan), np.full(n, np.nan)
+    reach = settings.contrast_offsets
     mouth = expert_mouth(expert, track.crops, lips)
-    found = logits_at_offsets(expert, lips, audio, range(-2, 3), mouth).astype(np.float64)
+    found = logits_at_offsets(expert, lips, audio, range(-reach, reach + 1), mouth).astype(np.float64)
     table = np.full((found.shape[0], n), np.nan)  # fewer audio windows than frames (the film's end): no evidence there
     table[:, : found.shape[1]] = found[:, :n]
     table[:, ~voiced] = np.nan
     smoothed = np.stack([moving_mean(row, settings.sync_window) for row in table])
-    best_offset = int(np.nanargmax(np.nanmean(smoothed, axis=1))) if np.isfinite(smoothed).any() else 2
-    local = smoothed[best_offset]
-    local[~voiced] = np.nan
+    near = smoothed[reach - 2 : reach + 3]
+    best_offset = int(np.nanargmax(np.nanmean(near, axis=1))) if np.isfinite(near).any() else 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN frames (unvoiced) stay NaN
+        median = np.nanmedian(smoothed, axis=0)
+    logit = near[best_offset].copy()
+    confidence = 2 * logit - median
     still = ~mouth_moving(track.landmarks, settings.sync_window, settings.min_motion)
-    local[still & voiced] = np.minimum(local[still & voiced], settings.off_logit - 2.0)
-    return local
+    for score in (logit, confidence):
+        score[~voiced] = np.nan
+        score[still & voiced] = np.minimum(score[still & voiced], settings.off_logit - 2.0)
+    return logit, confidence
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -351,7 +400,8 @@ class Linked:
 
     segment: Segment
     frames: list[np.ndarray] = field(default_factory=list)  # per track: film frame numbers
-    scores: list[np.ndarray] = field(default_factory=list)  # per track: frame sync logits (NaN: unvoiced)
+    scores: list[np.ndarray] = field(default_factory=list)  # per track: frame sync confidences (NaN: unvoiced)
+    logits: list[np.ndarray] = field(default_factory=list)  # per track: frame sync logits (NaN: unvoiced)
     snapshot: dict[str, Any] | None = None  # FilmLinks.link_state() right after linking this segment
     shots: np.ndarray | None = None  # (T,) film shot of every decoded frame
     # its shot-tracks (shared with the film's state, so later segments' evidence shows; kept here
@@ -381,6 +431,13 @@ def decide_auto(item: Linked, links: FilmLinks, settings: FaceLinkConfig) -> lis
             continue
         state = links.decisions.setdefault(shot, ShotState())
         priors = {i: item.shot_tracks[tracks[i].info["shot_track"]].prior() for i in members}
+        if not state.started:
+            # A shot's first speaker is the face whose whole shot-track (with the lookahead's
+            # evidence) syncs best, from the shot's start: waiting for it to stay ahead for
+            # `min_switch_frames` would leave the start of the turn undubbed.
+            known = {i: p for i, p in priors.items() if p is not None}
+            if known and max(known.values()) > settings.on_logit:
+                state.current, state.started = int(tracks[max(known, key=known.get)].info["shot_track"]), True
         frames = sorted({int(f) for i in members for f in item.frames[i]})
         run_from = 0  # position in `frames` where `pending` took the lead
         for k, f in enumerate(frames):
@@ -470,7 +527,7 @@ def take(track: Track, keep: np.ndarray) -> Track:
     return Track(track_id=track.track_id, speaking=track.speaking, info=dict(track.info), descriptor=track.descriptor, **parts)
 
 
-def split_by_decision(track: Track, dub: np.ndarray, scores: np.ndarray) -> list[Track]:
+def split_by_decision(track: Track, dub: np.ndarray, logits: np.ndarray) -> list[Track]:
     """A track as its dubbed part (speaking) and the rest (not speaking), each with its mean sync probability."""
     pieces = []
     for speaking in (True, False):
@@ -479,7 +536,7 @@ def split_by_decision(track: Track, dub: np.ndarray, scores: np.ndarray) -> list
             continue
         piece = take(track, keep) if not keep.all() else track
         piece.speaking = speaking
-        voiced = scores[keep][np.isfinite(scores[keep])]
+        voiced = logits[keep][np.isfinite(logits[keep])]
         piece.info = dict(track.info)
         piece.info["sync"] = round(float(sigmoid(voiced).mean()), 4) if len(voiced) else None
         pieces.append(piece)
@@ -652,10 +709,11 @@ class FaceLink(SegmentStage):
             frames = segment.context_start + track.frame_index
             if usable and eligible(track):
                 voiced = np.asarray(segment.source_speech, bool)[track.frame_index]
-                scores = frame_sync(self.expert, track, features[track.frame_index], voiced, self.settings)
+                logits, scores = frame_sync_scores(self.expert, track, features[track.frame_index], voiced, self.settings)
             else:
-                scores = np.full(len(frames), np.nan)
+                logits = scores = np.full(len(frames), np.nan)
             item.frames.append(frames)
+            item.logits.append(logits)
             item.scores.append(scores)
             new = (frames >= segment.start) & (frames < segment.stop)  # overlap frames count once
             voiced_new = new & np.isfinite(scores)
@@ -706,8 +764,8 @@ class FaceLink(SegmentStage):
         links.decided = {k: v for k, v in links.decided.items() if k in live or k in links.tracks}
         summary = segment_summary(item, dub)
         pieces: list[Track] = []
-        for track, d, scores in zip(segment.tracks, dub, item.scores):
-            pieces += split_by_decision(track, d, scores)
+        for track, d, logits in zip(segment.tracks, dub, item.logits):
+            pieces += split_by_decision(track, d, logits)
         segment.tracks = pieces
         segment.counts["tracks_dubbed"] = sum(t.speaking for t in pieces)
         if self.summary_url is not None:
@@ -728,11 +786,11 @@ def segment_summary(item: Linked, dub: list[np.ndarray]) -> dict[str, Any]:
     segment = item.segment
     tracks = []
     shots: dict[int, list[int]] = {}
-    for track, frames, d, scores in zip(segment.tracks, item.frames, dub, item.scores):
+    for track, frames, d, logits in zip(segment.tracks, item.frames, dub, item.logits):
         new = (frames >= segment.start) & (frames < segment.stop)
         if not new.any():
             continue
-        voiced = scores[new & d][np.isfinite(scores[new & d])]
+        voiced = logits[new & d][np.isfinite(logits[new & d])]
         tracks.append(
             {
                 "person": int(track.track_id),

@@ -68,7 +68,10 @@ class FaceTrackConfig(Settings, section="face_track"):
     union_window: Count = 9  # frames over which fine masks are united
     mask_blur: Annotated[float, Range(0, 1)] = 0.025  # union mask's soft edge, as a fraction of the crop side
     coarse_margin: NonNegativeFloat = 0.3  # coarse mask: mouth box grown by this many eye distances
-    cut_threshold: PositiveFloat = 0.45  # colour-histogram distance that marks a shot cut
+    # Mean colour-histogram distance of the frame's quarters that marks a shot cut (face_tracker.cut_distances):
+    # on 16,954 frames of the corpus and sample clips without cuts, 99.9 % stay below 0.20 (the most 0.33,
+    # and 0.40 at a fade-in); cuts to the same set with the people at new places reach 0.36 to 0.51.
+    cut_threshold: PositiveFloat = 0.35
 
 
 class FaceTrack(SegmentStage):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from pipeline.report import film_faces
-from stages.face_link import FaceLinkConfig, moving_mean
+from stages.face_identity import DESCRIPTOR_SIZE
+from stages.face_link import FaceLinkConfig, FilmLinks, Person, _persons_for, moving_mean
 from stages.face_track import FaceTrackConfig
-from stages.schema import FilmRef, Segment, Status
+from stages.schema import FilmRef, Segment, Status, Track
 from tests.stages.film_segments import FilmStages, cut_film
 from tests.stages.test_face_track import clip_audio, clip_frames, composite
 
@@ -178,6 +179,62 @@ def test_a_cut_inside_a_segment_starts_a_shot_and_the_person_keeps_their_id(stag
     man_ids = {t.track_id for f, t in tracks if f[0] < 70 or f[0] >= 110}
     other_ids = {t.track_id for f, t in tracks if 70 <= f[0] < 110}
     assert len(man_ids) == 1 and len(other_ids) == 1 and man_ids != other_ids
+
+
+def test_people_who_change_places_at_a_cut_keep_their_ids(stages) -> None:
+    """Shot and reverse shot in one set, the cut inside a segment: both people are at new places and
+    sizes after it; each gets their own id back (by appearance, not by place)."""
+    a, b = clip_frames("vfhq_MhV2NIHmUjM", 130), clip_frames("vfhq_oy2ZeXz3Bjw", 130)
+    frames = np.concatenate(
+        [
+            composite([(a[:72], 300, 80, 120), (b[:72], 300, 560, 120)], SMALL),
+            composite([(b[72:], 380, 60, 80), (a[72:], 240, 640, 200)], SMALL),
+        ]
+    )
+    released = stages.run(cut_film(frames, None))
+    ids: dict[str, set[int]] = {"a": set(), "b": set()}
+    for s in released:
+        for t in s.tracks:
+            if "skipped" in t.info:
+                continue
+            first = int(s.context_start + t.frame_index[0])
+            x = -t.affine[0][0, 2] / t.affine[0][0, 0] + 128.0 / t.affine[0][0, 0]
+            ids["a" if (x < 480) == (first < 72) else "b"].add(t.track_id)
+    assert {t.info["shot"] for s in released for t in s.tracks} == {0, 1}
+    assert len(ids["a"]) == 1 and len(ids["b"]) == 1 and ids["a"] != ids["b"]
+
+
+def test_new_tracks_take_known_persons_but_never_one_on_screen_beside_them() -> None:
+    """A segment with a cut: both known people in shot 0, then both again in shot 1 (new tracks):
+    each takes their own person back; a third face alike one of them but on screen beside them
+    (shot 1, same frames) is a new person."""
+    rng = np.random.default_rng(0)
+    look = [rng.normal(size=DESCRIPTOR_SIZE).astype(np.float32) for _ in range(2)]
+
+    def track(person: int, shot: int, frames: range, descriptor: np.ndarray) -> Track:
+        n = len(frames)
+        return Track(
+            track_id=person,
+            frame_index=np.array(frames),
+            affine=np.zeros((n, 2, 3)),
+            crops=np.zeros((n, 1, 1, 3), np.uint8),
+            mask=np.zeros((n, 1, 1), np.uint8),
+            info={"shot": shot},
+            descriptor=descriptor,
+        )
+
+    links = FilmLinks(persons=[Person(id=k, descriptor=look[k].tolist()) for k in range(2)])
+    noise = lambda: 0.05 * rng.normal(size=DESCRIPTOR_SIZE).astype(np.float32)  # noqa: E731
+    tracks = [
+        track(0, 0, range(0, 25), look[0]),  # continued from the previous segment
+        track(1, 0, range(0, 25), look[1]),
+        track(-1, 1, range(25, 50), look[1] + noise()),  # new after the cut
+        track(-1, 1, range(25, 50), look[0] + noise()),
+    ]
+    assert _persons_for(tracks, [2, 3], links, FaceLinkConfig()) == [1, 0]
+    tracks[2].track_id, tracks[3].track_id = 1, 0
+    tracks.append(track(-1, 1, range(30, 50), look[0] + noise()))
+    assert _persons_for(tracks, [4], links, FaceLinkConfig()) == [2]
 
 
 def test_a_moving_mean_keeps_the_length_of_a_track_shorter_than_its_window() -> None:

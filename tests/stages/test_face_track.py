@@ -16,7 +16,7 @@ from models.face_landmarks import LIPS_OUTER, RIGID
 from stages.face_align import apply_affine, canonical_points, invert
 from stages.face_smooth import shake_percent
 from stages.face_track import FaceTrack, FaceTrackConfig, fill_gaps
-from stages.face_tracker import RawTrack
+from stages.face_tracker import RawTrack, shot_ids
 from stages.schema import FilmRef, Segment
 from tests.conftest import SHARED_DATA, shared_clip
 
@@ -167,6 +167,15 @@ def test_tracks_end_at_a_shot_cut(stage) -> None:
     assert segment.counts["shots"] == 2 and covered(segment).all()
     assert len(eligible(segment)) == 2
     assert all(t.frame_index.max() < 12 or t.frame_index.min() >= 12 for t in segment.tracks)
+
+
+def test_a_cut_to_the_same_set_with_the_people_moved_is_a_cut() -> None:
+    """Shot and reverse shot in one set: the frame's colours stay, where they are does not."""
+    a, b = clip_frames("vfhq_MhV2NIHmUjM", 12), clip_frames("vfhq_oy2ZeXz3Bjw", 12)
+    before = composite([(a[:6], 300, 80, 120), (b[:6], 300, 560, 120)], (540, 960))
+    after = composite([(b[6:], 380, 60, 80), (a[6:], 240, 640, 200)], (540, 960))
+    shots = shot_ids(np.concatenate([before, after]), FaceTrackConfig().cut_threshold)
+    assert shots.tolist() == [0] * 6 + [1] * 6
 
 
 def test_a_short_miss_is_interpolated_into_the_track(stage) -> None:
