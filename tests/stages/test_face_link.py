@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.report import film_faces
 from stages.face_identity import DESCRIPTOR_SIZE
-from stages.face_link import FaceLinkConfig, FilmLinks, Person, _persons_for, moving_mean
+from stages.face_link import FaceLinkConfig, FilmLinks, Person, _persons_for, eligible, moving_mean
 from stages.face_track import FaceTrackConfig
 from stages.schema import FilmRef, Segment, Status, Track
 from tests.stages.film_segments import FilmStages, cut_film
@@ -31,10 +31,12 @@ def stages() -> FilmStages:
 
 
 def persons_by_place(released, split_x: float) -> dict[str, set[int]]:
-    """Person ids of the tracks left and right of `split_x` (crop centre, full-resolution x)."""
+    """Person ids of the tracks left and right of `split_x` (crop centre, full-resolution x). Tracks the face
+    track stage skipped (a few frames of a false face on the background, which MediaPipe finds on some CPUs
+    and not on others) are not people and not counted."""
     out: dict[str, set[int]] = {"left": set(), "right": set()}
     for segment in released:
-        for track in segment.tracks:
+        for track in filter(eligible, segment.tracks):
             x = -track.affine[0][0, 2] / track.affine[0][0, 0] + 128.0 / track.affine[0][0, 0]
             out["left" if x < split_x else "right"].add(track.track_id)
     return out
@@ -143,7 +145,7 @@ def test_failed_and_repeated_segments_never_hold_their_film(stages, issue_film) 
         released = stages.link(rows, order=[3, 2, 1, 0])
         assert [s.index for s in released] == [0, 1, 2, 3]
         assert [s.status is Status.FAILED for s in released] == [i in failed for i in range(4)]
-        assert all(len({t.track_id for t in s.tracks}) == 2 for s in released if s.index not in failed)
+        assert all(len({t.track_id for t in s.tracks if eligible(t)}) == 2 for s in released if s.index not in failed)
     released = stages.link(issue_film, order=[0, 1, 1, 2, 0, 3, 2, 3])
     assert [s.index for s in released] == [0, 1, 2, 3]
 
