@@ -128,27 +128,6 @@ def _tower(inputs: int, hidden: int, embed: int, dropout: float, dilation: tuple
     )
 
 
-def _mouth_net(size: tuple[int, int], features: int) -> nn.Sequential:
-    """Per-patch features of a mouth patch's change from its track's median: three stride-2 convolutions."""
-    h, w = size
-    cells = ((h + 7) // 8) * ((w + 7) // 8)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * cells, features),
-    )
-
-
-def _motion(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Frame-to-frame change along `dim` (zero at the first frame)."""
-    return torch.diff(x, dim=dim, prepend=x.narrow(dim, 0, 1))
-
-
 class SyncExpert(ModelMixin, ConfigMixin):
     """(lip landmarks, audio windows) of a track -> per-frame embeddings whose dot product is the sync logit."""
 
@@ -167,35 +146,26 @@ class SyncExpert(ModelMixin, ConfigMixin):
         dilation: tuple[int, int, int] = (1, 1, 1),  # of the towers' three temporal convolutions
         mouth_components: int = 0,  # > 0: also the mouth's pixels (mouth_patches) on this many principal components
         mouth_size: tuple[int, int] = MOUTH_SIZE,  # (height, width) of the grey mouth patches
-        # how the pixels become mouth_components features: "pca" (fitted principal directions, linear) or
-        # "conv" (a small learned convolutional net on each patch's change from the track's median patch)
-        mouth_encoder: str = "pca",
         # False: the landmarks only place the mouth patch; the mouth's pixels alone say whether it moves with
         # the sound (a loss on generated frames then cannot be satisfied by the source track's landmarks)
         landmarks: bool = True,
     ) -> None:
         super().__init__()
-        if mouth_encoder not in ("pca", "conv"):
-            raise ValueError(f"mouth_encoder must be 'pca' or 'conv', got {mouth_encoder!r}")
         if not landmarks and not mouth_components:
             raise ValueError("a sync expert without landmarks needs the mouth's pixels (mouth_components > 0)")
         pt, pf = audio_pool
-        lip_in = self._lip_in = len(lip_points) * 2 * 2 if landmarks else 0  # shape and motion
-        self.visual_in = lip_in + 2 * mouth_components  # the video tower's input (+ pixel features and their motion)
-        conv = mouth_components and mouth_encoder == "conv"
-        self.feature_in = lip_in + mouth_size[0] * mouth_size[1] if conv else self.visual_in  # visual_features' width
+        lip_in = len(lip_points) * 2 * 2 if landmarks else 0  # shape and motion
+        self.visual_in = lip_in + 2 * mouth_components  # (+ the pixels' features and their motion)
         self.audio_in = (audio_window // pt) * (audio_dim // pf) * (1 + int(audio_track_norm) + int(audio_deltas))
         self.video_tower = _tower(self.visual_in, hidden, embed_dim, dropout, tuple(dilation))
         self.audio_tower = _tower(self.audio_in, hidden, embed_dim, dropout, tuple(dilation))
         self.bias = nn.Parameter(torch.zeros(()))
         # Feature standardisation, fixed at training time (the same for every track).
-        self.register_buffer("visual_mean", torch.zeros(self.feature_in))
-        self.register_buffer("visual_std", torch.ones(self.feature_in))
+        self.register_buffer("visual_mean", torch.zeros(self.visual_in))
+        self.register_buffer("visual_std", torch.ones(self.visual_in))
         self.register_buffer("audio_mean", torch.zeros(self.audio_in))
         self.register_buffer("audio_std", torch.ones(self.audio_in))
-        if conv:
-            self.mouth_net = _mouth_net(mouth_size, mouth_components)
-        elif mouth_components:  # principal directions of a patch's change from its track's median patch (fitted in training)
+        if mouth_components:  # principal directions of a patch's change from its track's median patch (fitted in training)
             self.register_buffer("mouth_basis", torch.zeros(mouth_components, mouth_size[0] * mouth_size[1]))
 
     # ------------------------------------------------------------------------------ features
@@ -222,14 +192,10 @@ class SyncExpert(ModelMixin, ConfigMixin):
             return self.mouth_features_torch(torch.from_numpy(np.asarray(mouth, np.float32))).numpy()
 
     def mouth_features_torch(self, mouth: torch.Tensor) -> torch.Tensor:
-        """`mouth_features` on a tensor (N, h, w), differentiable with respect to the patches (for a "conv"
-        encoder: the change from the median patch itself, which `video_embedding` encodes)."""
+        """`mouth_features` on a tensor (N, h, w), differentiable with respect to the patches."""
         flat = mouth.reshape(len(mouth), -1)
-        relative = flat - torch.quantile(flat, 0.5, dim=0, keepdim=True)
-        if self.config.mouth_encoder == "conv":
-            return relative
-        relative = relative @ self.mouth_basis.T.to(flat.dtype)
-        return torch.cat([relative, _motion(relative)], dim=1)
+        relative = (flat - torch.quantile(flat, 0.5, dim=0, keepdim=True)) @ self.mouth_basis.T.to(flat.dtype)
+        return torch.cat([relative, torch.diff(relative, dim=0, prepend=relative[:1])], dim=1)
 
     def visual_features(self, lips: np.ndarray, mouth: np.ndarray | None = None) -> np.ndarray:
         """(N, P, 2) lip landmarks (any pixel scale) -> (N, 4P): shape around the track's median shape, and motion;
@@ -278,15 +244,7 @@ class SyncExpert(ModelMixin, ConfigMixin):
         return tower(x.transpose(1, 2)).transpose(1, 2)
 
     def video_embedding(self, features: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "mouth_net"):
-            return self._run(self.video_tower, features, self.visual_mean, self.visual_std)
-        x = (features - self.visual_mean) / self.visual_std
-        lip_in = self._lip_in
-        b, t = x.shape[:2]
-        pixels = x[..., lip_in:].reshape(b * t, 1, *self.config.mouth_size)
-        mouth = self.mouth_net(pixels).view(b, t, -1)
-        x = torch.cat([x[..., :lip_in], mouth, _motion(mouth, dim=1)], dim=-1)
-        return self.video_tower(x.transpose(1, 2)).transpose(1, 2)
+        return self._run(self.video_tower, features, self.visual_mean, self.visual_std)
 
     def audio_embedding(self, features: torch.Tensor) -> torch.Tensor:
         return self._run(self.audio_tower, features, self.audio_mean, self.audio_std)

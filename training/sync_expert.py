@@ -386,7 +386,7 @@ def fit(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     pixels = bool(expert.config.mouth_components)
-    if pixels and expert.config.mouth_encoder == "pca":
+    if pixels:
         fit_mouth_basis(expert, train, seed=config.seed)
     visual = np.concatenate([s.visual for s in train])
     audio = np.concatenate([s.audio for s in train])
