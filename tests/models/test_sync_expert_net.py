@@ -14,6 +14,7 @@ from models.sync_expert import (
     MOUTH_SIZE,
     SyncExpert,
     default_sync_expert,
+    default_sync_loss_expert,
     distance,
     expert_mouth,
     load_sync_expert,
@@ -155,3 +156,21 @@ def test_differentiable_mouth_patches_agree_with_the_pipelines(size):
     expected = mouth_patches(crops, lips)
     got = mouth_patches_torch(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255, lips).numpy()
     assert got.shape == expected.shape and np.abs(got - expected).max() < 2 / 255
+
+
+def test_a_pixel_only_expert_ignores_the_landmarks_but_still_needs_them_to_place_the_patch():
+    torch.manual_seed(0)
+    expert = SyncExpert(mouth_components=4, landmarks=False).eval()
+    expert.mouth_basis.copy_(torch.randn(4, MOUTH_SIZE[0] * MOUTH_SIZE[1]))
+    lips, audio = random_track(n=20)
+    mouth = np.random.default_rng(1).random((20, *MOUTH_SIZE)).astype(np.float32)
+    assert expert.visual_features(lips, mouth).shape == (20, 8)  # the pixels' 4 components and their motion
+    other_lips = lips + np.random.default_rng(2).normal(0, 5.0, lips.shape)  # other lip shapes, same pixels
+    np.testing.assert_allclose(
+        logits_at_offsets(expert, lips, audio, range(-1, 2), mouth),
+        logits_at_offsets(expert, other_lips, audio, range(-1, 2), mouth),
+    )
+    with pytest.raises(ValueError, match="mouth's pixels"):
+        SyncExpert(landmarks=False)
+    shipped, _ = load_sync_expert(default_sync_loss_expert())
+    assert not shipped.config.landmarks and shipped.config.mouth_components == 16
