@@ -209,14 +209,6 @@ def frozen_sync_expert(folder: str, device: torch.device) -> torch.nn.Module:
     return expert.to(device).requires_grad_(False)
 
 
-def scoring_sync_expert() -> torch.nn.Module:
-    """The shipped scoring expert (landmarks + pixels, as `stabledub eval`), on CPU: the eval's sync column is not
-    scored by the loss's own expert, so a model cannot please the metric by pleasing its loss alone."""
-    from models.sync_expert import load_sync_expert
-
-    return load_sync_expert()[0]
-
-
 def start_from(folder: str, unet: StableDubUNet, lip: LipHabitEncoder) -> None:
     """Load a trained pipeline's UNet and lip-habit weights; a change of output parameterisation
     keeps everything but conv_out (zeroed, so a reference-prior model starts as its prior)."""
@@ -275,7 +267,9 @@ def evaluate(
 
     With a sync `expert` each method also gets `sync_logit`: the expert's mean sync logit at offset 0
     over its windows (higher: more confidently in sync with the window's own audio), and the untouched
-    source is scored as the top of that scale."""
+    source is scored as the top of that scale. The pack has no landmarks of generated frames (no face
+    mesh on a bare GPU box), so this is the pixel-only expert, the sync loss's own: a model trained with
+    that loss must also be checked with `stabledub eval`, which re-meshes its output for the scoring expert."""
     rows: dict[str, list[tuple[float, float]]] = {"model": [], "frozen_mouth": [], "reference_copy": []}
     sync: dict[str, list[float]] = {name: [] for name in ("model", "frozen_mouth", "reference_copy", "source")}
     for clip, span, reference in eval_windows(clips, config.eval_windows):
@@ -451,7 +445,7 @@ def train(pack: str, out: str, config: RecipeConfig, stop_after: int | None = No
     pipeline.to(device)
     began = time.time()
     scores, best_steps = (
-        evaluate_sweep(pipeline, val_clips, config, scoring_sync_expert())
+        evaluate_sweep(pipeline, val_clips, config, frozen_sync_expert(config.sync_loss_expert, torch.device("cpu")))
         if val_clips and config.eval_windows
         else ({}, config.sample_steps)
     )
