@@ -128,6 +128,13 @@ def _tower(inputs: int, hidden: int, embed: int, dropout: float, dilation: tuple
     )
 
 
+def _median(x: torch.Tensor) -> torch.Tensor:
+    """numpy's median over dim 0 (the mean of the middle two for an even count), differentiable; unlike
+    torch.quantile it has no size limit (a long track's patches exceed 2**24 values)."""
+    ordered = x.sort(dim=0).values
+    return (ordered[(len(x) - 1) // 2] + ordered[len(x) // 2]) / 2
+
+
 class SyncExpert(ModelMixin, ConfigMixin):
     """(lip landmarks, audio windows) of a track -> per-frame embeddings whose dot product is the sync logit."""
 
@@ -194,7 +201,7 @@ class SyncExpert(ModelMixin, ConfigMixin):
     def mouth_features_torch(self, mouth: torch.Tensor) -> torch.Tensor:
         """`mouth_features` on a tensor (N, h, w), differentiable with respect to the patches."""
         flat = mouth.reshape(len(mouth), -1)
-        relative = (flat - torch.quantile(flat, 0.5, dim=0, keepdim=True)) @ self.mouth_basis.T.to(flat.dtype)
+        relative = (flat - _median(flat)[None]) @ self.mouth_basis.T.to(flat.dtype)
         return torch.cat([relative, torch.diff(relative, dim=0, prepend=relative[:1])], dim=1)
 
     def visual_features(self, lips: np.ndarray, mouth: np.ndarray | None = None) -> np.ndarray:
@@ -352,7 +359,7 @@ def sync_loss(expert: SyncExpert, crops: torch.Tensor, lips: np.ndarray, audio: 
         raise ValueError("sync_loss needs an expert that reads the mouth's pixels (mouth_components > 0)")
     if len(crops) != len(lips) or len(crops) != len(audio):
         raise ValueError(f"sync_loss: {len(crops)} crops, {len(lips)} lip frames and {len(audio)} audio windows differ")
-    patches = mouth_patches_torch(crops.float(), lips, tuple(expert.config.mouth_size))  # quantile needs float32
+    patches = mouth_patches_torch(crops.float(), lips, tuple(expert.config.mouth_size))
     lip = torch.from_numpy(expert._lip_features(lips)).to(crops.device)
     visual = torch.cat([lip, expert.mouth_features_torch(patches)], dim=1)[None]
     sound = torch.from_numpy(expert.audio_features(audio)).to(crops.device)[None]
