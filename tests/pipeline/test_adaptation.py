@@ -16,7 +16,7 @@ from pipeline.run import RunOptions, run
 from pipeline.shards import PackItem, pack
 from stages.adapt import AdaptConfig, model_crop_size, model_identity
 from stages.audio import audio_signature
-from tests.conftest import shared_clip, shared_dub
+from tests.conftest import clip_excerpt, shared_clip, shared_dub
 from tests.stages.test_inpaint import save_tiny_checkpoint
 
 # Fast on two loaded cores: 1 s segments, no occlusion net, 2 denoising steps, 2 adaptation steps;
@@ -41,9 +41,8 @@ def folder_digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def film(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapt")
-    (shard,) = pack(
-        [PackItem(str(shared_clip("vfhq_1vYEVO9838Y")), str(shared_dub("es")), "talk")], str(tmp / "in-{0000..0000}.tar")
-    )
+    talk = clip_excerpt(shared_clip("vfhq_1vYEVO9838Y"), tmp / "talk.mp4", frames=75)  # 3 s: three 1 s segments
+    (shard,) = pack([PackItem(str(talk), str(shared_dub("es")), "talk")], str(tmp / "in-{0000..0000}.tar"))
     signature = audio_signature(load_config().audio)
     model = save_tiny_checkpoint(tmp / "tiny", signature["audio_window"], signature["audio_dim"])
     return tmp, shard, model

@@ -24,8 +24,12 @@ FRAME = (540, 960)  # film frame (h, w)
 FACE = (120, 400, 320)  # the clip is pasted at (y, x) scaled to this side
 
 
-def composite(clip: Path, path: Path) -> None:
-    """The clip's face scaled into a wider film frame over a textured background, with its audio."""
+FILM_FRAMES = 60  # 2.4 s of each clip: three 1 s segments with their overlaps are all this test needs
+
+
+def composite(clip: Path, path: Path, frames: int = FILM_FRAMES) -> None:
+    """The clip's first `frames` frames, its face scaled into a wider film frame over a textured background,
+    with the same stretch of its audio."""
     rng = np.random.default_rng(1)
     background = rng.integers(40, 200, (*FRAME, 3), dtype=np.uint8)
     y, x, side = FACE
@@ -35,7 +39,9 @@ def composite(clip: Path, path: Path) -> None:
         stream.pix_fmt = "yuv420p"
         audio_in = source.streams.audio[0]
         audio_out = out.add_stream("aac", rate=16000, layout="mono")
-        for frame in source.decode(source.streams.video[0]):
+        for index, frame in enumerate(source.decode(source.streams.video[0])):
+            if index == frames:
+                break
             image = background.copy()
             image[y : y + side, x : x + side] = frame.to_ndarray(format="rgb24", width=side, height=side)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -45,6 +51,8 @@ def composite(clip: Path, path: Path) -> None:
         source.seek(0)
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=16000)
         for frame in source.decode(audio_in):
+            if frame.time is not None and frame.time >= frames / 25:
+                break
             for chunk in resampler.resample(frame):
                 chunk.pts = None
                 for packet in audio_out.encode(chunk):
@@ -108,11 +116,10 @@ def test_a_real_model_dubs_films_on_two_actors_and_touches_only_the_lower_face(t
 
     got, identity = members(tmp_path / "out"), members(tmp_path / "plain")
     y, x, side = FACE
-    for key, clip in films.items():
+    for key in films:
         report = json.loads(got[f"{key}.json"])
         output, reference = decode(got[f"{key}.mp4"]), decode(identity[f"{key}.mp4"])
-        with av.open(str(shared_clip(clip))) as source:
-            assert len(output) == source.streams.video[0].frames == report["frames"]
+        assert len(output) == FILM_FRAMES == report["frames"]
         with av.open(io.BytesIO(got[f"{key}.mp4"])) as container:
             assert [s.codec_context.name for s in container.streams.audio] == ["aac"]
         diff = np.abs(output.astype(np.int16) - reference).max(axis=-1)
