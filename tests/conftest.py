@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -45,11 +46,13 @@ def write_h264(path: Path, frames: np.ndarray, crf: int) -> None:
             container.mux(packet)
 
 
-def clip_excerpt(clip: Path, path: Path, frames: int) -> Path:
-    """The clip's first `frames` frames (25 fps) with the same stretch of its audio, as an H.264 + AAC mp4
-    (end-to-end tests that need a real speaking face, not the clip's full length)."""
+def clip_excerpt(clip: Path, path: Path, frames: int, picture: Callable[[av.VideoFrame], np.ndarray] | None = None) -> Path:
+    """The clip's first `frames` frames (25 fps), each made into an RGB image by `picture` (default: as it is),
+    with the same stretch of its audio, as an H.264 + AAC mp4 (end-to-end tests that need a real speaking
+    face, not the clip's full length)."""
+    picture = picture or (lambda frame: frame.to_ndarray(format="rgb24"))
     with av.open(str(clip)) as source:
-        images = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(frames), source.decode(video=0))])
+        images = np.stack([picture(f) for _, f in zip(range(frames), source.decode(video=0))])
         source.seek(0)
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=16000)
         with av.open(str(path), "w") as out:

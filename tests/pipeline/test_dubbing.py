@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.run import RunOptions, run
 from pipeline.shards import PackItem, pack
 from stages.audio import audio_signature
-from tests.conftest import shared_clip, shared_dub
+from tests.conftest import clip_excerpt, shared_clip, shared_dub
 from tests.stages.test_inpaint import save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -30,35 +30,15 @@ FILM_FRAMES = 60  # 2.4 s of each clip: three 1 s segments with their overlaps a
 def composite(clip: Path, path: Path, frames: int = FILM_FRAMES) -> None:
     """The clip's first `frames` frames, its face scaled into a wider film frame over a textured background,
     with the same stretch of its audio."""
-    rng = np.random.default_rng(1)
-    background = rng.integers(40, 200, (*FRAME, 3), dtype=np.uint8)
+    background = np.random.default_rng(1).integers(40, 200, (*FRAME, 3), dtype=np.uint8)
     y, x, side = FACE
-    with av.open(str(clip)) as source, av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25, options={"crf": "18", "preset": "veryfast"})
-        stream.height, stream.width = FRAME
-        stream.pix_fmt = "yuv420p"
-        audio_in = source.streams.audio[0]
-        audio_out = out.add_stream("aac", rate=16000, layout="mono")
-        for index, frame in enumerate(source.decode(source.streams.video[0])):
-            if index == frames:
-                break
-            image = background.copy()
-            image[y : y + side, x : x + side] = frame.to_ndarray(format="rgb24", width=side, height=side)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-        source.seek(0)
-        resampler = av.AudioResampler(format="fltp", layout="mono", rate=16000)
-        for frame in source.decode(audio_in):
-            if frame.time is not None and frame.time >= frames / 25:
-                break
-            for chunk in resampler.resample(frame):
-                chunk.pts = None
-                for packet in audio_out.encode(chunk):
-                    out.mux(packet)
-        for packet in audio_out.encode(None):
-            out.mux(packet)
+
+    def in_film(frame: av.VideoFrame) -> np.ndarray:
+        image = background.copy()
+        image[y : y + side, x : x + side] = frame.to_ndarray(format="rgb24", width=side, height=side)
+        return image
+
+    clip_excerpt(clip, path, frames, in_film)
 
 
 def decode(data: bytes) -> np.ndarray:
