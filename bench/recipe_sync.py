@@ -31,7 +31,7 @@ from models.images import resize_square  # noqa: E402
 from models.pipeline_stabledub import StableDubPipeline  # noqa: E402
 from models.sync_expert import SyncExpert, load_sync_expert, logits_at_offsets, mouth_patches  # noqa: E402
 from training.pack import load_pack  # noqa: E402
-from training.recipe import eval_windows, frozen_sync_expert, sync_logit  # noqa: E402
+from training.recipe import dub_window, eval_windows, frozen_sync_expert, mouth_pasted, sync_logit  # noqa: E402
 from training.sync_expert import LipLandmarks  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         raise SystemExit(f"{args.pack}: no validation clips")
     loss_expert, scorer, mesh = frozen_sync_expert("", torch.device("cpu")), load_sync_expert()[0], LipLandmarks()
     windows = eval_windows(clips, args.windows)
-    rows: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    rows: dict[str, list[tuple[float, float]]] = {}
 
     def score(method: str, crops: np.ndarray, clip, span: np.ndarray) -> None:
         audio = clip.audio(span)
@@ -67,22 +67,10 @@ def main() -> None:
     for folder in args.models:
         pipeline = StableDubPipeline.from_pretrained(folder)
         for clip, span, reference in windows:
-            crops, masks = clip.crops[span], clip.mask[span]
-            out = pipeline(
-                crops,
-                masks,
-                None,
-                clip.audio(span),
-                reference=clip.crops[[reference]],
-                num_inference_steps=args.steps,
-                generator=torch.Generator().manual_seed(0),
-                window=len(span),
-                overlap=0,
-            ).frames
-            score(folder, out, clip, span)
+            score(folder, dub_window(pipeline, clip, span, reference, args.steps), clip, span)
             if folder == args.models[0]:
-                region = masks[..., None].astype(np.float32) / 255.0
-                score("frozen mouth", np.round(crops * (1 - region) + crops[:1] * region).astype(np.uint8), clip, span)
+                crops = clip.crops[span]
+                score("frozen mouth", mouth_pasted(crops, clip.mask[span], crops[0]), clip, span)
                 score("source", crops, clip, span)
     summary = {
         method: {

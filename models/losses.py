@@ -45,14 +45,24 @@ class PixelLoss:
     weight: float = 1.0
 
 
-def mouth_pixel_loss(pixel: PixelLoss, clean: torch.Tensor, alphas: torch.Tensor, generator=None) -> torch.Tensor:
-    """Mean L1 inside the region of decoded predicted-clean frames, each window weighted by alpha_bar_t."""
+def decode_clean(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Predicted clean latents (..., C, h, w) -> decoded frames (..., 3, S, S) in [-1, 1] (float32)."""
+    flat = latents.flatten(0, -4) / vae.config.scaling_factor
+    decoded = vae.decode(flat.to(vae.dtype)).sample.float()
+    return decoded.view(*latents.shape[:-3], *decoded.shape[1:])
+
+
+def mouth_pixel_loss(
+    pixel: PixelLoss, clean: torch.Tensor, alphas: torch.Tensor, generator=None, decoded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean L1 inside the region of decoded predicted-clean frames, each window weighted by alpha_bar_t.
+    `decoded`: every frame already decoded (B, F, 3, S, S), when the sync loss decoded them anyway."""
     b, f = clean.shape[:2]
     k = min(pixel.frames, f)
     pick = torch.stack([torch.randperm(f, generator=generator, device="cpu")[:k] for _ in range(b)]).to(clean.device)
     rows = torch.arange(b, device=clean.device)[:, None].expand(b, k)
-    latents = clean[rows, pick].flatten(0, 1)
-    decoded = pixel.vae.decode((latents / pixel.vae.config.scaling_factor).to(pixel.vae.dtype)).sample.float()
+    decoded = decode_clean(pixel.vae, clean[rows, pick]) if decoded is None else decoded[rows, pick]
+    decoded = decoded.flatten(0, 1)
     target = pixel.pixels[rows, pick].flatten(0, 1).float()
     region = pixel.region[rows, pick].flatten(0, 1).float()
     weight = alphas.float().repeat_interleave(k).view(-1, 1, 1, 1)
@@ -73,13 +83,12 @@ class SyncLoss:
     weight: float = 0.05
 
 
-def mouth_sync_loss(sync: SyncLoss, clean: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """Mean over windows (weighted by alpha_bar_t) of the expert's sync distance of the decoded, pasted frames."""
+def mouth_sync_loss(sync: SyncLoss, decoded: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Mean over windows (weighted by alpha_bar_t) of the expert's sync distance of the decoded (B, F, 3, S, S)
+    predicted-clean frames pasted into the true crops."""
     from models.sync_expert import sync_loss
 
-    b, f = clean.shape[:2]
-    latents = clean.flatten(0, 1) / sync.vae.config.scaling_factor
-    decoded = sync.vae.decode(latents.to(sync.vae.dtype)).sample.float().view(b, f, *sync.pixels.shape[2:])
+    b = decoded.shape[0]
     region = sync.region.float()
     frames = ((decoded * region + sync.pixels.float() * (1 - region)).clamp(-1, 1) + 1) / 2
     per_window = torch.stack([sync_loss(sync.expert, frames[i], sync.lips[i], sync.audio[i]) for i in range(b)])
@@ -232,12 +241,14 @@ def training_losses(
         alphas = torch.ones_like(alphas)
     losses["temporal"] = temporal_consistency_loss(clean, latents, batch.mask, alphas)
     losses["total"] = losses["denoising"] + weights.lcf * losses["lcf"] + weights.temporal * losses["temporal"]
+    # the sync loss reads every frame decoded; the pixel loss then takes its frames from the same decode
+    decoded = decode_clean(sync.vae, clean) if sync is not None and sync.weight > 0 else None
     if pixel is not None and pixel.weight > 0:
         losses["pixel"] = mouth_pixel_loss(
-            pixel, clean, alphas, generator if generator is None or generator.device.type == "cpu" else None
+            pixel, clean, alphas, generator if generator is None or generator.device.type == "cpu" else None, decoded
         )
         losses["total"] = losses["total"] + pixel.weight * losses["pixel"]
-    if sync is not None and sync.weight > 0:
-        losses["sync"] = mouth_sync_loss(sync, clean, alphas)
+    if decoded is not None:
+        losses["sync"] = mouth_sync_loss(sync, decoded, alphas)
         losses["total"] = losses["total"] + sync.weight * losses["sync"]
     return losses

@@ -252,6 +252,27 @@ def eval_windows(clips: list[PackClip], count: int, frames: int = 16, seed: int 
     return chosen
 
 
+def dub_window(pipeline: StableDubPipeline, clip: PackClip, span: np.ndarray, reference: int, steps: int) -> np.ndarray:
+    """An eval window (`eval_windows`) dubbed with its own audio as one window, seeded: (F, S, S, 3) uint8."""
+    return pipeline(
+        clip.crops[span],
+        clip.mask[span],
+        None,
+        clip.audio(span),
+        reference=clip.crops[[reference]],
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        window=len(span),
+        overlap=0,
+    ).frames
+
+
+def mouth_pasted(crops: np.ndarray, masks: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """The baselines: one frame's (`source`) region pasted into every crop (frozen mouth, reference copy)."""
+    region = masks[..., None].astype(np.float32) / 255.0
+    return np.round(crops * (1 - region) + source * region).astype(np.uint8)
+
+
 def evaluate(
     pipeline: StableDubPipeline,
     clips: list[PackClip],
@@ -274,20 +295,8 @@ def evaluate(
     sync: dict[str, list[float]] = {name: [] for name in ("model", "frozen_mouth", "reference_copy", "source")}
     for clip, span, reference in eval_windows(clips, config.eval_windows):
         crops, masks = clip.crops[span], clip.mask[span]
-        out = pipeline(
-            crops,
-            masks,
-            None,
-            clip.audio(span),
-            reference=clip.crops[[reference]],
-            num_inference_steps=steps or config.sample_steps,
-            generator=torch.Generator().manual_seed(0),
-            window=len(span),
-            overlap=0,
-        ).frames
-        region = masks[..., None].astype(np.float32) / 255.0
-        frozen = np.round(crops * (1 - region) + crops[:1] * region).astype(np.uint8)
-        copied = np.round(crops * (1 - region) + clip.crops[[reference]] * region).astype(np.uint8)
+        out = dub_window(pipeline, clip, span, reference, steps or config.sample_steps)
+        frozen, copied = mouth_pasted(crops, masks, crops[0]), mouth_pasted(crops, masks, clip.crops[reference])
         boxes = lip_box(clip.lips[span], crops.shape[1])
         for name, result in (("model", out), ("frozen_mouth", frozen), ("reference_copy", copied)):
             for truth, got, (x0, y0, x1, y1) in list(zip(crops, result, boxes))[1:]:
